@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Install everything imgvault needs on a fresh Debian 12 machine (run as root).
+# Usage: scripts/install-deps.sh
+# Idempotent: installs only what is missing, runs `apt-get update` only when a package
+# cannot be found in the current lists. Never downgrades or removes packages (the
+# preinstalled qemu-utils 10.x from bookworm-backports must survive).
+set -euo pipefail
+
+if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
+    echo "usage: $0    (as root; installs missing build/test packages)"; exit 0
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+# Wait for a concurrent apt/dpkg instead of failing at once.
+APT_OPTS=(-y -q -o DPkg::Lock::Timeout=300)
+
+# build-essential/pkg-config: C++ build of bundled RocksDB; libclang-dev/clang: its bindgen;
+# fuse3: fusermount3; e2fsprogs/fdisk: test disk images (mkfs.ext4, debugfs, sfdisk);
+# util-linux: losetup; fio/b3sum/zstd: benches and cross-checks.
+PKGS=(build-essential pkg-config libclang-dev clang fuse3 e2fsprogs fdisk util-linux
+      fio b3sum zstd coreutils)
+# qemu-utils: only when qemu-img is absent, so a newer backports build is left alone.
+if ! command -v qemu-img >/dev/null 2>&1; then
+    PKGS+=(qemu-utils)
+fi
+
+installed() {
+    [ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null || true)" = "installed" ]
+}
+
+missing=()
+for p in "${PKGS[@]}"; do
+    installed "$p" || missing+=("$p")
+done
+
+if [ "${#missing[@]}" -eq 0 ]; then
+    echo "install-deps: all packages already installed"
+else
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "install-deps: must run as root to install: ${missing[*]}" >&2
+        exit 1
+    fi
+    # Empty or stale lists: a package has no install candidate -> refresh once.
+    need_update=0
+    for p in "${missing[@]}"; do
+        cand=$(apt-cache policy "$p" 2>/dev/null | awk '/Candidate:/ {print $2}')
+        if [ -z "$cand" ] || [ "$cand" = "(none)" ]; then need_update=1; break; fi
+    done
+    if [ "$need_update" -eq 1 ]; then
+        echo "install-deps: apt-get update (package lists lack: ${missing[*]})"
+        apt-get "${APT_OPTS[@]}" update
+    fi
+    echo "install-deps: installing: ${missing[*]}"
+    # --no-remove: abort rather than remove anything (e.g. a backports qemu-utils).
+    if ! apt-get "${APT_OPTS[@]}" --no-remove --no-install-recommends install "${missing[@]}"; then
+        # Lists may be out of date (404 on a superseded version): refresh and retry once.
+        echo "install-deps: install failed, retrying after apt-get update"
+        apt-get "${APT_OPTS[@]}" update
+        apt-get "${APT_OPTS[@]}" --no-remove --no-install-recommends install "${missing[@]}"
+    fi
+fi
+
+# The Rust toolchain is preinstalled via rustup; never download one here.
+if ! command -v cargo >/dev/null 2>&1 && [ -f "$HOME/.cargo/env" ]; then
+    # shellcheck disable=SC1091
+    . "$HOME/.cargo/env"
+fi
+
+status=0
+for t in cc c++ pkg-config clang mkfs.ext4 debugfs e2fsck sfdisk losetup qemu-img fio b3sum zstd fusermount3; do
+    command -v "$t" >/dev/null 2>&1 || { echo "install-deps: missing tool after install: $t" >&2; status=1; }
+done
+if command -v cargo >/dev/null 2>&1; then
+    echo "install-deps: $(cargo --version)"
+else
+    echo "install-deps: cargo not found (expected a rustup toolchain in ~/.cargo)" >&2
+    status=1
+fi
+echo "install-deps: $(qemu-img --version | head -n1)"
+exit "$status"

@@ -1,0 +1,479 @@
+//! The image catalog: image records, names, tenants, visibility, members and the access
+//! rules every frontend applies (CLI, FUSE, restore).
+//!
+//! Rules (as in OpenStack Glance):
+//! - **public** images are created by `admin`, visible to every tenant and protected;
+//! - **private** images are visible to their owner only;
+//! - **shared** images are private images with members; a member sees the image in listings
+//!   once it has accepted, and may `show` it by id while pending or rejected;
+//! - only the owner (or admin) changes, shares or deletes an image; readers may read,
+//!   mount, export and restore it.
+
+mod members;
+mod record;
+
+pub use members::MemberStatus;
+pub use record::{ImageId, ImageRecord, Properties, Source, Visibility};
+
+use rocksdb::{IteratorMode, WriteBatch};
+
+use crate::error::{Error, Result};
+use crate::store::codec::{decode_extent, encode_extent, extent_key, Extent, RefEntry};
+use crate::store::{cf, Store};
+
+/// The tenant that manages public images and sees everything.
+pub const ADMIN: &str = "admin";
+
+/// Validates a tenant name: 1-64 bytes, no `/`, no control characters, not `.` or `..`.
+pub fn validate_tenant(tenant: &str) -> Result<()> {
+    validate_label("tenant", tenant, 64)
+}
+
+/// Validates an image name: 1-200 bytes, no `/`, no control characters, not `.` or `..`
+/// (names become file names under the FUSE mount).
+pub fn validate_name(name: &str) -> Result<()> {
+    validate_label("image name", name, 200)
+}
+
+fn validate_label(what: &str, s: &str, max: usize) -> Result<()> {
+    let reason = if s.is_empty() {
+        Some("must not be empty".to_string())
+    } else if s.len() > max {
+        Some(format!("is {} bytes long, the limit is {max}", s.len()))
+    } else if s.contains('/') {
+        Some("must not contain '/'".to_string())
+    } else if s.chars().any(|c| c.is_control()) {
+        Some("must not contain control characters".to_string())
+    } else if s == "." || s == ".." {
+        Some("must not be '.' or '..'".to_string())
+    } else {
+        None
+    };
+    match reason {
+        Some(r) => Err(Error::invalid(what, format!("{s:?} {r}"))),
+        None => Ok(()),
+    }
+}
+
+fn name_key(owner: &str, name: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(owner.len() + 1 + name.len());
+    k.extend_from_slice(owner.as_bytes());
+    k.push(0);
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+/// What a tenant may do with an image it can see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Owner or admin: everything.
+    Owner,
+    /// Public image, or an accepted share: read, mount, export, restore, clone.
+    Reader,
+    /// Pending or rejected member: may `show` by id, nothing else.
+    Invited,
+}
+
+/// Reads the catalog of a store.
+pub struct Catalog<'s> {
+    store: &'s Store,
+}
+
+impl<'s> Catalog<'s> {
+    /// The catalog of `store`.
+    pub fn new(store: &'s Store) -> Self {
+        Catalog { store }
+    }
+
+    /// The store behind this catalog.
+    pub fn store(&self) -> &'s Store {
+        self.store
+    }
+
+    /// Loads an image record by id.
+    pub fn get(&self, id: &ImageId) -> Result<Option<ImageRecord>> {
+        let v = self
+            .store
+            .db()
+            .get_pinned_cf(self.store.cf(cf::IMAGES), id.0)
+            .map_err(|e| self.store.db_err(e))?;
+        v.map(|v| ImageRecord::decode(id, &v)).transpose()
+    }
+
+    /// Every image record in the store, in id order.
+    pub fn all(&self) -> Result<Vec<ImageRecord>> {
+        let mut out = Vec::new();
+        for item in self
+            .store
+            .db()
+            .iterator_cf(self.store.cf(cf::IMAGES), IteratorMode::Start)
+        {
+            let (k, v) = item.map_err(|e| self.store.db_err(e))?;
+            let id = ImageId::from_slice(&k).ok_or_else(|| Error::CorruptRecord {
+                what: "image",
+                key: hex::encode(&k),
+                reason: "key is not a 16-byte id".into(),
+            })?;
+            out.push(ImageRecord::decode(&id, &v)?);
+        }
+        Ok(out)
+    }
+
+    /// The id of `owner`'s image called `name`.
+    pub fn id_by_name(&self, owner: &str, name: &str) -> Result<Option<ImageId>> {
+        let v = self
+            .store
+            .db()
+            .get_pinned_cf(self.store.cf(cf::NAMES), name_key(owner, name))
+            .map_err(|e| self.store.db_err(e))?;
+        Ok(v.and_then(|v| ImageId::from_slice(&v)))
+    }
+
+    /// How `tenant` may access `image`, or `None` when it may not even see it.
+    pub fn access(&self, tenant: &str, image: &ImageRecord) -> Result<Option<Access>> {
+        if tenant == ADMIN || image.owner == tenant {
+            return Ok(Some(Access::Owner));
+        }
+        if image.visibility == Visibility::Public {
+            return Ok(Some(Access::Reader));
+        }
+        Ok(match self.member_status(&image.id, tenant)? {
+            Some(MemberStatus::Accepted) => Some(Access::Reader),
+            Some(_) => Some(Access::Invited),
+            None => None,
+        })
+    }
+
+    /// Resolves a user's reference to an image the tenant can see.
+    ///
+    /// Accepted forms, tried in order: `OWNER/NAME`; a name the tenant owns; the name of a
+    /// public image or of an image shared with the tenant; a full id or a unique id prefix
+    /// of at least 8 hex digits. An image the tenant may not see is reported as not found,
+    /// so that names of other tenants' images do not leak.
+    pub fn resolve(&self, tenant: &str, reference: &str) -> Result<(ImageRecord, Access)> {
+        let not_found = || Error::ImageNotFound {
+            image: reference.to_string(),
+            tenant: tenant.to_string(),
+        };
+        let visible = |rec: ImageRecord| -> Result<Option<(ImageRecord, Access)>> {
+            Ok(self.access(tenant, &rec)?.map(|a| (rec, a)))
+        };
+        if let Some((owner, name)) = reference.split_once('/') {
+            if let Some(id) = self.id_by_name(owner, name)? {
+                if let Some(rec) = self.get(&id)? {
+                    if let Some(found) = visible(rec)? {
+                        // A name reference lists-like access: invited members use the id.
+                        if found.1 != Access::Invited {
+                            return Ok(found);
+                        }
+                    }
+                }
+            }
+            return Err(not_found());
+        }
+        if let Some(id) = self.id_by_name(tenant, reference)? {
+            if let Some(rec) = self.get(&id)? {
+                return Ok((rec, Access::Owner));
+            }
+        }
+        let all = self.all()?;
+        // Names of public images and of accepted shares.
+        let mut by_name = Vec::new();
+        for rec in all.iter().filter(|r| r.name == reference) {
+            if let Some(a) = self.access(tenant, rec)? {
+                if a != Access::Invited {
+                    by_name.push((rec.clone(), a));
+                }
+            }
+        }
+        match by_name.len() {
+            1 => return Ok(by_name.remove(0)),
+            n if n > 1 => {
+                return Err(Error::AmbiguousImage {
+                    image: reference.to_string(),
+                    count: n,
+                })
+            }
+            _ => {}
+        }
+        // Ids and id prefixes.
+        let lower = reference.to_ascii_lowercase();
+        if lower.len() >= 8 && lower.chars().all(|c| c.is_ascii_hexdigit()) {
+            let mut hits = Vec::new();
+            for rec in all {
+                if rec.id.to_hex().starts_with(&lower) {
+                    if let Some(found) = visible(rec)? {
+                        hits.push(found);
+                    }
+                }
+            }
+            match hits.len() {
+                0 => {}
+                1 => return Ok(hits.remove(0)),
+                n => {
+                    return Err(Error::AmbiguousImage {
+                        image: reference.to_string(),
+                        count: n,
+                    })
+                }
+            }
+        }
+        Err(not_found())
+    }
+
+    /// Resolves and requires at least reader access (`action` names the operation).
+    pub fn resolve_readable(
+        &self,
+        tenant: &str,
+        reference: &str,
+        action: &'static str,
+    ) -> Result<ImageRecord> {
+        let (rec, access) = self.resolve(tenant, reference)?;
+        if access == Access::Invited {
+            return Err(Error::PermissionDenied {
+                tenant: tenant.to_string(),
+                action,
+                image: reference.to_string(),
+                reason: "the share has not been accepted (run `imgvault accept`)".into(),
+            });
+        }
+        Ok(rec)
+    }
+
+    /// Resolves and requires owner access.
+    pub fn resolve_owned(
+        &self,
+        tenant: &str,
+        reference: &str,
+        action: &'static str,
+    ) -> Result<ImageRecord> {
+        let (rec, access) = self.resolve(tenant, reference)?;
+        if access != Access::Owner {
+            return Err(Error::PermissionDenied {
+                tenant: tenant.to_string(),
+                action,
+                image: reference.to_string(),
+                reason: format!("only its owner '{}' may", rec.owner),
+            });
+        }
+        Ok(rec)
+    }
+
+    /// Images `tenant` sees in listings: its own, public ones, accepted shares (admin: all).
+    pub fn visible(&self, tenant: &str) -> Result<Vec<(ImageRecord, Access)>> {
+        let mut out = Vec::new();
+        for rec in self.all()? {
+            match self.access(tenant, &rec)? {
+                Some(Access::Invited) | None => {}
+                Some(a) => out.push((rec, a)),
+            }
+        }
+        out.sort_by(|(a, _), (b, _)| (&a.owner, &a.name).cmp(&(&b.owner, &b.name)));
+        Ok(out)
+    }
+
+    /// The extents of an image, in offset order, checked to tile `0..virtual_size`.
+    pub fn extents(&self, image: &ImageRecord) -> Result<Vec<Extent>> {
+        let db = self.store.db();
+        let prefix = image.id.0;
+        let mut out = Vec::new();
+        let iter = db.iterator_cf(
+            self.store.cf(cf::EXTENTS),
+            IteratorMode::From(&prefix, rocksdb::Direction::Forward),
+        );
+        let mut next = 0u64;
+        for item in iter {
+            let (k, v) = item.map_err(|e| self.store.db_err(e))?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let e = decode_extent(&k, &v)?;
+            if e.offset != next {
+                return Err(Error::CorruptRecord {
+                    what: "extent map",
+                    key: format!("image {} offset {next}", image.name),
+                    reason: format!("next extent starts at {}", e.offset),
+                });
+            }
+            next = e.end();
+            out.push(e);
+        }
+        if next != image.virtual_size {
+            return Err(Error::CorruptRecord {
+                what: "extent map",
+                key: format!("image {}", image.name),
+                reason: format!(
+                    "extents cover {next} bytes, the image is {} bytes",
+                    image.virtual_size
+                ),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Number of private (and shared) images `tenant` owns.
+    pub fn private_count(&self, tenant: &str) -> Result<u64> {
+        Ok(self
+            .all()?
+            .iter()
+            .filter(|r| r.owner == tenant && r.visibility != Visibility::Public)
+            .count() as u64)
+    }
+
+    /// The tenant's private-image quota.
+    pub fn quota(&self, tenant: &str) -> Result<u64> {
+        let v = self
+            .store
+            .db()
+            .get_pinned_cf(self.store.cf(cf::META), quota_key(tenant))
+            .map_err(|e| self.store.db_err(e))?;
+        Ok(match v {
+            Some(v) if v.len() == 8 => u64::from_le_bytes(v[..8].try_into().unwrap_or([0; 8])),
+            _ => self.store.config().default_quota,
+        })
+    }
+
+    /// Sets a tenant's quota.
+    pub fn set_quota(&self, tenant: &str, max_private: u64) -> Result<()> {
+        validate_tenant(tenant)?;
+        let mut b = WriteBatch::default();
+        b.put_cf(
+            self.store.cf(cf::META),
+            quota_key(tenant),
+            max_private.to_le_bytes(),
+        );
+        self.store.commit(b)
+    }
+
+    /// Checks that `owner` may create an image called `name` with `visibility` now.
+    /// Called before an ingest starts and again just before its commit (the writer lock
+    /// makes check-and-commit atomic).
+    pub fn check_create(&self, owner: &str, name: &str, visibility: Visibility) -> Result<()> {
+        validate_tenant(owner)?;
+        validate_name(name)?;
+        if visibility == Visibility::Public && owner != ADMIN {
+            return Err(Error::PermissionDenied {
+                tenant: owner.to_string(),
+                action: "create",
+                image: name.to_string(),
+                reason: "only admin creates public images".into(),
+            });
+        }
+        if self.id_by_name(owner, name)?.is_some() {
+            return Err(Error::NameTaken {
+                tenant: owner.to_string(),
+                name: name.to_string(),
+            });
+        }
+        if visibility != Visibility::Public {
+            let (count, max) = (self.private_count(owner)?, self.quota(owner)?);
+            if count >= max {
+                return Err(Error::QuotaExceeded {
+                    tenant: owner.to_string(),
+                    count,
+                    max,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds a new image (record, name, extents, reference increments) to `batch`.
+    /// `new_chunks` carries the sizes of chunks this image stores for the first time.
+    pub fn batch_create(
+        &self,
+        batch: &mut WriteBatch,
+        rec: &ImageRecord,
+        extents: &[Extent],
+        sizes: &std::collections::HashMap<crate::chunk::ChunkId, (u32, u32)>,
+    ) -> Result<()> {
+        let s = self.store;
+        batch.put_cf(s.cf(cf::IMAGES), rec.id.0, rec.encode()?);
+        batch.put_cf(s.cf(cf::NAMES), name_key(&rec.owner, &rec.name), rec.id.0);
+        let mut counts: std::collections::HashMap<crate::chunk::ChunkId, i64> =
+            std::collections::HashMap::new();
+        for e in extents {
+            batch.put_cf(
+                s.cf(cf::EXTENTS),
+                extent_key(&rec.id.0, e.offset),
+                encode_extent(e),
+            );
+            if let Some(id) = e.chunk {
+                *counts.entry(id).or_default() += 1;
+            }
+        }
+        for (id, count) in counts {
+            let (stored_len, raw_len) = sizes.get(&id).copied().unwrap_or((0, 0));
+            s.batch_ref(
+                batch,
+                &id,
+                RefEntry {
+                    count,
+                    stored_len,
+                    raw_len,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Deletes an image: record, name, extents, members and reference decrements in one
+    /// atomic batch. The caller has checked ownership and protection.
+    pub fn delete(&self, rec: &ImageRecord) -> Result<()> {
+        let extents = self.extents(rec)?;
+        let s = self.store;
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(s.cf(cf::IMAGES), rec.id.0);
+        batch.delete_cf(s.cf(cf::NAMES), name_key(&rec.owner, &rec.name));
+        let mut counts: std::collections::HashMap<crate::chunk::ChunkId, i64> =
+            std::collections::HashMap::new();
+        for e in &extents {
+            batch.delete_cf(s.cf(cf::EXTENTS), extent_key(&rec.id.0, e.offset));
+            if let Some(id) = e.chunk {
+                *counts.entry(id).or_default() += 1;
+            }
+        }
+        for (id, count) in counts {
+            s.batch_ref(
+                &mut batch,
+                &id,
+                RefEntry {
+                    count: -count,
+                    ..Default::default()
+                },
+            );
+        }
+        members::batch_delete_all(self, &mut batch, &rec.id)?;
+        s.commit(batch)
+    }
+
+    /// Rewrites an image's record (same id, same name).
+    pub fn update(&self, rec: &ImageRecord) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.store.cf(cf::IMAGES), rec.id.0, rec.encode()?);
+        self.store.commit(batch)
+    }
+}
+
+fn quota_key(tenant: &str) -> Vec<u8> {
+    let mut k = b"quota/".to_vec();
+    k.extend_from_slice(tenant.as_bytes());
+    k
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_validated() {
+        for bad in ["", "a/b", ".", "..", "x\0y", "tab\there", &"x".repeat(65)] {
+            assert!(validate_tenant(bad).is_err(), "{bad:?}");
+        }
+        for good in ["admin", "tenant-1", "Ünïcode", "a.b"] {
+            validate_tenant(good).unwrap();
+        }
+        assert!(validate_name(&"n".repeat(201)).is_err());
+        validate_name("debian-12 (server).img").unwrap();
+    }
+}

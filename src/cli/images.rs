@@ -1,0 +1,372 @@
+//! Image commands: import, export, list, show, delete, protect, sharing.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use imgvault::catalog::{Access, Catalog, ImageRecord, MemberStatus, Source};
+use imgvault::ingest::{self, IngestOptions};
+use imgvault::read::{ChunkCache, ImageReader};
+use imgvault::{restore, Error};
+use serde::Serialize;
+
+use super::output::{self, Bar};
+use super::{Context, ImportArgs, ListArgs};
+
+pub fn import(ctx: &Context, args: ImportArgs) -> anyhow::Result<i32> {
+    let store = ctx.open(true)?;
+    let mut opts = IngestOptions::new(&args.name, &ctx.tenant);
+    opts.visibility = args.visibility;
+    opts.zstd_level = args.zstd_level;
+    opts.threads = args.threads;
+    opts.chunker = args.chunker.params(store.config().chunker.params);
+    opts.properties = args.props.into_properties();
+    let bar = Bar::new("import", ctx.progress);
+    let report = ingest::import_path(&store, &args.source, &opts, &bar)?;
+    if ctx.json {
+        output::json(&report)?;
+    } else {
+        let img = &report.image;
+        println!(
+            "imported {} as {}/{} (id {})",
+            args.source.display(),
+            img.owner,
+            img.name,
+            img.id
+        );
+        println!(
+            "  format {}, virtual size {}, data {}, {} chunks ({} new, {} deduplicated)",
+            report.format,
+            output::bytes(img.virtual_size),
+            output::bytes(img.nonzero_bytes),
+            report.chunks,
+            report.new_chunks,
+            report.dedup_chunks
+        );
+        println!(
+            "  stored {} new ({} raw), {:.2} s, {}/s",
+            output::bytes(report.new_stored_bytes),
+            output::bytes(report.new_raw_bytes),
+            report.seconds,
+            output::bytes((img.virtual_size as f64 / report.seconds.max(1e-9)) as u64)
+        );
+        println!("  blake3 {}", img.checksum);
+    }
+    Ok(0)
+}
+
+pub fn export(ctx: &Context, image: &str, out: &Path) -> anyhow::Result<i32> {
+    let store = Arc::new(ctx.open(false)?);
+    let rec = Catalog::new(&store).resolve_readable(&ctx.tenant, image, "export")?;
+    let reader = ImageReader::open(store, rec, Arc::new(ChunkCache::new(64 << 20)))?;
+    let bar = Bar::new("export", ctx.progress);
+    let report = restore::export_raw(&reader, out, &bar)?;
+    if ctx.json {
+        output::json(&report)?;
+    } else {
+        println!(
+            "exported {} to {}: {} ({} written, {} sparse), {:.2} s",
+            report.image,
+            report.path,
+            output::bytes(report.size),
+            output::bytes(report.bytes_written),
+            output::bytes(report.bytes_sparse),
+            report.seconds
+        );
+    }
+    Ok(0)
+}
+
+#[derive(Serialize)]
+struct Listed<'a> {
+    #[serde(flatten)]
+    image: &'a ImageRecord,
+    access: &'static str,
+}
+
+fn access_name(a: Access) -> &'static str {
+    match a {
+        Access::Owner => "owner",
+        Access::Reader => "reader",
+        Access::Invited => "invited",
+    }
+}
+
+pub fn list(ctx: &Context, args: ListArgs) -> anyhow::Result<i32> {
+    let store = ctx.open(false)?;
+    let catalog = Catalog::new(&store);
+    let images: Vec<_> = catalog
+        .visible(&ctx.tenant)?
+        .into_iter()
+        .filter(|(r, _)| args.visibility.is_none_or(|v| r.visibility == v))
+        .filter(|(r, _)| args.owner.as_ref().is_none_or(|o| &r.owner == o))
+        .filter(|(r, _)| {
+            args.os.as_ref().is_none_or(|os| {
+                let p = &r.properties;
+                [&p.os_type, &p.os_version]
+                    .iter()
+                    .any(|f| f.as_ref().is_some_and(|v| v.contains(os.as_str())))
+            })
+        })
+        .collect();
+    if ctx.json {
+        let listed: Vec<Listed> = images
+            .iter()
+            .map(|(image, a)| Listed {
+                image,
+                access: access_name(*a),
+            })
+            .collect();
+        return output::json(&listed).map(|_| 0);
+    }
+    let rows: Vec<Vec<String>> = images
+        .iter()
+        .map(|(r, _)| {
+            vec![
+                r.id.to_hex()[..12].to_string(),
+                r.owner.clone(),
+                r.name.clone(),
+                r.visibility.to_string(),
+                output::bytes(r.virtual_size),
+                output::bytes(r.nonzero_bytes),
+                r.properties.os_version.clone().unwrap_or_default(),
+                output::time(r.created),
+            ]
+        })
+        .collect();
+    output::table(
+        &[
+            "ID",
+            "OWNER",
+            "NAME",
+            "VISIBILITY",
+            "SIZE",
+            "DATA",
+            "OS",
+            "CREATED",
+        ],
+        &rows,
+    );
+    Ok(0)
+}
+
+#[derive(Serialize)]
+struct Shown<'a> {
+    #[serde(flatten)]
+    image: &'a ImageRecord,
+    access: &'static str,
+    members: Vec<Member>,
+}
+
+#[derive(Serialize)]
+struct Member {
+    tenant: String,
+    status: MemberStatus,
+}
+
+pub fn show(ctx: &Context, image: &str) -> anyhow::Result<i32> {
+    let store = ctx.open(false)?;
+    let catalog = Catalog::new(&store);
+    let (rec, access) = catalog.resolve(&ctx.tenant, image)?;
+    // Only the owner sees who else the image is shared with.
+    let members = if access == Access::Owner {
+        catalog
+            .members(&rec.id)?
+            .into_iter()
+            .map(|(tenant, status)| Member { tenant, status })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    if ctx.json {
+        return output::json(&Shown {
+            image: &rec,
+            access: access_name(access),
+            members,
+        })
+        .map(|_| 0);
+    }
+    let p = &rec.properties;
+    let source = match &rec.source {
+        Source::File { path, format } => format!("file {path} ({format})"),
+        Source::Backup { path, device_size } => {
+            format!("backup of {path} ({})", output::bytes(*device_size))
+        }
+        Source::Clone { image } => format!("clone of {image}"),
+        Source::Copy { region, image } => format!("copy of {image} from region {region}"),
+    };
+    let mut lines = vec![
+        ("id", rec.id.to_hex()),
+        ("name", rec.name.clone()),
+        ("owner", rec.owner.clone()),
+        ("visibility", rec.visibility.to_string()),
+        ("protected", rec.protected.to_string()),
+        ("status", "active".to_string()),
+        (
+            "virtual size",
+            format!(
+                "{} ({} bytes)",
+                output::bytes(rec.virtual_size),
+                rec.virtual_size
+            ),
+        ),
+        ("data", output::bytes(rec.nonzero_bytes)),
+        ("chunks", rec.data_extents.to_string()),
+        (
+            "added to store",
+            format!(
+                "{} in {} new chunks",
+                output::bytes(rec.new_stored_bytes),
+                rec.new_chunks
+            ),
+        ),
+        ("checksum", format!("blake3:{}", rec.checksum)),
+        ("created", output::time(rec.created)),
+        ("region", rec.region.clone()),
+        ("source", source),
+    ];
+    if let Some(parent) = rec.parent {
+        lines.push(("parent", parent.to_hex()));
+    }
+    let optional = [
+        ("os type", &p.os_type),
+        ("os version", &p.os_version),
+        ("architecture", &p.arch),
+        ("boot mode", &p.boot_mode),
+        ("hardware model", &p.hw_model),
+        ("publisher", &p.publisher),
+        ("category", &p.category),
+    ];
+    for (k, v) in optional {
+        if let Some(v) = v {
+            lines.push((k, v.clone()));
+        }
+    }
+    if let Some(m) = p.min_disk {
+        lines.push(("min disk", output::bytes(m)));
+    }
+    if !p.plugins.is_empty() {
+        lines.push(("plugins", p.plugins.join(", ")));
+    }
+    for m in &members {
+        lines.push((
+            "member",
+            format!("{} ({:?})", m.tenant, m.status).to_lowercase(),
+        ));
+    }
+    for (k, v) in lines {
+        println!("{k:>15}: {v}");
+    }
+    Ok(0)
+}
+
+pub fn delete(ctx: &Context, image: &str) -> anyhow::Result<i32> {
+    let store = ctx.open(true)?;
+    let catalog = Catalog::new(&store);
+    let rec = catalog.resolve_owned(&ctx.tenant, image, "delete")?;
+    if rec.protected {
+        return Err(Error::Protected {
+            image: rec.name.clone(),
+        }
+        .into());
+    }
+    catalog.delete(&rec)?;
+    if ctx.json {
+        output::json(
+            &serde_json::json!({"deleted": rec.id, "name": rec.name, "owner": rec.owner}),
+        )?;
+    } else {
+        println!(
+            "deleted {}/{} ({}); run `imgvault gc` to free its chunks",
+            rec.owner, rec.name, rec.id
+        );
+    }
+    Ok(0)
+}
+
+pub fn set_protected(ctx: &Context, image: &str, protected: bool) -> anyhow::Result<i32> {
+    let store = ctx.open(true)?;
+    let catalog = Catalog::new(&store);
+    let mut rec = catalog.resolve_owned(
+        &ctx.tenant,
+        image,
+        if protected { "protect" } else { "unprotect" },
+    )?;
+    rec.protected = protected;
+    catalog.update(&rec)?;
+    if ctx.json {
+        output::json(&serde_json::json!({"id": rec.id, "protected": protected}))?;
+    } else {
+        println!("{}/{}: protected = {protected}", rec.owner, rec.name);
+    }
+    Ok(0)
+}
+
+pub fn share(ctx: &Context, image: &str, member: &str) -> anyhow::Result<i32> {
+    let store = ctx.open(true)?;
+    let catalog = Catalog::new(&store);
+    let rec = catalog.resolve_owned(&ctx.tenant, image, "share")?;
+    catalog.share(&rec, member)?;
+    if ctx.json {
+        output::json(&serde_json::json!({"id": rec.id, "member": member, "status": "pending"}))?;
+    } else {
+        println!(
+            "shared {}/{} with {member} (pending until `imgvault --tenant {member} accept {}`)",
+            rec.owner, rec.name, rec.id
+        );
+    }
+    Ok(0)
+}
+
+pub fn unshare(ctx: &Context, image: &str, member: &str) -> anyhow::Result<i32> {
+    let store = ctx.open(true)?;
+    let catalog = Catalog::new(&store);
+    let rec = catalog.resolve_owned(&ctx.tenant, image, "unshare")?;
+    catalog.unshare(&rec, member)?;
+    if ctx.json {
+        output::json(&serde_json::json!({"id": rec.id, "member": member, "removed": true}))?;
+    } else {
+        println!(
+            "{}/{} is no longer shared with {member}",
+            rec.owner, rec.name
+        );
+    }
+    Ok(0)
+}
+
+pub fn answer(ctx: &Context, image: &str, accept: bool) -> anyhow::Result<i32> {
+    let store = ctx.open(true)?;
+    let catalog = Catalog::new(&store);
+    let (rec, _) = catalog.resolve(&ctx.tenant, image)?;
+    let status = if accept {
+        MemberStatus::Accepted
+    } else {
+        MemberStatus::Rejected
+    };
+    catalog.answer(&rec, &ctx.tenant, status)?;
+    if ctx.json {
+        output::json(&serde_json::json!({"id": rec.id, "member": ctx.tenant, "status": status}))?;
+    } else {
+        println!("{}/{}: {:?}", rec.owner, rec.name, status);
+    }
+    Ok(0)
+}
+
+pub fn members(ctx: &Context, image: &str) -> anyhow::Result<i32> {
+    let store = ctx.open(false)?;
+    let catalog = Catalog::new(&store);
+    let rec = catalog.resolve_owned(&ctx.tenant, image, "list the members of")?;
+    let members: Vec<Member> = catalog
+        .members(&rec.id)?
+        .into_iter()
+        .map(|(tenant, status)| Member { tenant, status })
+        .collect();
+    if ctx.json {
+        return output::json(&members).map(|_| 0);
+    }
+    let rows: Vec<Vec<String>> = members
+        .iter()
+        .map(|m| vec![m.tenant.clone(), format!("{:?}", m.status).to_lowercase()])
+        .collect();
+    output::table(&["MEMBER", "STATUS"], &rows);
+    Ok(0)
+}

@@ -1,0 +1,228 @@
+//! Store commands: init, quota, gc, verify, stats.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use imgvault::catalog::{Catalog, Visibility};
+use imgvault::chunk::ChunkerParams;
+use imgvault::store::{InitOptions, Store};
+use imgvault::{verify, Error};
+use serde::Serialize;
+
+use super::output::{self, Bar};
+use super::{Context, InitArgs};
+
+pub fn init(ctx: &Context, args: InitArgs) -> anyhow::Result<i32> {
+    let chunker = args
+        .chunker
+        .params(ChunkerParams::default())
+        .unwrap_or_default();
+    let opts = InitOptions {
+        chunker,
+        zstd_level: args.zstd_level,
+        region: args.region,
+        default_quota: args.default_quota,
+    };
+    let store = Store::init(&ctx.store_path, &opts)?;
+    if ctx.json {
+        output::json(&serde_json::json!({
+            "store": ctx.store_path,
+            "config": store.config(),
+        }))?;
+    } else {
+        println!(
+            "created store {} (region {}, chunker {})",
+            ctx.store_path.display(),
+            store.config().region,
+            chunker.describe()
+        );
+    }
+    Ok(0)
+}
+
+pub fn quota(ctx: &Context, tenant: &str, max_private: Option<u64>) -> anyhow::Result<i32> {
+    imgvault::catalog::validate_tenant(tenant)?;
+    let store = ctx.open(max_private.is_some())?;
+    let catalog = Catalog::new(&store);
+    if let Some(max) = max_private {
+        if ctx.tenant != imgvault::catalog::ADMIN {
+            return Err(Error::PermissionDenied {
+                tenant: ctx.tenant.clone(),
+                action: "set quota of",
+                image: format!("(tenant {tenant})"),
+                reason: "only admin sets quotas".into(),
+            }
+            .into());
+        }
+        catalog.set_quota(tenant, max)?;
+    }
+    let (count, max) = (catalog.private_count(tenant)?, catalog.quota(tenant)?);
+    if ctx.json {
+        output::json(
+            &serde_json::json!({"tenant": tenant, "private_images": count, "max_private": max}),
+        )?;
+    } else {
+        println!("tenant {tenant}: {count} of {max} private images");
+    }
+    Ok(0)
+}
+
+pub fn gc(ctx: &Context) -> anyhow::Result<i32> {
+    let store = ctx.open(true)?;
+    let report = store.gc(&HashSet::new())?;
+    if ctx.json {
+        output::json(&report)?;
+    } else {
+        println!(
+            "removed {} unreferenced and {} orphan chunks ({}); store {} -> {}",
+            report.unreferenced_chunks,
+            report.orphan_chunks,
+            output::bytes(report.removed_bytes),
+            output::bytes(report.disk_before),
+            output::bytes(report.disk_after)
+        );
+        if report.pinned_chunks > 0 {
+            println!("kept {} chunks held open by mounts", report.pinned_chunks);
+        }
+    }
+    Ok(0)
+}
+
+pub fn verify(ctx: &Context, image: Option<&str>) -> anyhow::Result<i32> {
+    let store = Arc::new(ctx.open(false)?);
+    let catalog = Catalog::new(&store);
+    let images = match image {
+        Some(r) => vec![catalog.resolve_readable(&ctx.tenant, r, "verify")?],
+        None => {
+            if ctx.tenant == imgvault::catalog::ADMIN {
+                catalog.all()?
+            } else {
+                catalog
+                    .visible(&ctx.tenant)?
+                    .into_iter()
+                    .map(|(r, _)| r)
+                    .collect()
+            }
+        }
+    };
+    let whole = image.is_none() && ctx.tenant == imgvault::catalog::ADMIN;
+    let bar = Bar::new("verify", ctx.progress);
+    let report = verify::verify(&store, &images, whole, &bar)?;
+    if ctx.json {
+        output::json(&report)?;
+    } else {
+        for d in &report.damage {
+            println!("DAMAGED {d}");
+        }
+        for p in &report.problems {
+            println!("PROBLEM {p}");
+        }
+        println!(
+            "verified {} image(s), {} chunks, {}: {}",
+            report.images,
+            report.chunks,
+            output::bytes(report.bytes),
+            if report.damage.is_empty() && report.problems.is_empty() {
+                "ok".to_string()
+            } else {
+                format!(
+                    "{} damaged place(s), {} problem(s)",
+                    report.damage.len(),
+                    report.problems.len()
+                )
+            }
+        );
+    }
+    if let Some(first) = report.damage.first() {
+        let err = Error::VerifyFailed {
+            count: report.damage.len(),
+            first: first.to_string(),
+        };
+        if !ctx.json {
+            eprintln!("imgvault: error: {err}");
+        }
+        return Ok(err.exit_code());
+    }
+    if let Some(first) = report.problems.first() {
+        let err = Error::VerifyFailed {
+            count: report.problems.len(),
+            first: first.clone(),
+        };
+        if !ctx.json {
+            eprintln!("imgvault: error: {err}");
+        }
+        return Ok(err.exit_code());
+    }
+    Ok(0)
+}
+
+#[derive(Serialize)]
+struct Stats {
+    region: String,
+    images: u64,
+    public_images: u64,
+    logical_bytes: u64,
+    nonzero_bytes: u64,
+    unique_bytes: u64,
+    stored_bytes: u64,
+    chunks: u64,
+    dedup_ratio: f64,
+    compression_ratio: f64,
+    reduction_ratio: f64,
+    disk_bytes: u64,
+}
+
+pub fn stats(ctx: &Context) -> anyhow::Result<i32> {
+    let store = ctx.open(false)?;
+    let catalog = Catalog::new(&store);
+    let images = catalog.all()?;
+    let totals = store.chunk_totals()?;
+    let div = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+    let nonzero: u64 = images.iter().map(|i| i.nonzero_bytes).sum();
+    let s = Stats {
+        region: store.config().region.clone(),
+        images: images.len() as u64,
+        public_images: images
+            .iter()
+            .filter(|i| i.visibility == Visibility::Public)
+            .count() as u64,
+        logical_bytes: images.iter().map(|i| i.virtual_size).sum(),
+        nonzero_bytes: nonzero,
+        unique_bytes: totals.raw_bytes,
+        stored_bytes: totals.stored_bytes,
+        chunks: totals.chunks,
+        dedup_ratio: div(nonzero, totals.raw_bytes),
+        compression_ratio: div(totals.raw_bytes, totals.stored_bytes),
+        reduction_ratio: div(nonzero, totals.stored_bytes),
+        disk_bytes: store.disk_usage(),
+    };
+    if ctx.json {
+        return output::json(&s).map(|_| 0);
+    }
+    let lines = [
+        ("region", s.region.clone()),
+        (
+            "images",
+            format!("{} ({} public)", s.images, s.public_images),
+        ),
+        ("logical bytes", output::bytes(s.logical_bytes)),
+        ("non-zero bytes", output::bytes(s.nonzero_bytes)),
+        ("unique bytes", output::bytes(s.unique_bytes)),
+        ("stored bytes", output::bytes(s.stored_bytes)),
+        ("chunks", s.chunks.to_string()),
+        (
+            "dedup ratio",
+            output::ratio(s.nonzero_bytes, s.unique_bytes),
+        ),
+        ("compression", output::ratio(s.unique_bytes, s.stored_bytes)),
+        (
+            "total reduction",
+            output::ratio(s.nonzero_bytes, s.stored_bytes),
+        ),
+        ("disk use", output::bytes(s.disk_bytes)),
+    ];
+    for (k, v) in lines {
+        println!("{k:>15}: {v}");
+    }
+    Ok(0)
+}

@@ -1,0 +1,114 @@
+//! Ingest: a source disk becomes an image.
+//!
+//! ```text
+//! reader thread ──buffers──▶ segmenter thread ──batches──▶ N workers ──results──▶ writer
+//!  (large aligned reads,      (zero runs, FastCDC,         (BLAKE3 per chunk,     (reorders by seq,
+//!   holes not read)            whole-image BLAKE3)          dedup lookup, zstd)    unlogged chunk puts)
+//! ```
+//! Every channel is bounded, so memory does not grow with the image. When the stream
+//! ends the writer flushes the chunk column family and commits the image (record, name,
+//! extents, reference increments) in one atomic WriteBatch; until then nothing is visible.
+//! On failure, chunks written by this ingest are deleted again (none is referenced).
+
+mod pipeline;
+pub mod source;
+
+pub use pipeline::ImportReport;
+pub use source::{ImageSource, RawSource, SourceKind};
+
+use std::path::Path;
+
+use crate::catalog::{ImageId, Properties, Source, Visibility};
+use crate::chunk::ChunkerParams;
+use crate::error::{Error, Result};
+use crate::progress::Progress;
+use crate::store::Store;
+
+/// What to create and how.
+#[derive(Debug, Clone)]
+pub struct IngestOptions {
+    /// Name of the new image (unique for the owner).
+    pub name: String,
+    /// Owning tenant.
+    pub owner: String,
+    /// Visibility of the new image.
+    pub visibility: Visibility,
+    /// Descriptive properties.
+    pub properties: Properties,
+    /// Previous backup of the same server.
+    pub parent: Option<ImageId>,
+    /// Treat the source as a backup of a device (records the device size).
+    pub backup: bool,
+    /// zstd level for new chunks; the store's default when `None`.
+    pub zstd_level: Option<i32>,
+    /// Chunker parameters the caller expects; must equal the store's when given.
+    pub chunker: Option<ChunkerParams>,
+    /// Hash/compress workers; the number of CPUs when 0.
+    pub threads: usize,
+}
+
+impl IngestOptions {
+    /// Options for a private image `name` of `owner`, everything else default.
+    pub fn new(name: &str, owner: &str) -> Self {
+        IngestOptions {
+            name: name.to_string(),
+            owner: owner.to_string(),
+            visibility: Visibility::Private,
+            properties: Properties::default(),
+            parent: None,
+            backup: false,
+            zstd_level: None,
+            chunker: None,
+            threads: 0,
+        }
+    }
+}
+
+/// Imports the raw disk at `path` (a file or a block device).
+pub fn import_path(
+    store: &Store,
+    path: &Path,
+    opts: &IngestOptions,
+    progress: &dyn Progress,
+) -> Result<ImportReport> {
+    let source = RawSource::open(path)?;
+    let record_source = if opts.backup {
+        Source::Backup {
+            path: path.display().to_string(),
+            device_size: source.virtual_size(),
+        }
+    } else {
+        Source::File {
+            path: path.display().to_string(),
+            format: source.format().to_string(),
+        }
+    };
+    import(store, Box::new(source), record_source, opts, progress)
+}
+
+/// Imports any [`ImageSource`].
+pub fn import(
+    store: &Store,
+    source: Box<dyn ImageSource>,
+    record_source: Source,
+    opts: &IngestOptions,
+    progress: &dyn Progress,
+) -> Result<ImportReport> {
+    store.require_writer()?;
+    let params = store.config().chunker.params;
+    if let Some(requested) = &opts.chunker {
+        store.check_chunker(requested)?;
+    }
+    // A binary built with another fastcdc would cut differently: refuse rather than
+    // silently losing deduplication.
+    store.check_chunker(&params)?;
+    let level = opts.zstd_level.unwrap_or(store.config().zstd_level);
+    if !(1..=22).contains(&level) {
+        return Err(Error::invalid(
+            "zstd level",
+            format!("{level} is outside 1..=22"),
+        ));
+    }
+    crate::catalog::Catalog::new(store).check_create(&opts.owner, &opts.name, opts.visibility)?;
+    pipeline::run(store, source, record_source, opts, params, level, progress)
+}

@@ -1,0 +1,308 @@
+//! The parallel ingest pipeline (see the module docs of `ingest`).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use crossbeam_channel::{bounded, Receiver};
+use rocksdb::WriteBatch;
+use serde::Serialize;
+
+use super::source::{ImageSource, SourcePiece, READ_SIZE};
+use super::IngestOptions;
+use crate::catalog::{Catalog, ImageId, ImageRecord, Source};
+use crate::chunk::{Batch, ChunkId, ChunkerParams, Piece, Segment, Segmenter};
+use crate::error::{Error, Result};
+use crate::progress::Progress;
+use crate::store::codec::{encode_chunk, Extent};
+use crate::store::{cf, now, Store};
+
+/// What an import did.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImportReport {
+    /// The new image.
+    pub image: ImageRecord,
+    /// Format of the source.
+    pub format: String,
+    /// Bytes read from the source (holes are not read).
+    pub bytes_read: u64,
+    /// Data chunks in the image (with repeats).
+    pub chunks: u64,
+    /// Chunks new to the store.
+    pub new_chunks: u64,
+    /// Their uncompressed bytes.
+    pub new_raw_bytes: u64,
+    /// Their stored bytes.
+    pub new_stored_bytes: u64,
+    /// Chunks already in the store (or earlier in this image).
+    pub dedup_chunks: u64,
+    /// Wall time.
+    pub seconds: f64,
+}
+
+/// A batch after hashing and compression.
+struct Done {
+    seq: u64,
+    extents: Vec<Extent>,
+    /// (id, stored value, raw length) of chunks this ingest stores first.
+    new_chunks: Vec<(ChunkId, Vec<u8>, u32)>,
+    dedup: u64,
+}
+
+pub(super) fn run(
+    store: &Store,
+    mut source: Box<dyn ImageSource>,
+    record_source: Source,
+    opts: &IngestOptions,
+    params: ChunkerParams,
+    level: i32,
+    progress: &dyn Progress,
+) -> Result<ImportReport> {
+    let started = Instant::now();
+    let threads = match opts.threads {
+        0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+        n => n,
+    };
+    let format = source.format().to_string();
+    progress.start(source.virtual_size());
+    let claimed: Mutex<HashSet<ChunkId>> = Mutex::new(HashSet::new());
+    let mut written: Vec<ChunkId> = Vec::new();
+
+    let outcome = std::thread::scope(|s| {
+        let (piece_tx, piece_rx) = bounded::<(SourcePiece, Vec<u8>)>(3);
+        let (free_tx, free_rx) = bounded::<Vec<u8>>(5);
+        let (work_tx, work_rx) = bounded::<Batch>(threads);
+        let (done_tx, done_rx) = bounded::<Result<Done>>(threads * 2);
+
+        let reader = s.spawn(move || -> Result<u64> {
+            let mut bytes = 0u64;
+            loop {
+                let mut buf = free_rx
+                    .try_recv()
+                    .unwrap_or_else(|_| Vec::with_capacity(READ_SIZE));
+                let Some(piece) = source.next_piece(&mut buf)? else {
+                    return Ok(bytes);
+                };
+                bytes += buf.len() as u64;
+                if piece_tx.send((piece, buf)).is_err() {
+                    return Ok(bytes); // downstream stopped; its error is reported
+                }
+            }
+        });
+
+        let segmenter = s.spawn(move || -> Result<(u64, blake3::Hash)> {
+            let mut seg = Segmenter::new(params, |batch| {
+                work_tx.send(batch).map_err(|_| Error::Interrupted)
+            });
+            for (piece, buf) in piece_rx {
+                match piece {
+                    SourcePiece::Data => seg.feed(Piece::Data(&buf))?,
+                    SourcePiece::Zeros(n) => seg.feed(Piece::Zeros(n))?,
+                }
+                let _ = free_tx.try_send(buf);
+            }
+            seg.finish()
+        });
+
+        for _ in 0..threads {
+            let (work_rx, done_tx, claimed) = (work_rx.clone(), done_tx.clone(), &claimed);
+            s.spawn(move || {
+                let mut compressor = match zstd::bulk::Compressor::new(level) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = done_tx.send(Err(Error::invalid("zstd level", e.to_string())));
+                        return;
+                    }
+                };
+                for batch in work_rx {
+                    let done = hash_and_compress(store, claimed, &mut compressor, batch);
+                    if done_tx.send(done).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop((work_rx, done_tx));
+
+        let written_ref = &mut written;
+        let collected = collect(store, done_rx, written_ref, progress);
+        let read = reader.join().unwrap_or(Err(Error::Interrupted));
+        let segmented = segmenter.join().unwrap_or(Err(Error::Interrupted));
+        // The source's error is the cause when several stages failed.
+        let bytes_read = read?;
+        let (size, checksum) = segmented?;
+        let (extents, sizes, dedup) = collected?;
+        Ok((bytes_read, size, checksum, extents, sizes, dedup))
+    });
+    progress.finish();
+
+    let result = outcome.and_then(|(bytes_read, size, checksum, extents, sizes, dedup)| {
+        commit(
+            store,
+            opts,
+            record_source,
+            CommitInput {
+                format,
+                bytes_read,
+                size,
+                checksum,
+                extents,
+                sizes,
+                dedup,
+                started,
+            },
+        )
+    });
+    if result.is_err() && !written.is_empty() {
+        // Nothing references these chunks: remove them now rather than waiting for gc.
+        let mut batch = WriteBatch::default();
+        for id in &written {
+            batch.delete_cf(store.cf(cf::CHUNKS), id.0);
+        }
+        let _ = store.commit(batch);
+    }
+    result
+}
+
+fn hash_and_compress(
+    store: &Store,
+    claimed: &Mutex<HashSet<ChunkId>>,
+    compressor: &mut zstd::bulk::Compressor<'_>,
+    batch: Batch,
+) -> Result<Done> {
+    let mut extents = Vec::with_capacity(batch.segments.len());
+    let mut new_chunks = Vec::new();
+    let mut dedup = 0;
+    for segment in &batch.segments {
+        match *segment {
+            Segment::Chunk { offset, start, len } => {
+                let data = &batch.data[start..start + len];
+                let id = ChunkId::of(data);
+                let seen = claimed.lock().map(|set| set.contains(&id)).unwrap_or(true);
+                // Known chunks are never compressed again.
+                if seen || store.chunk_is_referenced(&id)? {
+                    dedup += 1;
+                } else if claimed
+                    .lock()
+                    .map(|mut set| set.insert(id))
+                    .unwrap_or(false)
+                {
+                    new_chunks.push((id, encode_chunk(data, compressor), len as u32));
+                } else {
+                    dedup += 1; // another worker claimed it meanwhile
+                }
+                extents.push(Extent {
+                    offset,
+                    len: len as u64,
+                    chunk: Some(id),
+                });
+            }
+            Segment::Zero { offset, len } => extents.push(Extent {
+                offset,
+                len,
+                chunk: None,
+            }),
+        }
+    }
+    Ok(Done {
+        seq: batch.seq,
+        extents,
+        new_chunks,
+        dedup,
+    })
+}
+
+type Collected = (Vec<Extent>, HashMap<ChunkId, (u32, u32)>, u64);
+
+/// The writer: puts new chunks in stream order and gathers the extent map.
+fn collect(
+    store: &Store,
+    done_rx: Receiver<Result<Done>>,
+    written: &mut Vec<ChunkId>,
+    progress: &dyn Progress,
+) -> Result<Collected> {
+    let mut pending: BTreeMap<u64, Done> = BTreeMap::new();
+    let mut next = 0u64;
+    let mut extents = Vec::new();
+    let mut sizes = HashMap::new();
+    let mut dedup = 0;
+    for done in done_rx {
+        let done = done?;
+        pending.insert(done.seq, done);
+        while let Some(done) = pending.remove(&next) {
+            next += 1;
+            if !done.new_chunks.is_empty() {
+                let mut values = Vec::with_capacity(done.new_chunks.len());
+                for (id, value, raw_len) in done.new_chunks {
+                    sizes.insert(id, (value.len() as u32, raw_len));
+                    written.push(id);
+                    values.push((id, value));
+                }
+                store.put_chunks_unlogged(&values)?;
+            }
+            progress.advance(done.extents.iter().map(|e| e.len).sum());
+            dedup += done.dedup;
+            extents.extend(done.extents);
+        }
+    }
+    Ok((extents, sizes, dedup))
+}
+
+struct CommitInput {
+    format: String,
+    bytes_read: u64,
+    size: u64,
+    checksum: blake3::Hash,
+    extents: Vec<Extent>,
+    sizes: HashMap<ChunkId, (u32, u32)>,
+    dedup: u64,
+    started: Instant,
+}
+
+fn commit(
+    store: &Store,
+    opts: &IngestOptions,
+    record_source: Source,
+    input: CommitInput,
+) -> Result<ImportReport> {
+    // Chunk values were written without the WAL: make them durable before the batch that
+    // references them.
+    store.flush_chunks()?;
+    let catalog = Catalog::new(store);
+    // The writer lock is held since the first check, so name and quota still hold; the
+    // re-check is cheap insurance against a caller that skipped `import`'s check.
+    catalog.check_create(&opts.owner, &opts.name, opts.visibility)?;
+    let data: Vec<&Extent> = input.extents.iter().filter(|e| e.chunk.is_some()).collect();
+    let record = ImageRecord {
+        id: ImageId::random()?,
+        name: opts.name.clone(),
+        owner: opts.owner.clone(),
+        visibility: opts.visibility,
+        protected: opts.visibility == crate::catalog::Visibility::Public,
+        virtual_size: input.size,
+        nonzero_bytes: data.iter().map(|e| e.len).sum(),
+        data_extents: data.len() as u64,
+        new_chunks: input.sizes.len() as u64,
+        new_stored_bytes: input.sizes.values().map(|(s, _)| *s as u64).sum(),
+        checksum: input.checksum.to_hex().to_string(),
+        created: now(),
+        region: store.config().region.clone(),
+        source: record_source,
+        parent: opts.parent,
+        properties: opts.properties.clone(),
+    };
+    let mut batch = WriteBatch::default();
+    catalog.batch_create(&mut batch, &record, &input.extents, &input.sizes)?;
+    store.commit(batch)?;
+    Ok(ImportReport {
+        format: input.format,
+        bytes_read: input.bytes_read,
+        chunks: record.data_extents,
+        new_chunks: record.new_chunks,
+        new_raw_bytes: input.sizes.values().map(|(_, r)| *r as u64).sum(),
+        new_stored_bytes: record.new_stored_bytes,
+        dedup_chunks: input.dedup,
+        seconds: input.started.elapsed().as_secs_f64(),
+        image: record,
+    })
+}

@@ -1,0 +1,162 @@
+//! Export an image to a raw file: byte-identical, sparse, every chunk checked.
+//!
+//! The file is written under a temporary name beside the target and renamed into place
+//! only when every chunk was read and checked, so a damaged image never leaves a file
+//! with wrong bytes behind.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::progress::Progress;
+use crate::read::ImageReader;
+use crate::store::codec::Extent;
+
+/// What an export did.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExportReport {
+    /// Image name.
+    pub image: String,
+    /// Output path.
+    pub path: String,
+    /// Size of the file.
+    pub size: u64,
+    /// Bytes written (data extents).
+    pub bytes_written: u64,
+    /// Bytes left as holes (zero extents).
+    pub bytes_sparse: u64,
+    /// Wall time.
+    pub seconds: f64,
+}
+
+/// Data bytes decoded per parallel window.
+const WINDOW: u64 = 16 << 20;
+
+/// Writes the image read by `reader` to `out`.
+pub fn export_raw(
+    reader: &ImageReader,
+    out: &Path,
+    progress: &dyn Progress,
+) -> Result<ExportReport> {
+    let started = Instant::now();
+    if let Ok(md) = std::fs::metadata(out) {
+        let ft = md.file_type();
+        if ft.is_dir() {
+            return Err(Error::BadSource {
+                path: out.to_path_buf(),
+                reason: "is a directory; give a file name to export to".into(),
+            });
+        }
+        if ft.is_block_device() {
+            return Err(Error::BadSource {
+                path: out.to_path_buf(),
+                reason: "is a block device; use `imgvault restore` to write devices".into(),
+            });
+        }
+    }
+    let partial = partial_path(out);
+    let target_err = |e| Error::Target {
+        path: partial.clone(),
+        source: e,
+    };
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&partial)
+        .map_err(target_err)?;
+    let result = write_all(reader, &file, progress).and_then(|written| {
+        file.set_len(reader.size()).map_err(target_err)?;
+        file.sync_all().map_err(target_err)?;
+        Ok(written)
+    });
+    progress.finish();
+    let written = match result {
+        Ok(w) => w,
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            return Err(e);
+        }
+    };
+    std::fs::rename(&partial, out).map_err(|e| Error::Target {
+        path: out.to_path_buf(),
+        source: e,
+    })?;
+    Ok(ExportReport {
+        image: reader.image().name.clone(),
+        path: out.display().to_string(),
+        size: reader.size(),
+        bytes_written: written,
+        bytes_sparse: reader.size() - written,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn partial_path(out: &Path) -> PathBuf {
+    let mut name = out
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    name.push(".imgvault-partial");
+    out.with_file_name(name)
+}
+
+/// Splits the data extents into windows of about [`WINDOW`] bytes.
+pub(crate) fn data_windows(extents: &[Extent]) -> Vec<Vec<Extent>> {
+    let mut windows = Vec::new();
+    let mut current = Vec::new();
+    let mut bytes = 0;
+    for e in extents.iter().filter(|e| e.chunk.is_some()) {
+        current.push(*e);
+        bytes += e.len;
+        if bytes >= WINDOW {
+            windows.push(std::mem::take(&mut current));
+            bytes = 0;
+        }
+    }
+    if !current.is_empty() {
+        windows.push(current);
+    }
+    windows
+}
+
+/// Decodes window N+1 while window N is written.
+fn write_all(reader: &ImageReader, file: &File, progress: &dyn Progress) -> Result<u64> {
+    progress.start(reader.size());
+    let decode = |w: &Vec<Extent>| -> Result<Vec<Vec<u8>>> {
+        w.par_iter().map(|e| reader.load(e)).collect()
+    };
+    let write = |w: &Vec<Extent>, data: Vec<Vec<u8>>| -> Result<u64> {
+        let mut n = 0;
+        for (e, bytes) in w.iter().zip(data) {
+            file.write_all_at(&bytes, e.offset)
+                .map_err(|err| Error::Target {
+                    path: PathBuf::from(format!("export file at byte offset {}", e.offset)),
+                    source: err,
+                })?;
+            n += e.len;
+        }
+        progress.advance(n);
+        Ok(n)
+    };
+    let windows = data_windows(reader.extents());
+    let mut written = 0;
+    let mut pending: Option<(&Vec<Extent>, Vec<Vec<u8>>)> = None;
+    for w in &windows {
+        let (decoded, wrote) = rayon::join(
+            || decode(w),
+            || pending.take().map(|(pw, data)| write(pw, data)).transpose(),
+        );
+        written += wrote?.unwrap_or(0);
+        pending = Some((w, decoded?));
+    }
+    if let Some((pw, data)) = pending {
+        written += write(pw, data)?;
+    }
+    Ok(written)
+}

@@ -1,0 +1,572 @@
+//! The chunk store: a directory holding a RocksDB database with one column family per kind of
+//! record, the writer lock, and the operations every frontend shares (chunk get/put, atomic
+//! commits, reference counts, garbage collection, space accounting).
+//!
+//! Layout of a store directory:
+//! ```text
+//! DIR/imgvault.lock   writer lock (flock), holds the writer's pid
+//! DIR/db/             RocksDB: column families meta, chunks, refs, images, names, extents, members
+//! DIR/mounts/         one file per live mount listing the images it holds open (gc honours it)
+//! ```
+
+pub mod codec;
+mod gc;
+mod lock;
+
+pub use gc::GcReport;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Options,
+    WriteBatch, WriteOptions, DB,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::chunk::{ChunkId, ChunkerParams, CHUNKER_ALGORITHM, FASTCDC_CRATE_VERSION};
+use crate::error::{Error, Result};
+use codec::RefEntry;
+use lock::WriterLock;
+
+/// Version of the on-disk format this build reads and writes (docs/FORMAT.md).
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Column family names.
+pub mod cf {
+    /// Store configuration.
+    pub const META: &str = "meta";
+    /// Chunk id -> codec + raw length + payload (in BlobDB blob files).
+    pub const CHUNKS: &str = "chunks";
+    /// Chunk id -> reference count and sizes (merge operator).
+    pub const REFS: &str = "refs";
+    /// Image id -> image record (JSON).
+    pub const IMAGES: &str = "images";
+    /// Owner NUL name -> image id.
+    pub const NAMES: &str = "names";
+    /// Image id + offset -> extent.
+    pub const EXTENTS: &str = "extents";
+    /// Image id + tenant -> member status.
+    pub const MEMBERS: &str = "members";
+    /// Every column family, in creation order.
+    pub const ALL: [&str; 7] = [META, CHUNKS, REFS, IMAGES, NAMES, EXTENTS, MEMBERS];
+}
+
+const CONFIG_KEY: &[u8] = b"config";
+
+/// Store-wide settings, written at `init` and checked at every open.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StoreConfig {
+    /// On-disk format version.
+    pub format_version: u32,
+    /// Chunking algorithm and parameters.
+    pub chunker: ChunkerConfig,
+    /// zstd level used when none is given on the command line.
+    pub zstd_level: i32,
+    /// The region this store is.
+    pub region: String,
+    /// Default maximum number of private images per tenant.
+    pub default_quota: u64,
+    /// Creation time, seconds since the epoch.
+    pub created: u64,
+}
+
+/// The chunker as recorded in the store.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ChunkerConfig {
+    /// Algorithm name, e.g. `fastcdc-v2020-normalization1`.
+    pub algorithm: String,
+    /// Version of the fastcdc crate that cut the chunks.
+    pub crate_version: String,
+    /// Sizes.
+    #[serde(flatten)]
+    pub params: ChunkerParams,
+}
+
+impl ChunkerConfig {
+    /// The configuration of this build with `params`.
+    pub fn current(params: ChunkerParams) -> Self {
+        ChunkerConfig {
+            algorithm: CHUNKER_ALGORITHM.to_string(),
+            crate_version: FASTCDC_CRATE_VERSION.to_string(),
+            params,
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} (fastcdc {}) min/avg/max {}/{}/{} zero-run {}",
+            self.algorithm,
+            self.crate_version,
+            self.params.min_size,
+            self.params.avg_size,
+            self.params.max_size,
+            self.params.zero_run_min
+        )
+    }
+}
+
+/// Options for `init`.
+#[derive(Debug, Clone)]
+pub struct InitOptions {
+    /// Chunker sizes.
+    pub chunker: ChunkerParams,
+    /// Default zstd level (1..=19).
+    pub zstd_level: i32,
+    /// Region name.
+    pub region: String,
+    /// Default private-image quota per tenant.
+    pub default_quota: u64,
+}
+
+impl Default for InitOptions {
+    fn default() -> Self {
+        InitOptions {
+            chunker: ChunkerParams::default(),
+            zstd_level: 3,
+            region: "default".to_string(),
+            default_quota: 50,
+        }
+    }
+}
+
+/// How a store is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenMode {
+    /// The one writer: takes the lock (waiting for it if `wait`).
+    Writer { wait: bool },
+    /// A reader beside any writer (a RocksDB secondary instance; see [`Store::catch_up`]).
+    Reader,
+}
+
+/// An open store.
+pub struct Store {
+    path: PathBuf,
+    db: DB,
+    config: StoreConfig,
+    mode: OpenMode,
+    _lock: Option<WriterLock>,
+    /// The secondary instance's private directory (readers only), removed on drop.
+    _secondary: Option<tempfile::TempDir>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.path)
+            .field("mode", &self.mode)
+            .finish()
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn db_dir(path: &Path) -> PathBuf {
+    path.join("db")
+}
+
+/// True when `path` holds a store.
+pub fn exists(path: &Path) -> bool {
+    db_dir(path).join("CURRENT").is_file()
+}
+
+impl Store {
+    /// Creates a new store at `path` (the directory may exist but must not hold a store).
+    pub fn init(path: &Path, opts: &InitOptions) -> Result<Store> {
+        opts.chunker.validate()?;
+        if !(1..=22).contains(&opts.zstd_level) {
+            return Err(Error::invalid(
+                "zstd level",
+                format!("{} is outside 1..=22", opts.zstd_level),
+            ));
+        }
+        validate_region(&opts.region)?;
+        if exists(path) {
+            return Err(Error::StoreExists {
+                path: path.to_path_buf(),
+            });
+        }
+        std::fs::create_dir_all(path)
+            .map_err(|e| Error::io(format!("create store directory {}", path.display()), e))?;
+        let lock = WriterLock::acquire(path, &lock::lock_path(path), false)?;
+        let db = open_db(path, true, None)?;
+        let config = StoreConfig {
+            format_version: FORMAT_VERSION,
+            chunker: ChunkerConfig::current(opts.chunker),
+            zstd_level: opts.zstd_level,
+            region: opts.region.clone(),
+            default_quota: opts.default_quota,
+            created: now(),
+        };
+        let store = Store {
+            path: path.to_path_buf(),
+            db,
+            config: config.clone(),
+            mode: OpenMode::Writer { wait: false },
+            _lock: Some(lock),
+            _secondary: None,
+        };
+        let json =
+            serde_json::to_vec(&config).map_err(|e| Error::invalid("config", e.to_string()))?;
+        let mut batch = WriteBatch::default();
+        batch.put_cf(store.cf(cf::META), CONFIG_KEY, json);
+        store.commit(batch)?;
+        Ok(store)
+    }
+
+    /// Opens an existing store.
+    pub fn open(path: &Path, mode: OpenMode) -> Result<Store> {
+        if !exists(path) {
+            return Err(Error::NoStore {
+                path: path.to_path_buf(),
+            });
+        }
+        let (db, lock, secondary) = match mode {
+            OpenMode::Writer { wait } => {
+                let lock = WriterLock::acquire(path, &lock::lock_path(path), wait)?;
+                (open_db(path, false, None)?, Some(lock), None)
+            }
+            OpenMode::Reader => {
+                let dir = tempfile::Builder::new()
+                    .prefix("imgvault-reader-")
+                    .tempdir()
+                    .map_err(|e| Error::io("create a directory for a reader instance", e))?;
+                (open_db(path, false, Some(dir.path()))?, None, Some(dir))
+            }
+        };
+        let raw = db
+            .get_cf(cf_handle(&db, cf::META)?, CONFIG_KEY)
+            .map_err(|e| db_err(path, e))?
+            .ok_or_else(|| Error::CorruptRecord {
+                what: "store config",
+                key: "meta/config".into(),
+                reason: "missing".into(),
+            })?;
+        let config: StoreConfig =
+            serde_json::from_slice(&raw).map_err(|e| Error::CorruptRecord {
+                what: "store config",
+                key: "meta/config".into(),
+                reason: e.to_string(),
+            })?;
+        if config.format_version != FORMAT_VERSION {
+            return Err(Error::FormatVersion {
+                path: path.to_path_buf(),
+                found: config.format_version,
+                expected: FORMAT_VERSION,
+            });
+        }
+        Ok(Store {
+            path: path.to_path_buf(),
+            db,
+            config,
+            mode,
+            _lock: lock,
+            _secondary: secondary,
+        })
+    }
+
+    /// The store directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The store's configuration.
+    pub fn config(&self) -> &StoreConfig {
+        &self.config
+    }
+
+    /// True when opened as the writer.
+    pub fn is_writer(&self) -> bool {
+        matches!(self.mode, OpenMode::Writer { .. })
+    }
+
+    /// Fails unless the ingest's chunker parameters are the store's.
+    pub fn check_chunker(&self, requested: &ChunkerParams) -> Result<()> {
+        let current = ChunkerConfig::current(*requested);
+        if current != self.config.chunker {
+            return Err(Error::ChunkerMismatch {
+                store: self.config.chunker.describe(),
+                requested: current.describe(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Brings a reader up to date with the writer's latest commits.
+    pub fn catch_up(&self) -> Result<()> {
+        if self.mode == OpenMode::Reader {
+            self.db
+                .try_catch_up_with_primary()
+                .map_err(|e| self.db_err(e))?;
+        }
+        Ok(())
+    }
+
+    /// The RocksDB handle (for modules of this crate that define their own records).
+    pub(crate) fn db(&self) -> &DB {
+        &self.db
+    }
+
+    /// A column family handle. The set is fixed at open, so this only fails on a bug.
+    pub(crate) fn cf(&self, name: &str) -> &ColumnFamily {
+        // Every name in cf::ALL is opened by open_db; callers pass those constants.
+        self.db
+            .cf_handle(name)
+            .unwrap_or_else(|| panic!("column family {name} not opened"))
+    }
+
+    pub(crate) fn db_err(&self, e: rocksdb::Error) -> Error {
+        db_err(&self.path, e)
+    }
+
+    /// Applies `batch` atomically and durably (WAL, fsync).
+    pub fn commit(&self, batch: WriteBatch) -> Result<()> {
+        self.require_writer()?;
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db.write_opt(batch, &wo).map_err(|e| self.db_err(e))
+    }
+
+    pub(crate) fn require_writer(&self) -> Result<()> {
+        if self.is_writer() {
+            Ok(())
+        } else {
+            Err(Error::invalid(
+                "store mode",
+                "this operation needs the writer (bug: opened as reader)",
+            ))
+        }
+    }
+
+    /// Writes chunk values without the WAL: they become durable at [`Store::flush_chunks`],
+    /// which ingest calls before the commit that references them. A crash before then loses
+    /// only unreferenced chunks.
+    pub fn put_chunks_unlogged(&self, chunks: &[(ChunkId, Vec<u8>)]) -> Result<()> {
+        self.require_writer()?;
+        let mut batch = WriteBatch::default();
+        let cf = self.cf(cf::CHUNKS);
+        for (id, value) in chunks {
+            batch.put_cf(cf, id.0, value);
+        }
+        let mut wo = WriteOptions::default();
+        wo.disable_wal(true);
+        self.db.write_opt(batch, &wo).map_err(|e| self.db_err(e))
+    }
+
+    /// Persists all chunk values written so far.
+    pub fn flush_chunks(&self) -> Result<()> {
+        self.db
+            .flush_cf(self.cf(cf::CHUNKS))
+            .map_err(|e| self.db_err(e))
+    }
+
+    /// The stored value of a chunk, if present.
+    pub fn chunk_value(&self, id: &ChunkId) -> Result<Option<Vec<u8>>> {
+        self.db
+            .get_cf(self.cf(cf::CHUNKS), id.0)
+            .map_err(|e| self.db_err(e))
+    }
+
+    /// Reads, decodes and checks a chunk. `Err(reason)` describes missing or damaged data.
+    pub fn read_chunk(&self, id: &ChunkId) -> std::result::Result<Vec<u8>, String> {
+        let value = match self.db.get_pinned_cf(self.cf(cf::CHUNKS), id.0) {
+            Ok(Some(v)) => v,
+            Ok(None) => return Err("chunk missing from the store".to_string()),
+            Err(e) => return Err(format!("read failed: {e}")),
+        };
+        let raw = codec::decode_chunk(&value)?;
+        if ChunkId::of(&raw) != *id {
+            return Err("bytes do not match the chunk's BLAKE3 id".to_string());
+        }
+        Ok(raw)
+    }
+
+    /// The reference entry of a chunk.
+    pub fn ref_entry(&self, id: &ChunkId) -> Result<Option<RefEntry>> {
+        let v = self
+            .db
+            .get_pinned_cf(self.cf(cf::REFS), id.0)
+            .map_err(|e| self.db_err(e))?;
+        Ok(v.and_then(|v| RefEntry::decode(&v)))
+    }
+
+    /// True when a committed image references the chunk, so its value is durable.
+    pub fn chunk_is_referenced(&self, id: &ChunkId) -> Result<bool> {
+        Ok(self.ref_entry(id)?.is_some_and(|r| r.count > 0))
+    }
+
+    /// Adds a reference-count change to `batch`.
+    pub fn batch_ref(&self, batch: &mut WriteBatch, id: &ChunkId, delta: RefEntry) {
+        batch.merge_cf(self.cf(cf::REFS), id.0, delta.encode());
+    }
+
+    /// Space use of the chunk store, from the reference table.
+    pub fn chunk_totals(&self) -> Result<ChunkTotals> {
+        let mut t = ChunkTotals::default();
+        for item in self
+            .db
+            .iterator_cf(self.cf(cf::REFS), rocksdb::IteratorMode::Start)
+        {
+            let (_, v) = item.map_err(|e| self.db_err(e))?;
+            if let Some(r) = RefEntry::decode(&v) {
+                if r.count > 0 {
+                    t.chunks += 1;
+                    t.stored_bytes += r.stored_len as u64;
+                    t.raw_bytes += r.raw_len as u64;
+                    t.references += r.count as u64;
+                }
+            }
+        }
+        Ok(t)
+    }
+
+    /// Bytes the store directory occupies on disk (allocated blocks, like `du`).
+    pub fn disk_usage(&self) -> u64 {
+        dir_usage(&self.path)
+    }
+
+    /// Reclaims chunks nothing references; see [`gc`].
+    pub fn gc(&self, pinned: &std::collections::HashSet<ChunkId>) -> Result<GcReport> {
+        gc::run(self, pinned)
+    }
+}
+
+/// Totals over the referenced chunks.
+#[derive(Debug, Default, Clone, Copy, Serialize)]
+pub struct ChunkTotals {
+    /// Distinct referenced chunks.
+    pub chunks: u64,
+    /// Their stored (compressed) bytes.
+    pub stored_bytes: u64,
+    /// Their uncompressed bytes.
+    pub raw_bytes: u64,
+    /// Extents pointing at them, over all images.
+    pub references: u64,
+}
+
+fn dir_usage(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    if let Ok(rd) = std::fs::read_dir(path) {
+        for entry in rd.flatten() {
+            if let Ok(md) = entry.metadata() {
+                if md.is_dir() {
+                    total += dir_usage(&entry.path());
+                } else {
+                    total += md.blocks() * 512;
+                }
+            }
+        }
+    }
+    total
+}
+
+fn validate_region(region: &str) -> Result<()> {
+    if region.is_empty()
+        || region.len() > 64
+        || !region
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+    {
+        return Err(Error::invalid(
+            "region",
+            format!("{region:?}: use 1-64 characters from [A-Za-z0-9._-]"),
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn db_err(path: &Path, e: rocksdb::Error) -> Error {
+    let s = e.to_string();
+    if s.contains("No space left") {
+        return Error::NoSpace {
+            path: path.to_path_buf(),
+            detail: s,
+        };
+    }
+    Error::Db {
+        path: path.to_path_buf(),
+        source: e,
+    }
+}
+
+fn cf_handle<'a>(db: &'a DB, name: &str) -> Result<&'a ColumnFamily> {
+    db.cf_handle(name).ok_or_else(|| Error::CorruptRecord {
+        what: "column family",
+        key: name.to_string(),
+        reason: "missing".to_string(),
+    })
+}
+
+/// The block cache shared by every column family of every store this process opens.
+fn block_cache() -> Cache {
+    static CACHE: std::sync::OnceLock<Arc<Cache>> = std::sync::OnceLock::new();
+    CACHE
+        .get_or_init(|| Arc::new(Cache::new_lru_cache(32 << 20)))
+        .as_ref()
+        .clone()
+}
+
+fn cf_options(name: &str) -> Options {
+    let mut o = Options::default();
+    let mut table = BlockBasedOptions::default();
+    table.set_block_cache(&block_cache());
+    table.set_bloom_filter(10.0, false);
+    o.set_block_based_table_factory(&table);
+    // Keys are hashes or small records: compression buys little and chunk values are
+    // compressed by imgvault itself.
+    o.set_compression_type(DBCompressionType::None);
+    match name {
+        cf::CHUNKS => {
+            // Chunk values live in blob files so compaction moves only small index entries.
+            o.set_enable_blob_files(true);
+            o.set_min_blob_size(512);
+            o.set_blob_file_size(256 << 20);
+            o.set_blob_compression_type(DBCompressionType::None);
+            o.set_enable_blob_gc(true);
+            o.set_blob_gc_age_cutoff(0.25);
+            // Bounded memtables keep ingest RSS flat (values sit here until flush).
+            o.set_write_buffer_size(24 << 20);
+            o.set_max_write_buffer_number(2);
+        }
+        cf::REFS => {
+            o.set_merge_operator_associative("imgvault-refs", codec::merge_refs);
+            o.set_write_buffer_size(8 << 20);
+        }
+        _ => {
+            o.set_write_buffer_size(8 << 20);
+            o.set_compression_type(DBCompressionType::Zstd);
+        }
+    }
+    o
+}
+
+fn open_db(path: &Path, create: bool, secondary: Option<&Path>) -> Result<DB> {
+    let mut opts = Options::default();
+    opts.create_if_missing(create);
+    opts.create_missing_column_families(create);
+    opts.set_compression_type(DBCompressionType::None);
+    opts.set_max_background_jobs(2);
+    opts.set_keep_log_file_num(3);
+    opts.set_max_log_file_size(4 << 20);
+    opts.set_max_total_wal_size(64 << 20);
+    opts.set_bytes_per_sync(4 << 20);
+    // Secondary instances need every file kept open so files the writer deletes stay readable.
+    opts.set_max_open_files(-1);
+    let cfs: Vec<_> = cf::ALL
+        .iter()
+        .map(|name| ColumnFamilyDescriptor::new(*name, cf_options(name)))
+        .collect();
+    let dir = db_dir(path);
+    let result = match secondary {
+        None => DB::open_cf_descriptors(&opts, &dir, cfs),
+        Some(sec) => DB::open_cf_descriptors_as_secondary(&opts, &dir, &sec.to_path_buf(), cfs),
+    };
+    result.map_err(|e| db_err(path, e))
+}
