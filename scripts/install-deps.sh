@@ -12,7 +12,7 @@ fi
 
 export DEBIAN_FRONTEND=noninteractive
 # Wait for a concurrent apt/dpkg instead of failing at once.
-APT_OPTS=(-y -q -o DPkg::Lock::Timeout=300)
+APT_OPTS=(-y -q -o DPkg::Lock::Timeout=300 -o Dpkg::Use-Pty=0)
 
 # build-essential/pkg-config: C++ build of bundled RocksDB; libclang-dev/clang: its bindgen;
 # fuse3: fusermount3; e2fsprogs/fdisk: test disk images (mkfs.ext4, debugfs, sfdisk);

@@ -99,7 +99,7 @@ pub enum Error {
     ImageNotFound { image: String, tenant: String },
 
     /// An id prefix matches several images.
-    #[error("image reference '{image}' is ambiguous: matches {count} images; use more characters of the id")]
+    #[error("image reference '{image}' is ambiguous: matches {count} images; use OWNER/NAME or more characters of the id")]
     AmbiguousImage { image: String, count: usize },
 
     /// The tenant already owns an image with that name.
@@ -116,9 +116,10 @@ pub enum Error {
     },
 
     /// Creating another private image would exceed the tenant's quota.
-    #[error("quota exceeded: tenant '{tenant}' owns {count} private images, its quota is {max}")]
+    #[error("quota exceeded: tenant '{tenant}' owns {count} private images, its quota is {max}; image '{image}' was not created")]
     QuotaExceeded {
         tenant: String,
+        image: String,
         count: u64,
         max: u64,
     },

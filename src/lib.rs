@@ -28,9 +28,11 @@
 pub mod catalog;
 pub mod chunk;
 pub mod error;
+pub mod fuse;
 pub mod ingest;
 pub mod progress;
 pub mod read;
+pub mod replicate;
 pub mod restore;
 pub mod store;
 pub mod verify;

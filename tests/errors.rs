@@ -3,7 +3,6 @@
 mod common;
 
 use common::*;
-use std::process::Command;
 
 /// Runs a failing command and checks the store did not change.
 fn refused(s: &TestStore, args: &[&str], code: i32, needle: &str) {
@@ -143,14 +142,16 @@ fn store_made_with_other_chunker_parameters() {
 #[test]
 fn second_writer_is_refused_while_one_holds_the_store() {
     let s = store_with_one_image();
-    let lock = s.path().join("imgvault.lock");
-    // Hold the writer lock from another process, as a long import would.
-    let mut holder = Command::new("flock")
-        .arg(&lock)
-        .args(["sleep", "30"])
-        .spawn()
-        .expect("flock");
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    // Hold the writer lock from this process, as a long import in another would.
+    let lock = std::fs::OpenOptions::new()
+        .write(true)
+        .open(s.path().join("imgvault.lock"))
+        .unwrap();
+    // SAFETY: flock on an open fd.
+    assert_eq!(
+        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) },
+        0
+    );
     let src = s.scratch("two.bin");
     std::fs::write(&src, random_bytes(1 << 20, 4)).unwrap();
     let (code, stderr) = s.fail(&["import", src.to_str().unwrap(), "--name", "two"]);
@@ -160,8 +161,7 @@ fn second_writer_is_refused_while_one_holds_the_store() {
     assert_eq!(code, 5);
     // Readers are not blocked by the writer.
     s.ok(&["list"]);
-    holder.kill().ok();
-    holder.wait().ok();
+    drop(lock);
     // Once released, --wait and plain writers proceed.
     s.ok(&["--wait", "import", src.to_str().unwrap(), "--name", "two"]);
 }

@@ -3,7 +3,7 @@
 use rocksdb::{IteratorMode, WriteBatch};
 use serde::Serialize;
 
-use super::{validate_tenant, Catalog, ImageId, ImageRecord, Visibility};
+use super::{require_unprotected, validate_tenant, Catalog, ImageId, ImageRecord, Visibility};
 use crate::error::{Error, Result};
 use crate::store::cf;
 
@@ -89,10 +89,12 @@ impl Catalog<'_> {
         Ok(out)
     }
 
-    /// Shares an owned, non-public image with `member` (status pending). The image's
-    /// visibility becomes `shared`.
-    pub fn share(&self, rec: &ImageRecord, member: &str) -> Result<()> {
+    /// Shares an owned, non-public, unprotected image with `member` (status pending). The
+    /// image's visibility becomes `shared`. Sharing again with a member keeps its answer.
+    /// Returns the member's status. The caller has checked ownership.
+    pub fn share(&self, rec: &ImageRecord, member: &str) -> Result<MemberStatus> {
         validate_tenant(member)?;
+        require_unprotected(rec)?;
         if rec.visibility == Visibility::Public {
             return Err(Error::invalid(
                 "share",
@@ -109,23 +111,33 @@ impl Catalog<'_> {
             ));
         }
         let mut batch = WriteBatch::default();
-        if self.member_status(&rec.id, member)?.is_none() {
-            batch.put_cf(
-                self.store.cf(cf::MEMBERS),
-                member_key(&rec.id, member),
-                MemberStatus::Pending.as_bytes(),
-            );
-        }
+        let status = match self.member_status(&rec.id, member)? {
+            Some(status) => status,
+            None => {
+                batch.put_cf(
+                    self.store.cf(cf::MEMBERS),
+                    member_key(&rec.id, member),
+                    MemberStatus::Pending.as_bytes(),
+                );
+                MemberStatus::Pending
+            }
+        };
         if rec.visibility != Visibility::Shared {
             let mut updated = rec.clone();
             updated.visibility = Visibility::Shared;
             batch.put_cf(self.store.cf(cf::IMAGES), rec.id.0, updated.encode()?);
         }
-        self.store.commit(batch)
+        if !batch.is_empty() {
+            self.store.commit(batch)?;
+        }
+        Ok(status)
     }
 
-    /// Removes a member; the last one gone makes the image private again.
+    /// Removes a member; the last one gone makes the image private again. Refused while
+    /// the image is protected. The caller has checked ownership.
     pub fn unshare(&self, rec: &ImageRecord, member: &str) -> Result<()> {
+        validate_tenant(member)?;
+        require_unprotected(rec)?;
         if self.member_status(&rec.id, member)?.is_none() {
             return Err(Error::invalid(
                 "unshare",
@@ -142,12 +154,31 @@ impl Catalog<'_> {
         self.store.commit(batch)
     }
 
-    /// The member's answer: accept or reject a share.
+    /// The member's answer: accept or reject a share (a member may change its answer).
+    /// Only a member answers: the owner, admin and other tenants are refused.
     pub fn answer(&self, rec: &ImageRecord, member: &str, status: MemberStatus) -> Result<()> {
+        if status == MemberStatus::Pending {
+            return Err(Error::invalid("answer", "accept or reject, not pending"));
+        }
         if self.member_status(&rec.id, member)?.is_none() {
-            return Err(Error::ImageNotFound {
-                image: rec.id.to_hex(),
+            let action = if status == MemberStatus::Accepted {
+                "accept"
+            } else {
+                "reject"
+            };
+            let reason = if member == rec.owner {
+                "it is the image's owner".to_string()
+            } else {
+                format!(
+                    "the image was not shared with it (owner '{}' runs `imgvault share`)",
+                    rec.owner
+                )
+            };
+            return Err(Error::PermissionDenied {
                 tenant: member.to_string(),
+                action,
+                image: format!("{}/{}", rec.owner, rec.name),
+                reason,
             });
         }
         let mut batch = WriteBatch::default();

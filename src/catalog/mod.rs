@@ -7,11 +7,19 @@
 //! - **shared** images are private images with members; a member sees the image in listings
 //!   once it has accepted, and may `show` it by id while pending or rejected;
 //! - only the owner (or admin) changes, shares or deletes an image; readers may read,
-//!   mount, export and restore it.
+//!   mount, export, restore and clone it;
+//! - a **protected** image (public ones are, from creation) cannot be deleted or changed
+//!   (shared, unshared, its properties edited) until its owner unprotects it;
+//! - a tenant owns at most its quota of private (and shared) images; the check and the
+//!   creation happen under the store's writer lock, so they are atomic.
 
+mod compat;
+mod listing;
 mod members;
 mod record;
 
+pub use compat::{hw_compatibility, require_hw_compatible, Compatibility};
+pub use listing::{ListQuery, SortKey};
 pub use members::MemberStatus;
 pub use record::{ImageId, ImageRecord, Properties, Source, Visibility};
 
@@ -370,6 +378,7 @@ impl<'s> Catalog<'s> {
             if count >= max {
                 return Err(Error::QuotaExceeded {
                     tenant: owner.to_string(),
+                    image: name.to_string(),
                     count,
                     max,
                 });
@@ -418,8 +427,10 @@ impl<'s> Catalog<'s> {
     }
 
     /// Deletes an image: record, name, extents, members and reference decrements in one
-    /// atomic batch. The caller has checked ownership and protection.
+    /// atomic batch, so it disappears for its owner and every member at once. The caller
+    /// has checked ownership; a protected image is refused here.
     pub fn delete(&self, rec: &ImageRecord) -> Result<()> {
+        require_unprotected(rec)?;
         let extents = self.extents(rec)?;
         let s = self.store;
         let mut batch = WriteBatch::default();
@@ -447,12 +458,135 @@ impl<'s> Catalog<'s> {
         s.commit(batch)
     }
 
-    /// Rewrites an image's record (same id, same name).
+    /// Rewrites an image's record (same id, same name). Low level: no policy is applied;
+    /// frontends use [`Catalog::set_protected`] and [`Catalog::set_properties`].
     pub fn update(&self, rec: &ImageRecord) -> Result<()> {
         let mut batch = WriteBatch::default();
         batch.put_cf(self.store.cf(cf::IMAGES), rec.id.0, rec.encode()?);
         self.store.commit(batch)
     }
+
+    /// Protects or unprotects an image (the caller has checked ownership). Returns the
+    /// updated record; nothing is written when the flag is already as asked.
+    pub fn set_protected(&self, rec: &ImageRecord, protected: bool) -> Result<ImageRecord> {
+        let mut updated = rec.clone();
+        if rec.protected != protected {
+            updated.protected = protected;
+            self.update(&updated)?;
+        }
+        Ok(updated)
+    }
+
+    /// Replaces an image's properties (the caller has checked ownership). Refused while the
+    /// image is protected; publisher and category only go on public (market) images.
+    pub fn set_properties(&self, rec: &ImageRecord, props: Properties) -> Result<ImageRecord> {
+        require_unprotected(rec)?;
+        validate_properties(&props)?;
+        if (props.publisher.is_some() || props.category.is_some())
+            && rec.visibility != Visibility::Public
+        {
+            return Err(Error::invalid(
+                "properties",
+                format!(
+                    "image '{}' of tenant '{}' is {}: publisher and category mark market \
+                     images, which are public images published by admin",
+                    rec.name, rec.owner, rec.visibility
+                ),
+            ));
+        }
+        let mut updated = rec.clone();
+        updated.properties = props;
+        if updated != *rec {
+            self.update(&updated)?;
+        }
+        Ok(updated)
+    }
+
+    /// Creates `name`, a new image of `owner` with the content of `src`, sharing every chunk
+    /// of it: the extents are copied and the chunks' reference counts raised, in one atomic
+    /// batch; no chunk data is written. The caller has checked that `owner` may read `src`.
+    /// Counts against `owner`'s quota like any private image.
+    pub fn clone_image(
+        &self,
+        src: &ImageRecord,
+        owner: &str,
+        name: &str,
+        visibility: Visibility,
+    ) -> Result<ImageRecord> {
+        if visibility == Visibility::Shared {
+            return Err(Error::invalid(
+                "visibility",
+                "a clone is private (share it afterwards) or public (admin)",
+            ));
+        }
+        self.check_create(owner, name, visibility)?;
+        let extents = self.extents(src)?;
+        let rec = ImageRecord {
+            id: ImageId::random()?,
+            name: name.to_string(),
+            owner: owner.to_string(),
+            visibility,
+            protected: visibility == Visibility::Public,
+            virtual_size: src.virtual_size,
+            nonzero_bytes: src.nonzero_bytes,
+            data_extents: src.data_extents,
+            new_chunks: 0,
+            new_stored_bytes: 0,
+            checksum: src.checksum.clone(),
+            created: crate::store::now(),
+            region: self.store.config().region.clone(),
+            source: Source::Clone {
+                image: src.id.to_hex(),
+            },
+            parent: None,
+            properties: src.properties.clone(),
+        };
+        let mut batch = WriteBatch::default();
+        self.batch_create(&mut batch, &rec, &extents, &Default::default())?;
+        self.store.commit(batch)?;
+        Ok(rec)
+    }
+}
+
+/// Fails with [`Error::Protected`] when `rec` is protected.
+pub fn require_unprotected(rec: &ImageRecord) -> Result<()> {
+    if rec.protected {
+        return Err(Error::Protected {
+            image: format!("{}/{}", rec.owner, rec.name),
+        });
+    }
+    Ok(())
+}
+
+/// Validates property values: printable, at most 200 bytes each.
+pub fn validate_properties(p: &Properties) -> Result<()> {
+    let fields = [
+        ("os type", &p.os_type),
+        ("os version", &p.os_version),
+        ("architecture", &p.arch),
+        ("boot mode", &p.boot_mode),
+        ("hardware model", &p.hw_model),
+        ("publisher", &p.publisher),
+        ("category", &p.category),
+    ];
+    let check = |what: &str, v: &str| -> Result<()> {
+        if v.trim().is_empty() || v.len() > 200 || v.chars().any(|c| c.is_control()) {
+            return Err(Error::invalid(
+                what,
+                format!("{v:?}: use 1-200 printable characters"),
+            ));
+        }
+        Ok(())
+    };
+    for (what, v) in fields {
+        if let Some(v) = v {
+            check(what, v)?;
+        }
+    }
+    for plugin in &p.plugins {
+        check("plug-in", plugin)?;
+    }
+    Ok(())
 }
 
 fn quota_key(tenant: &str) -> Vec<u8> {

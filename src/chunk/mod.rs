@@ -118,14 +118,14 @@ impl ChunkerParams {
                 format!("need min < avg < max, got {min}/{avg}/{max}"),
             );
         }
-        if min % 2 != 0 || max % 2 != 0 {
+        if !min.is_multiple_of(2) || !max.is_multiple_of(2) {
             return bad(
                 "chunk sizes",
                 format!("min {min} and max {max} must be even"),
             );
         }
         let zmin = self.zero_run_min as u64;
-        if zmin < ZERO_BLOCK || zmin % ZERO_BLOCK != 0 {
+        if zmin < ZERO_BLOCK || !zmin.is_multiple_of(ZERO_BLOCK) {
             return bad(
                 "zero run minimum",
                 format!("{zmin} must be a positive multiple of {ZERO_BLOCK}"),

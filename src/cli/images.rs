@@ -3,10 +3,10 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use imgvault::catalog::{Access, Catalog, ImageRecord, MemberStatus, Source};
+use imgvault::catalog::{Access, Catalog, ImageRecord, ListQuery, MemberStatus, Source};
 use imgvault::ingest::{self, IngestOptions};
 use imgvault::read::{ChunkCache, ImageReader};
-use imgvault::{restore, Error};
+use imgvault::restore;
 use serde::Serialize;
 
 use super::output::{self, Bar};
@@ -94,20 +94,16 @@ fn access_name(a: Access) -> &'static str {
 pub fn list(ctx: &Context, args: ListArgs) -> anyhow::Result<i32> {
     let store = ctx.open(false)?;
     let catalog = Catalog::new(&store);
-    let images: Vec<_> = catalog
-        .visible(&ctx.tenant)?
-        .into_iter()
-        .filter(|(r, _)| args.visibility.is_none_or(|v| r.visibility == v))
-        .filter(|(r, _)| args.owner.as_ref().is_none_or(|o| &r.owner == o))
-        .filter(|(r, _)| {
-            args.os.as_ref().is_none_or(|os| {
-                let p = &r.properties;
-                [&p.os_type, &p.os_version]
-                    .iter()
-                    .any(|f| f.as_ref().is_some_and(|v| v.contains(os.as_str())))
-            })
-        })
-        .collect();
+    let query = ListQuery {
+        visibility: args.visibility,
+        owner: args.owner,
+        os: args.os,
+        market: args.market,
+        category: args.category,
+        sort: args.sort,
+        reverse: args.reverse,
+    };
+    let images = catalog.list(&ctx.tenant, &query)?;
     if ctx.json {
         let listed: Vec<Listed> = images
             .iter()
@@ -118,6 +114,29 @@ pub fn list(ctx: &Context, args: ListArgs) -> anyhow::Result<i32> {
             .collect();
         return output::json(&listed).map(|_| 0);
     }
+    let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    if args.market {
+        let rows: Vec<Vec<String>> = images
+            .iter()
+            .map(|(r, _)| {
+                let p = &r.properties;
+                vec![
+                    opt(&p.publisher),
+                    opt(&p.category),
+                    r.name.clone(),
+                    opt(&p.os_version),
+                    opt(&p.arch),
+                    output::bytes(r.virtual_size),
+                    r.id.to_hex()[..12].to_string(),
+                ]
+            })
+            .collect();
+        output::table(
+            &["PUBLISHER", "CATEGORY", "NAME", "OS", "ARCH", "SIZE", "ID"],
+            &rows,
+        );
+        return Ok(0);
+    }
     let rows: Vec<Vec<String>> = images
         .iter()
         .map(|(r, _)| {
@@ -126,9 +145,10 @@ pub fn list(ctx: &Context, args: ListArgs) -> anyhow::Result<i32> {
                 r.owner.clone(),
                 r.name.clone(),
                 r.visibility.to_string(),
+                if r.protected { "yes" } else { "no" }.to_string(),
                 output::bytes(r.virtual_size),
                 output::bytes(r.nonzero_bytes),
-                r.properties.os_version.clone().unwrap_or_default(),
+                opt(&r.properties.os_version),
                 output::time(r.created),
             ]
         })
@@ -139,6 +159,7 @@ pub fn list(ctx: &Context, args: ListArgs) -> anyhow::Result<i32> {
             "OWNER",
             "NAME",
             "VISIBILITY",
+            "PROTECTED",
             "SIZE",
             "DATA",
             "OS",
@@ -201,6 +222,7 @@ pub fn show(ctx: &Context, image: &str) -> anyhow::Result<i32> {
         ("visibility", rec.visibility.to_string()),
         ("protected", rec.protected.to_string()),
         ("status", "active".to_string()),
+        ("your access", access_name(access).to_string()),
         (
             "virtual size",
             format!(
@@ -263,12 +285,7 @@ pub fn delete(ctx: &Context, image: &str) -> anyhow::Result<i32> {
     let store = ctx.open(true)?;
     let catalog = Catalog::new(&store);
     let rec = catalog.resolve_owned(&ctx.tenant, image, "delete")?;
-    if rec.protected {
-        return Err(Error::Protected {
-            image: rec.name.clone(),
-        }
-        .into());
-    }
+    // Refused while protected; removes the image for every member too.
     catalog.delete(&rec)?;
     if ctx.json {
         output::json(
@@ -286,13 +303,12 @@ pub fn delete(ctx: &Context, image: &str) -> anyhow::Result<i32> {
 pub fn set_protected(ctx: &Context, image: &str, protected: bool) -> anyhow::Result<i32> {
     let store = ctx.open(true)?;
     let catalog = Catalog::new(&store);
-    let mut rec = catalog.resolve_owned(
+    let rec = catalog.resolve_owned(
         &ctx.tenant,
         image,
         if protected { "protect" } else { "unprotect" },
     )?;
-    rec.protected = protected;
-    catalog.update(&rec)?;
+    let rec = catalog.set_protected(&rec, protected)?;
     if ctx.json {
         output::json(&serde_json::json!({"id": rec.id, "protected": protected}))?;
     } else {
@@ -305,13 +321,20 @@ pub fn share(ctx: &Context, image: &str, member: &str) -> anyhow::Result<i32> {
     let store = ctx.open(true)?;
     let catalog = Catalog::new(&store);
     let rec = catalog.resolve_owned(&ctx.tenant, image, "share")?;
-    catalog.share(&rec, member)?;
+    let status = catalog.share(&rec, member)?;
     if ctx.json {
-        output::json(&serde_json::json!({"id": rec.id, "member": member, "status": "pending"}))?;
-    } else {
+        output::json(&serde_json::json!({"id": rec.id, "member": member, "status": status}))?;
+    } else if status == MemberStatus::Pending {
         println!(
             "shared {}/{} with {member} (pending until `imgvault --tenant {member} accept {}`)",
             rec.owner, rec.name, rec.id
+        );
+    } else {
+        println!(
+            "{}/{} is already shared with {member} (status {})",
+            rec.owner,
+            rec.name,
+            format!("{status:?}").to_lowercase()
         );
     }
     Ok(0)
@@ -346,7 +369,13 @@ pub fn answer(ctx: &Context, image: &str, accept: bool) -> anyhow::Result<i32> {
     if ctx.json {
         output::json(&serde_json::json!({"id": rec.id, "member": ctx.tenant, "status": status}))?;
     } else {
-        println!("{}/{}: {:?}", rec.owner, rec.name, status);
+        println!(
+            "{}/{} ({}): {}",
+            rec.owner,
+            rec.name,
+            rec.id,
+            format!("{status:?}").to_lowercase()
+        );
     }
     Ok(0)
 }

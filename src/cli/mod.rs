@@ -1,6 +1,8 @@
 //! Command-line flags (one place) and dispatch to one module per group of commands.
 
+mod catalog_cmds;
 mod images;
+mod mount;
 mod output;
 mod store_cmds;
 
@@ -44,7 +46,7 @@ pub enum Command {
     /// Create a new store
     Init(InitArgs),
     /// Import a raw disk image file or block device as a new image
-    Import(ImportArgs),
+    Import(Box<ImportArgs>),
     /// Write an image to a raw file (sparse, byte-identical)
     Export {
         /// Image name, OWNER/NAME or id
@@ -105,7 +107,10 @@ pub enum Command {
     },
     /// Show or set a tenant's private-image quota
     Quota {
-        /// Tenant
+        /// Tenant whose quota to show or set
+        // Its own id: sharing the id of the global `--tenant` made the positional
+        // overwrite the acting tenant (`quota alice` ran as alice).
+        #[arg(id = "quota_tenant", value_name = "TENANT")]
         tenant: String,
         /// New maximum number of private images
         #[arg(long)]
@@ -120,6 +125,56 @@ pub enum Command {
     },
     /// Space use and deduplication of the store
     Stats,
+    /// Mount the images as read-only raw files (public/, private/, shared/OWNER/, by-id/)
+    Mount(mount::MountArgs),
+    /// Unmount an imgvault mount
+    Umount(mount::UmountArgs),
+    /// Create a qcow2 overlay backed by an image's file under a mount (a clone without a copy)
+    CloneOverlay(mount::CloneOverlayArgs),
+    /// Make a new private image from any image the tenant can read, sharing every chunk
+    Clone {
+        /// Image name, OWNER/NAME or id
+        image: String,
+        /// Name of the new image
+        #[arg(long)]
+        name: String,
+        /// private, or public (admin only)
+        #[arg(long, default_value = "private")]
+        visibility: Visibility,
+    },
+    /// Copy an image to another region's store, sending only the chunks it lacks
+    Copy {
+        /// Image name, OWNER/NAME or id (in this store)
+        image: String,
+        /// The target store (another region)
+        #[arg(long, value_name = "DIR")]
+        to_store: PathBuf,
+        /// Name in the target [default: the image's name]
+        #[arg(long)]
+        name: Option<String>,
+        /// private or public [default: public for admin copying a public image, else private]
+        #[arg(long)]
+        visibility: Option<Visibility>,
+    },
+    /// Is an image compatible with a server of this hardware model? (exit 0 yes, 4 no)
+    Check {
+        /// Image name, OWNER/NAME or id
+        image: String,
+        /// Hardware model of the target server
+        #[arg(long)]
+        hw_model: String,
+    },
+    /// Change an image's properties (owner only; not while protected)
+    Update {
+        /// Image name, OWNER/NAME or id
+        image: String,
+        #[command(flatten)]
+        props: Box<PropertyArgs>,
+        /// Remove a property (repeatable): os-type, os-version, arch, boot-mode, hw-model,
+        /// min-disk, plugins, publisher, category
+        #[arg(long, value_name = "PROPERTY")]
+        unset: Vec<String>,
+    },
 }
 
 /// `init` flags.
@@ -253,6 +308,18 @@ pub struct ListArgs {
     /// Only images whose OS type or version contains this
     #[arg(long)]
     pub os: Option<String>,
+    /// Only market images (public images with a publisher), with their columns
+    #[arg(long)]
+    pub market: bool,
+    /// Only images of this category
+    #[arg(long)]
+    pub category: Option<String>,
+    /// Order: owner (then name), name, created or size
+    #[arg(long, default_value = "owner")]
+    pub sort: imgvault::catalog::SortKey,
+    /// Reverse the order
+    #[arg(long)]
+    pub reverse: bool,
 }
 
 /// Settings every command shares.
@@ -307,7 +374,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
     };
     match cli.command {
         Command::Init(args) => store_cmds::init(&ctx, args),
-        Command::Import(args) => images::import(&ctx, args),
+        Command::Import(args) => images::import(&ctx, *args),
         Command::Export { image, out } => images::export(&ctx, &image, &out),
         Command::List(args) => images::list(&ctx, args),
         Command::Show { image } => images::show(&ctx, &image),
@@ -326,5 +393,25 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Gc => store_cmds::gc(&ctx),
         Command::Verify { image } => store_cmds::verify(&ctx, image.as_deref()),
         Command::Stats => store_cmds::stats(&ctx),
+        Command::Mount(args) => mount::mount(&ctx, args),
+        Command::Umount(args) => mount::umount(&ctx, args),
+        Command::CloneOverlay(args) => mount::clone_overlay(&ctx, args),
+        Command::Clone {
+            image,
+            name,
+            visibility,
+        } => catalog_cmds::clone(&ctx, &image, &name, visibility),
+        Command::Copy {
+            image,
+            to_store,
+            name,
+            visibility,
+        } => catalog_cmds::copy(&ctx, &image, &to_store, name, visibility),
+        Command::Check { image, hw_model } => catalog_cmds::check(&ctx, &image, &hw_model),
+        Command::Update {
+            image,
+            props,
+            unset,
+        } => catalog_cmds::update(&ctx, &image, *props, &unset),
     }
 }

@@ -1,6 +1,5 @@
 //! Store commands: init, quota, gc, verify, stats.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
 use imgvault::catalog::{Catalog, Visibility};
@@ -69,7 +68,9 @@ pub fn quota(ctx: &Context, tenant: &str, max_private: Option<u64>) -> anyhow::R
 
 pub fn gc(ctx: &Context) -> anyhow::Result<i32> {
     let store = ctx.open(true)?;
-    let report = store.gc(&HashSet::new())?;
+    // Chunks of images that live mounts hold open (even deleted ones) are kept.
+    let pinned = imgvault::store::pins::collect(store.path(), true)?;
+    let report = store.gc(&pinned.chunks)?;
     if ctx.json {
         output::json(&report)?;
     } else {

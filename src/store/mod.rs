@@ -11,9 +11,12 @@
 
 pub mod codec;
 mod gc;
+mod live;
 mod lock;
+pub mod pins;
 
 pub use gc::GcReport;
+pub use live::LiveStore;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -135,7 +138,8 @@ impl Default for InitOptions {
 pub enum OpenMode {
     /// The one writer: takes the lock (waiting for it if `wait`).
     Writer { wait: bool },
-    /// A reader beside any writer (a RocksDB secondary instance; see [`Store::catch_up`]).
+    /// A reader beside any writer: a read-only snapshot of the store as of the open (see
+    /// [`LiveStore`] for a view that follows the writer).
     Reader,
 }
 
@@ -146,8 +150,6 @@ pub struct Store {
     config: StoreConfig,
     mode: OpenMode,
     _lock: Option<WriterLock>,
-    /// The secondary instance's private directory (readers only), removed on drop.
-    _secondary: Option<tempfile::TempDir>,
 }
 
 impl std::fmt::Debug for Store {
@@ -195,7 +197,7 @@ impl Store {
         std::fs::create_dir_all(path)
             .map_err(|e| Error::io(format!("create store directory {}", path.display()), e))?;
         let lock = WriterLock::acquire(path, &lock::lock_path(path), false)?;
-        let db = open_db(path, true, None)?;
+        let db = open_db(path, DbMode::Writer { create: true })?;
         let config = StoreConfig {
             format_version: FORMAT_VERSION,
             chunker: ChunkerConfig::current(opts.chunker),
@@ -210,7 +212,6 @@ impl Store {
             config: config.clone(),
             mode: OpenMode::Writer { wait: false },
             _lock: Some(lock),
-            _secondary: None,
         };
         let json =
             serde_json::to_vec(&config).map_err(|e| Error::invalid("config", e.to_string()))?;
@@ -227,18 +228,12 @@ impl Store {
                 path: path.to_path_buf(),
             });
         }
-        let (db, lock, secondary) = match mode {
+        let (db, lock) = match mode {
             OpenMode::Writer { wait } => {
                 let lock = WriterLock::acquire(path, &lock::lock_path(path), wait)?;
-                (open_db(path, false, None)?, Some(lock), None)
+                (open_db(path, DbMode::Writer { create: false })?, Some(lock))
             }
-            OpenMode::Reader => {
-                let dir = tempfile::Builder::new()
-                    .prefix("imgvault-reader-")
-                    .tempdir()
-                    .map_err(|e| Error::io("create a directory for a reader instance", e))?;
-                (open_db(path, false, Some(dir.path()))?, None, Some(dir))
-            }
+            OpenMode::Reader => (open_db(path, DbMode::ReadOnly)?, None),
         };
         let raw = db
             .get_cf(cf_handle(&db, cf::META)?, CONFIG_KEY)
@@ -267,7 +262,6 @@ impl Store {
             config,
             mode,
             _lock: lock,
-            _secondary: secondary,
         })
     }
 
@@ -294,16 +288,6 @@ impl Store {
                 store: self.config.chunker.describe(),
                 requested: current.describe(),
             });
-        }
-        Ok(())
-    }
-
-    /// Brings a reader up to date with the writer's latest commits.
-    pub fn catch_up(&self) -> Result<()> {
-        if self.mode == OpenMode::Reader {
-            self.db
-                .try_catch_up_with_primary()
-                .map_err(|e| self.db_err(e))?;
         }
         Ok(())
     }
@@ -529,8 +513,9 @@ fn cf_options(name: &str) -> Options {
             o.set_min_blob_size(512);
             o.set_blob_file_size(256 << 20);
             o.set_blob_compression_type(DBCompressionType::None);
-            o.set_enable_blob_gc(true);
-            o.set_blob_gc_age_cutoff(0.25);
+            // No automatic blob GC: it relocates live chunks on every compaction. Blob files
+            // whose chunks are all deleted are dropped by `gc`'s compaction without rewriting.
+            o.set_enable_blob_gc(false);
             // Bounded memtables keep ingest RSS flat (values sit here until flush).
             o.set_write_buffer_size(24 << 20);
             o.set_max_write_buffer_number(2);
@@ -547,7 +532,13 @@ fn cf_options(name: &str) -> Options {
     o
 }
 
-fn open_db(path: &Path, create: bool, secondary: Option<&Path>) -> Result<DB> {
+enum DbMode {
+    Writer { create: bool },
+    ReadOnly,
+}
+
+fn open_db(path: &Path, mode: DbMode) -> Result<DB> {
+    let create = matches!(mode, DbMode::Writer { create: true });
     let mut opts = Options::default();
     opts.create_if_missing(create);
     opts.create_missing_column_families(create);
@@ -557,16 +548,35 @@ fn open_db(path: &Path, create: bool, secondary: Option<&Path>) -> Result<DB> {
     opts.set_max_log_file_size(4 << 20);
     opts.set_max_total_wal_size(64 << 20);
     opts.set_bytes_per_sync(4 << 20);
-    // Secondary instances need every file kept open so files the writer deletes stay readable.
+    // Keep every file open: a read-only snapshot then keeps reading files the writer
+    // deletes after a compaction (POSIX unlink semantics).
     opts.set_max_open_files(-1);
-    let cfs: Vec<_> = cf::ALL
-        .iter()
-        .map(|name| ColumnFamilyDescriptor::new(*name, cf_options(name)))
-        .collect();
-    let dir = db_dir(path);
-    let result = match secondary {
-        None => DB::open_cf_descriptors(&opts, &dir, cfs),
-        Some(sec) => DB::open_cf_descriptors_as_secondary(&opts, &dir, &sec.to_path_buf(), cfs),
+    let cfs = || -> Vec<ColumnFamilyDescriptor> {
+        cf::ALL
+            .iter()
+            .map(|name| ColumnFamilyDescriptor::new(*name, cf_options(name)))
+            .collect()
     };
-    result.map_err(|e| db_err(path, e))
+    let dir = db_dir(path);
+    match mode {
+        DbMode::Writer { .. } => {
+            DB::open_cf_descriptors(&opts, &dir, cfs()).map_err(|e| db_err(path, e))
+        }
+        DbMode::ReadOnly => {
+            // RocksDB secondary instances do not support BlobDB (rocksdb#13296), so readers
+            // are read-only opens. The writer may delete a file between the listing and the
+            // open; a retry sees the new file set.
+            let mut attempt = 0;
+            loop {
+                match DB::open_cf_descriptors_read_only(&opts, &dir, cfs(), false) {
+                    Ok(db) => return Ok(db),
+                    Err(e) if attempt < 5 && e.kind() == rocksdb::ErrorKind::IOError => {
+                        attempt += 1;
+                        std::thread::sleep(std::time::Duration::from_millis(20 << attempt));
+                    }
+                    Err(e) => return Err(db_err(path, e)),
+                }
+            }
+        }
+    }
 }

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# test.sh: what CI runs (.ci/run execs this): install deps, build all targets, run the tests,
+# compile the benches. Usage: sudo bash scripts/test.sh   (from any directory)
+set -euo pipefail
+
+if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
+    echo "usage: sudo bash scripts/test.sh"; exit 0
+fi
+
+ROOT=$(cd "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+export PATH=$PATH:/usr/sbin:/sbin        # mkfs.ext4, sfdisk, debugfs for the disk-image tests
+# A fresh clone builds once: incremental caches only cost time and disk there.
+if [ "${CI:-}" = true ]; then export CARGO_INCREMENTAL=0; fi
+
+T0=$SECONDS
+CURRENT=""
+report() {
+    local rc=$?
+    if [ "$rc" -ne 0 ] && [ -n "$CURRENT" ]; then
+        echo "test.sh: FAILED at step '$CURRENT' (exit $rc) after $((SECONDS - T0)) s" >&2
+    fi
+}
+trap report EXIT
+# Run one step and print how long it took.
+step() {
+    CURRENT=$1; shift
+    local t=$SECONDS
+    echo "==== $CURRENT: $*"
+    "$@"
+    echo "==== $CURRENT: done in $((SECONDS - t)) s"
+    CURRENT=""
+}
+
+step install-deps bash scripts/install-deps.sh
+# install-deps ran in a child shell: put rustup's cargo on this shell's PATH too.
+if ! command -v cargo >/dev/null 2>&1 && [ -f "$HOME/.cargo/env" ]; then
+    # shellcheck disable=SC1091
+    . "$HOME/.cargo/env"
+fi
+command -v cargo >/dev/null 2>&1 || { echo "test.sh: cargo not found" >&2; exit 1; }
+
+step shell-syntax bash -c 'for f in scripts/*.sh tests/fixtures/*.sh .ci/run; do bash -n "$f" || exit 1; done'
+step build cargo build --all-targets
+step test cargo test -- --test-threads=2
+if compgen -G "benches/*.rs" >/dev/null; then
+    step bench-build cargo bench --no-run --profile dev
+else
+    echo "==== bench-build: skipped (no benches/*.rs)"
+fi
+echo "test.sh: all steps passed in $((SECONDS - T0)) s"

@@ -1,0 +1,423 @@
+//! `mount`, `umount` and `clone-overlay`.
+//!
+//! `mount` detaches by default and returns only once the mount serves: it forks before
+//! opening the store or starting any thread, the child starts a new session (setsid),
+//! mounts, and reports readiness (or its one-line error and exit code) through a pipe the
+//! parent waits on. `--foreground` stays attached. Either way SIGINT, SIGTERM and SIGHUP
+//! unmount cleanly (lazily when files are still open, so they are served until closed).
+
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use clap::Args;
+use imgvault::catalog::Catalog;
+use imgvault::fuse::{self, MountOptions, Mounted};
+use imgvault::store::{self, OpenMode, Store};
+use imgvault::Error;
+
+use super::output;
+use super::Context;
+
+/// `mount` flags.
+#[derive(Debug, Args)]
+pub struct MountArgs {
+    /// Empty directory to mount on
+    pub mountpoint: PathBuf,
+    /// Stay attached to the terminal (for systemd, or to watch the log)
+    #[arg(long)]
+    pub foreground: bool,
+    /// Decoded-chunk cache size in MiB
+    #[arg(long, default_value_t = 256, value_name = "MIB")]
+    pub cache_mb: u64,
+    /// Threads serving requests, each with its own /dev/fuse fd
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub threads: u16,
+    /// Let other users read the mount (e.g. the user qemu runs as)
+    #[arg(long)]
+    pub allow_other: bool,
+    /// Kernel read-ahead window of the mount in KiB (0: the kernel's default)
+    #[arg(long, default_value_t = 1024, value_name = "KIB")]
+    pub read_ahead_kb: u32,
+    /// MiB decoded ahead of a sequential reader (0: off)
+    #[arg(long, default_value_t = 8, value_name = "MIB")]
+    pub prefetch_mb: u64,
+    /// Where a detached mount writes its log [default: nowhere; use --foreground to watch]
+    #[arg(long, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
+}
+
+/// Signals that unmount.
+/// How often the mount looks for commits of the writer.
+const REFRESH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
+
+const STOP_SIGNALS: [i32; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+
+pub fn mount(ctx: &Context, args: MountArgs) -> anyhow::Result<i32> {
+    // Checked here, before detaching, so the caller sees these errors directly.
+    fuse::check_mountpoint(&args.mountpoint)?;
+    if !store::exists(&ctx.store_path) {
+        return Err(Error::NoStore {
+            path: ctx.store_path.clone(),
+        }
+        .into());
+    }
+    if args.foreground {
+        let signals = block_stop_signals()?;
+        let mounted = open_and_mount(ctx, &args)?;
+        report_ready(ctx, &mounted, std::process::id())?;
+        return serve(mounted, signals, true);
+    }
+    detach(ctx, &args)
+}
+
+fn mount_options(ctx: &Context, args: &MountArgs) -> MountOptions {
+    MountOptions {
+        tenant: ctx.tenant.clone(),
+        cache_bytes: args.cache_mb.saturating_mul(1 << 20),
+        threads: usize::from(args.threads),
+        allow_other: args.allow_other,
+        read_ahead_kb: args.read_ahead_kb,
+        prefetch_bytes: args.prefetch_mb.saturating_mul(1 << 20),
+    }
+}
+
+fn open_and_mount(ctx: &Context, args: &MountArgs) -> anyhow::Result<Mounted> {
+    let store = store::LiveStore::open(&ctx.store_path, REFRESH_INTERVAL)?;
+    Ok(Mounted::mount(
+        store,
+        &args.mountpoint,
+        &mount_options(ctx, args),
+    )?)
+}
+
+fn report_ready(ctx: &Context, mounted: &Mounted, pid: u32) -> anyhow::Result<()> {
+    if ctx.json {
+        output::json(&serde_json::json!({
+            "mountpoint": mounted.mountpoint(),
+            "store": ctx.store_path,
+            "tenant": ctx.tenant,
+            "pid": pid,
+        }))?;
+    } else {
+        println!(
+            "mounted {} at {} as tenant {} (pid {pid})",
+            ctx.store_path.display(),
+            mounted.mountpoint().display(),
+            ctx.tenant
+        );
+    }
+    std::io::stdout().flush()?;
+    Ok(())
+}
+
+/// Serves until unmounted; a signal thread unmounts on SIGINT/SIGTERM/SIGHUP.
+fn serve(mounted: Mounted, signals: libc::sigset_t, verbose: bool) -> anyhow::Result<i32> {
+    let mountpoint = mounted.mountpoint().to_path_buf();
+    spawn_signal_thread(mountpoint.clone(), signals)?;
+    mounted.run()?;
+    if verbose {
+        eprintln!("imgvault: unmounted {}", mountpoint.display());
+    }
+    Ok(0)
+}
+
+/// Blocks the stop signals in this thread, and so in every thread started after it; the
+/// signal thread takes them with sigwait.
+fn block_stop_signals() -> anyhow::Result<libc::sigset_t> {
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it before use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointers to a local sigset_t.
+    let rc = unsafe {
+        libc::sigemptyset(&mut set);
+        for s in STOP_SIGNALS {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
+    };
+    if rc != 0 {
+        return Err(Error::io("block signals", std::io::Error::from_raw_os_error(rc)).into());
+    }
+    Ok(set)
+}
+
+fn spawn_signal_thread(mountpoint: PathBuf, set: libc::sigset_t) -> anyhow::Result<()> {
+    std::thread::Builder::new()
+        .name("imgvault-signals".into())
+        .spawn(move || {
+            let mut stopping = false;
+            loop {
+                let mut sig = 0;
+                // SAFETY: set is initialised, sig is a valid out pointer.
+                if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                    continue;
+                }
+                if stopping {
+                    tracing::warn!("second signal {sig}: exiting now");
+                    std::process::exit(imgvault::error::exit::INTERRUPTED);
+                }
+                stopping = true;
+                tracing::info!("signal {sig}: unmounting {}", mountpoint.display());
+                if let Err(e) = fuse::unmount_for_shutdown(&mountpoint) {
+                    tracing::error!("{e}");
+                }
+            }
+        })
+        .map_err(|e| Error::io("start the signal thread", e))?;
+    Ok(())
+}
+
+fn threads_in_process() -> usize {
+    std::fs::read_dir("/proc/self/task").map_or(1, |d| d.count())
+}
+
+/// Forks; the child mounts and serves, the parent waits for its word.
+fn detach(ctx: &Context, args: &MountArgs) -> anyhow::Result<i32> {
+    if threads_in_process() > 1 {
+        return Err(Error::Mount {
+            mountpoint: args.mountpoint.clone(),
+            reason: "internal: cannot detach a multi-threaded process (use --foreground)".into(),
+        }
+        .into());
+    }
+    let mut fds = [0i32; 2];
+    // SAFETY: fds is a valid array of two ints.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(Error::io("create a pipe", std::io::Error::last_os_error()).into());
+    }
+    // SAFETY: pipe2 returned two fresh fds that we own.
+    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: the process is single-threaded (checked above), so the child may run any code.
+    match unsafe { libc::fork() } {
+        -1 => Err(Error::io("fork", std::io::Error::last_os_error()).into()),
+        0 => {
+            drop(rd);
+            let code = child(ctx, args, std::fs::File::from(wr));
+            std::process::exit(code);
+        }
+        pid => {
+            drop(wr);
+            parent(args, pid, std::fs::File::from(rd))
+        }
+    }
+}
+
+/// The parent: prints the child's readiness or error, exits with its code.
+fn parent(args: &MountArgs, pid: i32, mut rd: std::fs::File) -> anyhow::Result<i32> {
+    let mut msg = String::new();
+    let _ = rd.read_to_string(&mut msg);
+    let line = msg.lines().next().unwrap_or("");
+    if let Some(ready) = line.strip_prefix("ok ") {
+        println!("{ready}");
+        return Ok(0);
+    }
+    if let Some(err) = line.strip_prefix("err ") {
+        let (code, text) = err.split_once(' ').unwrap_or(("1", err));
+        eprintln!("imgvault: error: {text}");
+        return Ok(code.parse().unwrap_or(imgvault::error::exit::FAILURE));
+    }
+    let mut status = 0;
+    // SAFETY: pid is our child; status is a valid out pointer.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    Err(Error::Mount {
+        mountpoint: args.mountpoint.clone(),
+        reason: format!(
+            "the mount process exited before the mount was ready (wait status {status})"
+        ),
+    }
+    .into())
+}
+
+/// The detached child: new session, stdio away from the terminal, mount, report, serve.
+fn child(ctx: &Context, args: &MountArgs, mut wr: std::fs::File) -> i32 {
+    // SAFETY: setsid has no preconditions; the child of fork is never a group leader.
+    unsafe { libc::setsid() };
+    if let Err(e) = redirect_stdio(args.log_file.as_deref()) {
+        let _ = writeln!(wr, "err 1 {}", one_line(&format!("{e:#}")));
+        return imgvault::error::exit::FAILURE;
+    }
+    let result = block_stop_signals().and_then(|signals| {
+        let mounted = open_and_mount(ctx, args)?;
+        Ok((mounted, signals))
+    });
+    match result {
+        Ok((mounted, signals)) => {
+            let ready = if ctx.json {
+                serde_json::json!({
+                    "mountpoint": mounted.mountpoint(),
+                    "store": ctx.store_path,
+                    "tenant": ctx.tenant,
+                    "pid": std::process::id(),
+                })
+                .to_string()
+            } else {
+                format!(
+                    "mounted {} at {} as tenant {} (pid {})",
+                    ctx.store_path.display(),
+                    mounted.mountpoint().display(),
+                    ctx.tenant,
+                    std::process::id()
+                )
+            };
+            let _ = writeln!(wr, "ok {ready}");
+            drop(wr);
+            match serve(mounted, signals, false) {
+                Ok(code) => code,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    imgvault::error::exit::FAILURE
+                }
+            }
+        }
+        Err(e) => {
+            let code = e
+                .chain()
+                .find_map(|c| c.downcast_ref::<Error>())
+                .map_or(imgvault::error::exit::FAILURE, |e| e.exit_code());
+            let _ = writeln!(wr, "err {code} {}", one_line(&format!("{e:#}")));
+            code
+        }
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.replace('\n', " ")
+}
+
+/// stdin and stdout to /dev/null; stderr (the log) to `log` or /dev/null. The fds stay
+/// open (never closed), so /dev/fuse never lands on 0-2.
+fn redirect_stdio(log: Option<&Path>) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd;
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map_err(|e| Error::io("open /dev/null", e))?;
+    let err_target = match log {
+        Some(p) => std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .map_err(|e| Error::io(format!("open log file {}", p.display()), e))?,
+        None => null
+            .try_clone()
+            .map_err(|e| Error::io("duplicate /dev/null", e))?,
+    };
+    for (src, dst) in [
+        (null.as_raw_fd(), 0),
+        (null.as_raw_fd(), 1),
+        (err_target.as_raw_fd(), 2),
+    ] {
+        // SAFETY: both fds are open; dup2 replaces dst atomically.
+        if unsafe { libc::dup2(src, dst) } < 0 {
+            return Err(Error::io("redirect stdio", std::io::Error::last_os_error()).into());
+        }
+    }
+    Ok(())
+}
+
+/// `umount` flags.
+#[derive(Debug, Args)]
+pub struct UmountArgs {
+    /// Where an imgvault mount is mounted
+    pub mountpoint: PathBuf,
+    /// Detach now even if files are open; they are served until closed
+    #[arg(long)]
+    pub lazy: bool,
+}
+
+pub fn umount(ctx: &Context, args: UmountArgs) -> anyhow::Result<i32> {
+    fuse::unmount(&args.mountpoint, args.lazy)?;
+    if ctx.json {
+        output::json(&serde_json::json!({ "unmounted": args.mountpoint, "lazy": args.lazy }))?;
+    } else {
+        println!("unmounted {}", args.mountpoint.display());
+    }
+    Ok(0)
+}
+
+/// `clone-overlay` flags.
+#[derive(Debug, Args)]
+pub struct CloneOverlayArgs {
+    /// Image name, OWNER/NAME or id
+    pub image: String,
+    /// qcow2 file to create; its backing file is the image's file under the mount
+    pub overlay: PathBuf,
+    /// Where the store is mounted (`imgvault mount`)
+    #[arg(long, value_name = "MNT")]
+    pub mount: PathBuf,
+    /// Replace an existing overlay file
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Creates a qcow2 overlay backed by the mounted raw file (by-id path, so it survives
+/// renames and works in every tenant's view): a clone without a copy.
+pub fn clone_overlay(ctx: &Context, args: CloneOverlayArgs) -> anyhow::Result<i32> {
+    let store = Store::open(&ctx.store_path, OpenMode::Reader)?;
+    let rec = Catalog::new(&store).resolve_readable(&ctx.tenant, &args.image, "clone")?;
+    let mnt = args.mount.canonicalize().map_err(|e| Error::Mount {
+        mountpoint: args.mount.clone(),
+        reason: format!("cannot resolve: {e}"),
+    })?;
+    match fuse::sys::mount_at(&mnt)? {
+        Some(m) if m.is_fuse() => {}
+        _ => {
+            return Err(Error::Mount {
+                mountpoint: args.mount.clone(),
+                reason: "is not an imgvault mount (run `imgvault mount` first)".into(),
+            }
+            .into())
+        }
+    }
+    let backing = mnt.join("by-id").join(format!("{}.raw", rec.id));
+    if !backing.is_file() {
+        return Err(Error::Mount {
+            mountpoint: args.mount.clone(),
+            reason: format!(
+                "does not show {} (mounted from another store, or as a tenant that cannot see it?)",
+                backing.display()
+            ),
+        }
+        .into());
+    }
+    if args.overlay.exists() && !args.force {
+        return Err(Error::UnsafeTarget {
+            target: args.overlay.clone(),
+            reason: "the file exists".into(),
+        }
+        .into());
+    }
+    let out = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(&backing)
+        .arg(&args.overlay)
+        .output()
+        .map_err(|e| Error::io("run qemu-img (package qemu-utils)", e))?;
+    if !out.status.success() {
+        return Err(Error::Target {
+            path: args.overlay.clone(),
+            source: std::io::Error::other(format!(
+                "qemu-img create failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )),
+        }
+        .into());
+    }
+    if ctx.json {
+        output::json(&serde_json::json!({
+            "overlay": args.overlay,
+            "backing_file": backing,
+            "image": rec.id,
+            "virtual_size": rec.virtual_size,
+        }))?;
+    } else {
+        println!(
+            "created {} (qcow2, backing file {})",
+            args.overlay.display(),
+            backing.display()
+        );
+    }
+    Ok(0)
+}

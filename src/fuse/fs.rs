@@ -1,0 +1,884 @@
+//! The fuser filesystem: every operation is a small `Result`-returning method, and the
+//! `Filesystem` impl only turns results into replies, mapping errors to errnos in one place
+//! ([`errno`], through [`Error::errno`]).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, TryLockError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, WriteFlags,
+};
+
+use super::layout::{self, View};
+use super::MountOptions;
+use crate::catalog::{Access, Catalog, ImageRecord};
+use crate::error::{Error, Result};
+use crate::read::{ChunkCache, ImageReader};
+use crate::store::pins::{self, Pin};
+use crate::store::LiveStore;
+
+/// Attribute and entry lifetime in the kernel: short, so that images imported, deleted or
+/// shared by the writer show up (or vanish) within about a second.
+const TTL: Duration = Duration::from_secs(1);
+
+/// The catalog is re-read (RocksDB secondary catch-up) at most this often.
+const REFRESH_EVERY: Duration = Duration::from_millis(300);
+
+/// A read within this distance of the previous one's end counts as sequential (the kernel's
+/// asynchronous read-ahead requests can arrive out of order on several threads).
+const SEQUENTIAL_SLACK: u64 = 2 << 20;
+
+/// Sequential reads in a row before read-ahead decoding starts.
+const SEQUENTIAL_TRIGGER: u32 = 2;
+
+/// Read-ahead decode tasks running at once, over all open files.
+const MAX_PREFETCH_TASKS: usize = 4;
+
+thread_local! {
+    /// Per-thread read buffer, reused across requests.
+    static READ_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The errno a failed request returns: the one place FUSE maps errors.
+fn errno(op: &str, e: &Error) -> Errno {
+    let n = e.errno();
+    match e {
+        // The reader has already logged the image and offset.
+        Error::CorruptChunk { .. } => {}
+        _ if n == libc::EIO => tracing::error!("{op}: {e}"),
+        _ => tracing::debug!("{op}: {e}"),
+    }
+    Errno::from_i32(n)
+}
+
+/// An error that is only an errno (no library condition behind it).
+fn sys(code: i32, context: impl Into<String>) -> Error {
+    Error::Io {
+        context: context.into(),
+        source: std::io::Error::from_raw_os_error(code),
+    }
+}
+
+fn read_only(what: &str) -> Error {
+    sys(
+        libc::EROFS,
+        format!("{what}: the imgvault mount is read-only"),
+    )
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn system_time(secs: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(secs)
+}
+
+/// An image opened by at least one file handle: its reader (shared by the handles) and the
+/// pin that keeps gc from reclaiming its chunks.
+struct OpenImage {
+    reader: Arc<ImageReader>,
+    record: Arc<ImageRecord>,
+    handles: usize,
+    _pin: Pin,
+}
+
+/// One open file.
+struct Handle {
+    ino: u64,
+    reader: Arc<ImageReader>,
+    /// End of the previous read.
+    last_end: AtomicU64,
+    /// Sequential reads in a row.
+    streak: AtomicU32,
+    /// Read-ahead has been requested up to here.
+    ahead: AtomicU64,
+}
+
+/// A directory listing taken at opendir, so readdir offsets stay stable.
+struct Listing {
+    entries: Vec<(u64, FileType, String)>,
+}
+
+/// The imgvault filesystem.
+pub struct ImgvaultFs {
+    store: LiveStore,
+    tenant: String,
+    cache: Arc<ChunkCache>,
+    prefetch_bytes: u64,
+    view: RwLock<Arc<View>>,
+    refreshed: Mutex<Instant>,
+    open: Mutex<HashMap<u64, OpenImage>>,
+    handles: RwLock<HashMap<u64, Arc<Handle>>>,
+    listings: Mutex<HashMap<u64, Arc<Listing>>>,
+    next_fh: AtomicU64,
+    prefetching: Arc<AtomicUsize>,
+    uid: u32,
+    gid: u32,
+    mounted_at: SystemTime,
+}
+
+impl ImgvaultFs {
+    /// A filesystem over `store` as `opts.tenant` sees it.
+    pub fn new(store: LiveStore, opts: &MountOptions) -> Result<Self> {
+        let view = View::build(&Catalog::new(&store.get()), &opts.tenant)?;
+        Ok(ImgvaultFs {
+            cache: Arc::new(ChunkCache::new(opts.cache_bytes)),
+            store,
+            tenant: opts.tenant.clone(),
+            prefetch_bytes: opts.prefetch_bytes,
+            view: RwLock::new(Arc::new(view)),
+            refreshed: Mutex::new(Instant::now()),
+            open: Mutex::new(HashMap::new()),
+            handles: RwLock::new(HashMap::new()),
+            listings: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            prefetching: Arc::new(AtomicUsize::new(0)),
+            // SAFETY: getuid/getgid have no preconditions.
+            uid: unsafe { libc::getuid() },
+            gid: unsafe { libc::getgid() },
+            mounted_at: SystemTime::now(),
+        })
+    }
+
+    // ---- catalog view ------------------------------------------------------------------
+
+    fn view(&self) -> Arc<View> {
+        self.view.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Catches up with the writer and rebuilds the tree, at most every [`REFRESH_EVERY`];
+    /// a request arriving while another thread refreshes uses the current tree.
+    fn refresh(&self) {
+        let mut last = match self.refreshed.try_lock() {
+            Ok(g) => g,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return,
+        };
+        if last.elapsed() < REFRESH_EVERY {
+            return;
+        }
+        if let Err(e) = self.store.refresh() {
+            tracing::warn!("catching up with the store's writer: {e}");
+        }
+        match View::build(&Catalog::new(&self.store.get()), &self.tenant) {
+            Ok(v) => *self.view.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(v),
+            Err(e) => tracing::warn!("re-reading the catalog: {e}"),
+        }
+        *last = Instant::now();
+    }
+
+    /// The record of an image inode: from the tree, or from the open files (an image deleted
+    /// while open keeps its attributes until closed).
+    fn record(&self, view: &View, ino: u64) -> Option<Arc<ImageRecord>> {
+        view.images
+            .get(&ino)
+            .cloned()
+            .or_else(|| lock(&self.open).get(&ino).map(|o| o.record.clone()))
+    }
+
+    // ---- attributes --------------------------------------------------------------------
+
+    fn dir_attr(&self, view: &View, ino: u64) -> FileAttr {
+        FileAttr {
+            ino: INodeNo(ino),
+            size: 0,
+            blocks: 0,
+            atime: self.mounted_at,
+            mtime: self.mounted_at,
+            ctime: self.mounted_at,
+            crtime: self.mounted_at,
+            kind: FileType::Directory,
+            perm: 0o555,
+            nlink: 2 + view.subdirs(ino) as u32,
+            uid: self.uid,
+            gid: self.gid,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+
+    fn image_attr(&self, ino: u64, rec: &ImageRecord) -> FileAttr {
+        let t = system_time(rec.created);
+        FileAttr {
+            ino: INodeNo(ino),
+            size: rec.virtual_size,
+            // What `du` and `qemu-img info` call the disk size: the non-zero data.
+            blocks: rec.nonzero_bytes.div_ceil(512),
+            atime: t,
+            mtime: t,
+            ctime: t,
+            crtime: t,
+            kind: FileType::RegularFile,
+            perm: 0o444,
+            // Under its name and under by-id.
+            nlink: 2,
+            uid: self.uid,
+            gid: self.gid,
+            rdev: 0,
+            blksize: 1 << 20,
+            flags: 0,
+        }
+    }
+
+    fn attr(&self, view: &View, ino: u64) -> Result<FileAttr> {
+        if view.dirs.contains_key(&ino) {
+            return Ok(self.dir_attr(view, ino));
+        }
+        match self.record(view, ino) {
+            Some(rec) => Ok(self.image_attr(ino, &rec)),
+            None => Err(sys(libc::ENOENT, format!("inode {ino:#x} is gone"))),
+        }
+    }
+
+    // ---- operations --------------------------------------------------------------------
+
+    fn do_lookup(&self, parent: u64, name: &OsStr) -> Result<FileAttr> {
+        self.refresh();
+        let view = self.view();
+        if layout::is_image_ino(parent) {
+            return Err(sys(libc::ENOTDIR, "lookup in an image file"));
+        }
+        let not_found = || Error::ImageNotFound {
+            image: name.to_string_lossy().into_owned(),
+            tenant: self.tenant.clone(),
+        };
+        let name = name.to_str().ok_or_else(not_found)?;
+        let ino = view.lookup(parent, name).ok_or_else(not_found)?;
+        self.attr(&view, ino)
+    }
+
+    fn do_getattr(&self, ino: u64) -> Result<FileAttr> {
+        self.refresh();
+        self.attr(&self.view(), ino)
+    }
+
+    fn do_open(&self, ino: u64, flags: OpenFlags) -> Result<u64> {
+        if flags.acc_mode() != OpenAccMode::O_RDONLY {
+            return Err(read_only("open for writing"));
+        }
+        if !layout::is_image_ino(ino) {
+            return Err(sys(libc::EISDIR, "open a directory as a file"));
+        }
+        let reader = self.acquire(ino)?;
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let handle = Arc::new(Handle {
+            ino,
+            reader,
+            last_end: AtomicU64::new(0),
+            streak: AtomicU32::new(0),
+            ahead: AtomicU64::new(0),
+        });
+        self.handles
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(fh, handle);
+        Ok(fh)
+    }
+
+    /// The shared reader of image `ino`, opening it (and pinning its chunks) on first use.
+    fn acquire(&self, ino: u64) -> Result<Arc<ImageReader>> {
+        // Held across the first open so that two threads never write the same pin twice.
+        let mut open = lock(&self.open);
+        if let Some(o) = open.get_mut(&ino) {
+            o.handles += 1;
+            return Ok(o.reader.clone());
+        }
+        let rec = self.view().images.get(&ino).cloned().ok_or_else(|| {
+            sys(
+                libc::ENOENT,
+                format!("inode {ino:#x}: no such image (deleted?)"),
+            )
+        })?;
+        let gone = || Error::ImageNotFound {
+            image: rec.id.to_hex(),
+            tenant: self.tenant.clone(),
+        };
+        let snapshot = self.store.get();
+        let reader = match ImageReader::open(snapshot.clone(), (*rec).clone(), self.cache.clone()) {
+            Ok(r) => r,
+            Err(e) => {
+                // Deleted since the tree was built: its extents are gone too.
+                self.store.refresh_now()?;
+                if Catalog::new(&self.store.get()).get(&rec.id)?.is_none() {
+                    return Err(gone());
+                }
+                return Err(e);
+            }
+        };
+        // Pin first, then check the image still exists: a delete we do not see yet happens
+        // after the pin, so any gc that could free these chunks reads it.
+        let pin = pins::write(
+            snapshot.path(),
+            &rec.id,
+            reader.extents().iter().filter_map(|e| e.chunk),
+        )?;
+        self.store.refresh_now()?;
+        let latest = self.store.get();
+        let catalog = Catalog::new(&latest);
+        let Some(current) = catalog.get(&rec.id)? else {
+            return Err(gone());
+        };
+        match catalog.access(&self.tenant, &current)? {
+            Some(Access::Owner | Access::Reader) => {}
+            _ => return Err(gone()),
+        }
+        let reader = Arc::new(reader);
+        open.insert(
+            ino,
+            OpenImage {
+                reader: reader.clone(),
+                record: Arc::new(current),
+                handles: 1,
+                _pin: pin,
+            },
+        );
+        Ok(reader)
+    }
+
+    fn do_release(&self, fh: u64) {
+        let handle = self
+            .handles
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&fh);
+        let Some(handle) = handle else { return };
+        let mut open = lock(&self.open);
+        if let Some(o) = open.get_mut(&handle.ino) {
+            o.handles = o.handles.saturating_sub(1);
+            if o.handles == 0 {
+                // Drops the reader and removes the pin.
+                open.remove(&handle.ino);
+            }
+        }
+    }
+
+    fn handle(&self, fh: u64) -> Result<Arc<Handle>> {
+        self.handles
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&fh)
+            .cloned()
+            .ok_or_else(|| sys(libc::EBADF, format!("file handle {fh} is not open")))
+    }
+
+    /// Reads into the thread's buffer and hands the bytes to `reply`.
+    fn do_read(&self, fh: u64, offset: u64, size: u32, reply: impl FnOnce(&[u8])) -> Result<()> {
+        let h = self.handle(fh)?;
+        let len = u64::from(size).min(h.reader.size().saturating_sub(offset)) as usize;
+        if len == 0 {
+            reply(&[]);
+            return Ok(());
+        }
+        self.read_ahead(&h, offset, len as u64);
+        READ_BUF.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            if buf.len() < len {
+                buf.resize(len, 0);
+            }
+            let n = match h.reader.read_at(offset, &mut buf[..len]) {
+                Ok(n) => n,
+                // The reader's snapshot keeps every file open, so a failure here is
+                // damage (already logged with image and offset), not a race.
+                Err(e) => return Err(e),
+            };
+            reply(&buf[..n]);
+            Ok(())
+        })
+    }
+
+    /// Detects sequential reads on a handle and decodes the chunks ahead of them in the
+    /// background (rayon), so the next requests find them in the cache.
+    fn read_ahead(&self, h: &Handle, offset: u64, len: u64) {
+        let window = self.prefetch_bytes;
+        if window == 0 {
+            return;
+        }
+        let end = offset + len;
+        let prev = h.last_end.swap(end, Ordering::Relaxed);
+        if offset.abs_diff(prev) > SEQUENTIAL_SLACK {
+            h.streak.store(0, Ordering::Relaxed);
+            h.ahead.store(0, Ordering::Relaxed);
+            return;
+        }
+        if h.streak.fetch_add(1, Ordering::Relaxed) + 1 < SEQUENTIAL_TRIGGER {
+            return;
+        }
+        let ahead = h.ahead.load(Ordering::Relaxed);
+        if ahead >= end + window / 2 {
+            return;
+        }
+        let start = ahead.max(end);
+        let until = (end + window).min(h.reader.size());
+        if until <= start || self.prefetching.load(Ordering::Relaxed) >= MAX_PREFETCH_TASKS {
+            return;
+        }
+        if h.ahead
+            .compare_exchange(ahead, until, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
+            return; // another thread extended it
+        }
+        self.prefetching.fetch_add(1, Ordering::Relaxed);
+        let reader = h.reader.clone();
+        let running = self.prefetching.clone();
+        rayon::spawn(move || {
+            reader.prefetch(start, until - start);
+            running.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+
+    fn do_lseek(&self, fh: u64, offset: i64, whence: i32) -> Result<i64> {
+        let h = self.handle(fh)?;
+        let size = h.reader.size();
+        let off = u64::try_from(offset).map_err(|_| sys(libc::EINVAL, "negative offset"))?;
+        let pos = match whence {
+            libc::SEEK_SET => off,
+            libc::SEEK_END => size.saturating_add(off),
+            libc::SEEK_DATA if off >= size => {
+                return Err(sys(libc::ENXIO, "SEEK_DATA past the end"))
+            }
+            libc::SEEK_DATA => h
+                .reader
+                .next_data(off)
+                .ok_or_else(|| sys(libc::ENXIO, "no data after the offset"))?,
+            libc::SEEK_HOLE if off >= size => {
+                return Err(sys(libc::ENXIO, "SEEK_HOLE past the end"))
+            }
+            libc::SEEK_HOLE => h.reader.next_hole(off),
+            _ => return Err(sys(libc::EINVAL, format!("lseek whence {whence}"))),
+        };
+        i64::try_from(pos).map_err(|_| sys(libc::EOVERFLOW, "offset"))
+    }
+
+    fn do_opendir(&self, ino: u64) -> Result<u64> {
+        self.refresh();
+        let view = self.view();
+        let Some(dir) = view.dirs.get(&ino) else {
+            return Err(if view.images.contains_key(&ino) {
+                sys(libc::ENOTDIR, "opendir on an image file")
+            } else {
+                sys(libc::ENOENT, format!("directory inode {ino:#x} is gone"))
+            });
+        };
+        let mut entries = vec![
+            (ino, FileType::Directory, ".".to_string()),
+            (dir.parent, FileType::Directory, "..".to_string()),
+        ];
+        for (name, child) in &dir.children {
+            let kind = if layout::is_image_ino(*child) {
+                FileType::RegularFile
+            } else {
+                FileType::Directory
+            };
+            entries.push((*child, kind, name.clone()));
+        }
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        lock(&self.listings).insert(fh, Arc::new(Listing { entries }));
+        Ok(fh)
+    }
+
+    fn do_readdir(&self, fh: u64, offset: u64, reply: &mut ReplyDirectory) -> Result<()> {
+        let listing = lock(&self.listings)
+            .get(&fh)
+            .cloned()
+            .ok_or_else(|| sys(libc::EBADF, format!("directory handle {fh} is not open")))?;
+        let skip = usize::try_from(offset).unwrap_or(usize::MAX);
+        for (i, (ino, kind, name)) in listing.entries.iter().enumerate().skip(skip) {
+            if reply.add(INodeNo(*ino), (i + 1) as u64, *kind, name) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn xattrs(rec: &ImageRecord) -> Vec<(&'static str, String)> {
+        let mut v = vec![
+            ("user.imgvault.id", rec.id.to_hex()),
+            ("user.imgvault.owner", rec.owner.clone()),
+            ("user.imgvault.visibility", rec.visibility.to_string()),
+        ];
+        let os = rec
+            .properties
+            .os_version
+            .clone()
+            .or_else(|| rec.properties.os_type.clone());
+        if let Some(os) = os {
+            v.push(("user.imgvault.os", os));
+        }
+        v.push(("user.imgvault.checksum", rec.checksum.clone()));
+        v
+    }
+
+    /// The value (or the NUL-separated name list when `name` is `None`) of an inode's
+    /// extended attributes.
+    fn do_xattr(&self, ino: u64, name: Option<&OsStr>) -> Result<Vec<u8>> {
+        let view = self.view();
+        let attrs = match self.record(&view, ino) {
+            Some(rec) => Self::xattrs(&rec),
+            None if view.dirs.contains_key(&ino) => Vec::new(),
+            None => return Err(sys(libc::ENOENT, format!("inode {ino:#x} is gone"))),
+        };
+        match name {
+            None => Ok(attrs
+                .iter()
+                .flat_map(|(k, _)| k.bytes().chain(std::iter::once(0)))
+                .collect()),
+            Some(name) => attrs
+                .into_iter()
+                .find(|(k, _)| OsStr::new(k) == name)
+                .map(|(_, v)| v.into_bytes())
+                .ok_or_else(|| sys(libc::ENODATA, format!("no attribute {name:?}"))),
+        }
+    }
+
+    fn statfs_numbers(&self) -> (u64, u64) {
+        let view = self.view();
+        let bytes: u64 = view.images.values().map(|r| r.virtual_size).sum();
+        (bytes.div_ceil(4096), view.images.len() as u64)
+    }
+}
+
+fn reply_xattr(result: Result<Vec<u8>>, size: u32, op: &str, reply: ReplyXattr) {
+    match result {
+        Ok(data) if size == 0 => reply.size(data.len() as u32),
+        Ok(data) if data.len() <= size as usize => reply.data(&data),
+        Ok(_) => reply.error(Errno::ERANGE),
+        Err(e) => reply.error(errno(op, &e)),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+impl Filesystem for ImgvaultFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // The largest read-ahead the kernel offers (it can only be lowered here; the bdi's
+        // read_ahead_kb is raised after mounting).
+        if let Err(max) = config.set_max_readahead(u32::MAX) {
+            let _ = config.set_max_readahead(max);
+        }
+        let _ = config.set_max_background(64);
+        let _ = config.set_congestion_threshold(48);
+        for flag in [InitFlags::FUSE_ASYNC_DIO, InitFlags::FUSE_PARALLEL_DIROPS] {
+            let _ = config.add_capabilities(flag);
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.do_lookup(parent.0, name) {
+            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(e) => reply.error(errno("lookup", &e)),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.do_getattr(ino.0) {
+            Ok(attr) => reply.attr(&TTL, &attr),
+            Err(e) => reply.error(errno("getattr", &e)),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match self.do_open(ino.0, flags) {
+            // Image bytes never change: keep the page cache across opens.
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            Err(e) => reply.error(errno("open", &e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let mut reply = Some(reply);
+        let result = self.do_read(fh.0, offset, size, |data| {
+            if let Some(r) = reply.take() {
+                r.data(data);
+            }
+        });
+        if let (Err(e), Some(r)) = (result, reply) {
+            r.error(errno("read", &e));
+        }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.do_release(fh.0);
+        reply.ok();
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _d: bool, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        match self.do_lseek(fh.0, offset, whence) {
+            Ok(pos) => reply.offset(pos),
+            Err(e) => reply.error(errno("lseek", &e)),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.do_opendir(ino.0) {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(errno("opendir", &e)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        match self.do_readdir(fh.0, offset, &mut reply) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno("readdir", &e)),
+        }
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        lock(&self.listings).remove(&fh.0);
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let (blocks, files) = self.statfs_numbers();
+        reply.statfs(blocks, 0, 0, files, 0, 4096, 255, 4096);
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        reply_xattr(self.do_xattr(ino.0, Some(name)), size, "getxattr", reply);
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        reply_xattr(self.do_xattr(ino.0, None), size, "listxattr", reply);
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        if mask.contains(AccessFlags::W_OK) {
+            reply.error(errno("access", &read_only("write access")));
+        } else {
+            match self.attr(&self.view(), ino.0) {
+                Ok(_) => reply.ok(),
+                Err(e) => reply.error(errno("access", &e)),
+            }
+        }
+    }
+
+    // ---- everything that would change the tree or the bytes: EROFS ---------------------
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        _size: Option<u64>,
+        _atime: Option<fuser::TimeOrNow>,
+        _mtime: Option<fuser::TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        reply.error(errno("setattr", &read_only("setattr")));
+    }
+
+    fn mknod(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        reply.error(errno("mknod", &read_only("mknod")));
+    }
+
+    fn mkdir(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        reply.error(errno("mkdir", &read_only("mkdir")));
+    }
+
+    fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(errno("unlink", &read_only("unlink")));
+    }
+
+    fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(errno("rmdir", &read_only("rmdir")));
+    }
+
+    fn symlink(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _link_name: &OsStr,
+        _target: &std::path::Path,
+        reply: ReplyEntry,
+    ) {
+        reply.error(errno("symlink", &read_only("symlink")));
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        _flags: fuser::RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(errno("rename", &read_only("rename")));
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        reply.error(errno("link", &read_only("link")));
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        reply.error(errno("write", &read_only("write")));
+    }
+
+    fn create(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: fuser::ReplyCreate,
+    ) {
+        reply.error(errno("create", &read_only("create")));
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(errno("setxattr", &read_only("setxattr")));
+    }
+
+    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(errno("removexattr", &read_only("removexattr")));
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _length: u64,
+        _mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(errno("fallocate", &read_only("fallocate")));
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        _fh_in: FileHandle,
+        _offset_in: u64,
+        _ino_out: INodeNo,
+        _fh_out: FileHandle,
+        _offset_out: u64,
+        _len: u64,
+        _flags: fuser::CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        reply.error(errno("copy_file_range", &read_only("copy_file_range")));
+    }
+}

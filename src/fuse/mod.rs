@@ -1,0 +1,151 @@
+//! The FUSE mount: a store's images as read-only raw block files, for one tenant.
+//!
+//! ```text
+//! MNT/public/NAME.raw   MNT/private/NAME.raw   MNT/shared/OWNER/NAME.raw   MNT/by-id/ID.raw
+//! ```
+//! Files are 0444 with the image's virtual size and creation time, and carry the extended
+//! attributes `user.imgvault.{id,owner,visibility,os,checksum}`. Every change is refused
+//! with EROFS. The store is opened as a reader (RocksDB secondary) beside the writer; the
+//! tree follows the catalog within about a second. An image held open keeps working after
+//! it is deleted: its chunks are pinned (see [`crate::store::pins`]) until it is closed.
+//!
+//! Reads are answered inline on fuser's threads (one `/dev/fuse` fd each) from the shared
+//! [`ChunkCache`](crate::read::ChunkCache); sequential readers get their next chunks decoded
+//! ahead in parallel; `SEEK_DATA`/`SEEK_HOLE` come from the zero extents; the page cache is
+//! kept across opens (the bytes of an image never change).
+//!
+//! ```no_run
+//! # fn main() -> imgvault::Result<()> {
+//! use std::sync::Arc;
+//! use imgvault::fuse::{Mounted, MountOptions};
+//! use imgvault::store::{OpenMode, Store};
+//! let store = Arc::new(Store::open("/var/lib/imgvault".as_ref(), OpenMode::Reader)?);
+//! let mounted = Mounted::mount(store, "/srv/images".as_ref(), &MountOptions::new("admin"))?;
+//! mounted.run()?; // until `imgvault umount /srv/images`
+//! # Ok(()) }
+//! ```
+
+mod fs;
+pub mod layout;
+pub mod sys;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fuser::{Config, MountOption, SessionACL};
+
+pub use fs::ImgvaultFs;
+pub use sys::{check_mountpoint, unmount, unmount_for_shutdown};
+
+use crate::error::{Error, Result};
+use crate::store::LiveStore;
+
+/// How to mount.
+#[derive(Debug, Clone)]
+pub struct MountOptions {
+    /// The tenant whose view is shown (`admin` sees every image).
+    pub tenant: String,
+    /// Bytes of decoded chunks kept in memory.
+    pub cache_bytes: u64,
+    /// Request-serving threads (each with its own `/dev/fuse` fd).
+    pub threads: usize,
+    /// Let other users (for example the user qemu runs as) read the mount.
+    pub allow_other: bool,
+    /// Read-ahead window set on the mount's bdi, in KiB (0: leave the kernel's default).
+    pub read_ahead_kb: u32,
+    /// Bytes decoded ahead of a sequential reader (0: off).
+    pub prefetch_bytes: u64,
+}
+
+impl MountOptions {
+    /// Defaults for `tenant`: 256 MiB cache, 2 threads, 1 MiB kernel read-ahead, 8 MiB
+    /// decode-ahead.
+    pub fn new(tenant: &str) -> Self {
+        MountOptions {
+            tenant: tenant.to_string(),
+            cache_bytes: 256 << 20,
+            threads: 2,
+            allow_other: false,
+            read_ahead_kb: 1024,
+            prefetch_bytes: 8 << 20,
+        }
+    }
+}
+
+/// A mounted filesystem, ready to serve (requests queue in the kernel until [`Mounted::run`]).
+pub struct Mounted {
+    session: fuser::Session<ImgvaultFs>,
+    mountpoint: PathBuf,
+}
+
+impl std::fmt::Debug for Mounted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mounted")
+            .field("mountpoint", &self.mountpoint)
+            .finish()
+    }
+}
+
+impl Mounted {
+    /// Checks the mountpoint, builds the tree and mounts. Returns once the kernel has
+    /// completed the FUSE handshake.
+    pub fn mount(store: LiveStore, mountpoint: &Path, opts: &MountOptions) -> Result<Mounted> {
+        if !(1..=64).contains(&opts.threads) {
+            return Err(Error::invalid(
+                "threads",
+                format!("{} is outside 1..=64", opts.threads),
+            ));
+        }
+        let mp = check_mountpoint(mountpoint)?;
+        let fs = ImgvaultFs::new(store, opts)?;
+        let mut config = Config::default();
+        config.mount_options = vec![
+            MountOption::RO,
+            MountOption::FSName("imgvault".to_string()),
+            MountOption::CUSTOM("subtype=imgvault".to_string()),
+            MountOption::DefaultPermissions,
+            MountOption::NoAtime,
+            MountOption::NoDev,
+            MountOption::NoSuid,
+        ];
+        config.acl = if opts.allow_other {
+            SessionACL::All
+        } else {
+            SessionACL::Owner
+        };
+        config.n_threads = Some(opts.threads);
+        config.clone_fd = opts.threads > 1;
+        let session = fuser::Session::new(fs, &mp, &config).map_err(|e| Error::Mount {
+            mountpoint: mountpoint.to_path_buf(),
+            reason: format!("mount failed: {e}"),
+        })?;
+        if opts.read_ahead_kb > 0 {
+            match sys::set_read_ahead_kb(&mp, opts.read_ahead_kb) {
+                Ok(kb) => tracing::debug!("{}: read_ahead_kb = {kb}", mp.display()),
+                Err(e) => tracing::info!(
+                    "{}: read-ahead left at the kernel's default: {e}",
+                    mp.display()
+                ),
+            }
+        }
+        Ok(Mounted {
+            session,
+            mountpoint: mp,
+        })
+    }
+
+    /// The canonical mountpoint.
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// Serves requests until the filesystem is unmounted; then closes every open image
+    /// (removing its pin).
+    pub fn run(self) -> Result<()> {
+        let mountpoint = self.mountpoint;
+        self.session.run().map_err(|e| Error::Mount {
+            mountpoint,
+            reason: format!("serving failed: {e}"),
+        })
+    }
+}

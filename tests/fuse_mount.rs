@@ -1,0 +1,696 @@
+//! Real FUSE mounts, read by the real clients that must accept them: cmp, qemu-img, qemu-io,
+//! losetup + fsck.ext4 + mount, plus the mount's own behaviour (tenant views, live catalog
+//! changes, held-open images surviving delete + gc, EROFS, SEEK_HOLE/SEEK_DATA, EIO).
+//!
+//! Every test needs root and /dev/fuse; without them it prints SKIP and returns.
+
+mod common;
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+macro_rules! require_mount {
+    ($name:expr) => {
+        if !can_mount() {
+            eprintln!("SKIP {}: FUSE mount tests need root and /dev/fuse", $name);
+            return;
+        }
+    };
+}
+
+const MIB: usize = 1 << 20;
+
+/// Unmounts (lazily, so a failing test with open files still cleans up) when dropped.
+struct MountGuard {
+    path: PathBuf,
+}
+
+impl MountGuard {
+    fn file(&self, rel: &str) -> PathBuf {
+        self.path.join(rel)
+    }
+}
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        let _ = Command::new(bin())
+            .args(["umount", "--lazy"])
+            .arg(&self.path)
+            .output();
+    }
+}
+
+/// Mounts `s` as `tenant` on a fresh directory `name` (detached: returns once it serves).
+fn mount_as(s: &TestStore, tenant: &str, name: &str, extra: &[&str]) -> MountGuard {
+    let dir = s.scratch(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut args = vec!["mount", dir.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    s.ok_as(tenant, &args);
+    let guard = MountGuard { path: dir.clone() };
+    assert!(is_mountpoint(&dir), "{} is not mounted", dir.display());
+    guard
+}
+
+fn is_mountpoint(p: &Path) -> bool {
+    let p = p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(p.to_str().unwrap()))
+}
+
+/// Detaches a loop device when dropped.
+struct Loop(String);
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).output();
+    }
+}
+
+/// Unmounts a kernel mount when dropped.
+struct KernelMount(PathBuf);
+
+impl Drop for KernelMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).output();
+    }
+}
+
+/// (byte offset, byte length) of the first partition, from `sfdisk --json`.
+fn partition(img: &Path) -> (u64, u64) {
+    let out = sh(&format!("sfdisk --json '{}'", img.display()));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let t = &v["partitiontable"];
+    let sector = t["sectorsize"].as_u64().unwrap_or(512);
+    let p = &t["partitions"][0];
+    let (start, size) = (p["start"].as_u64().unwrap(), p["size"].as_u64().unwrap());
+    assert_eq!(start * sector, partition_offset(img));
+    (start * sector, size * sector)
+}
+
+/// A read-only loop device over the first partition of `img`.
+fn loop_partition(img: &Path) -> Loop {
+    let (off, len) = partition(img);
+    let dev = sh(&format!(
+        "losetup -r -f --show -o {off} --sizelimit {len} '{}'",
+        img.display()
+    ));
+    Loop(dev.trim().to_string())
+}
+
+/// A file with data and holes: data [0,1M), zeros [1M,5M), data [5M,6M), zeros [6M,8M).
+fn holey_file(s: &TestStore, name: &str, seed: u64) -> PathBuf {
+    let p = s.scratch(name);
+    let f = File::create(&p).unwrap();
+    f.set_len(8 * MIB as u64).unwrap();
+    f.write_all_at(&random_bytes(MIB, seed), 0).unwrap();
+    f.write_all_at(&random_bytes(MIB, seed + 1), 5 * MIB as u64)
+        .unwrap();
+    p
+}
+
+fn image_id(s: &TestStore, tenant: &str, image: &str) -> String {
+    let v: serde_json::Value =
+        serde_json::from_str(&s.ok_as(tenant, &["--json", "show", image])).unwrap();
+    v["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no id in {v}"))
+        .to_string()
+}
+
+fn listing(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
+    let t0 = Instant::now();
+    loop {
+        if f() {
+            return Some(t0.elapsed());
+        }
+        if t0.elapsed() > limit {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn run(cmd: &mut Command) -> std::process::Output {
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn mounted_files_are_byte_identical_and_described() {
+    require_mount!("mounted_files_are_byte_identical_and_described");
+    let (base, _) = disk_images();
+    let s = TestStore::new();
+    let holey = holey_file(&s, "holey.raw", 11);
+    s.import(&holey, "holey");
+    s.import(base, "base");
+    let id = image_id(&s, "admin", "base");
+    let m = mount_as(&s, "admin", "mnt", &[]);
+
+    for (file, original) in [
+        ("private/holey.raw", &holey),
+        ("private/base.raw", base),
+        (&format!("by-id/{id}.raw") as &str, base),
+    ] {
+        assert_files_equal(original, &m.file(file));
+    }
+
+    // Attributes: size, mode, mtime = created, xattrs.
+    let md = std::fs::metadata(m.file("private/base.raw")).unwrap();
+    assert_eq!(md.len(), std::fs::metadata(base).unwrap().len());
+    assert_eq!(md.mode() & 0o7777, 0o444);
+    let show: serde_json::Value = serde_json::from_str(&s.ok(&["--json", "show", "base"])).unwrap();
+    assert_eq!(md.mtime() as u64, show["created"].as_u64().unwrap());
+    assert_eq!(
+        std::fs::metadata(m.file("by-id")).unwrap().mode() & 0o7777,
+        0o555
+    );
+    let xattr = |name: &str| {
+        sh(&format!(
+            "python3 -c 'import os,sys; sys.stdout.write(os.getxattr(sys.argv[1], sys.argv[2]).decode())' '{}' {name}",
+            m.file("private/base.raw").display()
+        ))
+    };
+    assert_eq!(xattr("user.imgvault.id"), id);
+    assert_eq!(xattr("user.imgvault.owner"), "admin");
+    assert_eq!(xattr("user.imgvault.visibility"), "private");
+    let b3 = sh(&format!("b3sum --no-names '{}'", base.display()));
+    assert_eq!(xattr("user.imgvault.checksum"), b3.trim());
+
+    // qemu-img sees a raw disk of the right size, equal to the original.
+    let info = sh(&format!(
+        "qemu-img info --output=json '{}'",
+        m.file("private/base.raw").display()
+    ));
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["format"], "raw");
+    assert_eq!(info["virtual-size"].as_u64(), Some(md.len()));
+    sh(&format!(
+        "qemu-img compare -f raw -F raw '{}' '{}'",
+        m.file("private/base.raw").display(),
+        base.display()
+    ));
+}
+
+#[test]
+fn ext4_partition_read_through_the_mount_checks_clean_and_matches_the_original() {
+    require_mount!("ext4_partition_read_through_the_mount_checks_clean_and_matches_the_original");
+    let (base, derived) = disk_images();
+    let s = TestStore::new();
+    s.import(base, "base");
+    s.import(derived, "derived");
+    let m = mount_as(&s, "admin", "mnt", &[]);
+
+    for (name, original) in [("base", base), ("derived", derived)] {
+        let mounted = m.file(&format!("private/{name}.raw"));
+        // fsck.ext4 -n on a loop device over the partition of the mounted file.
+        let lo = loop_partition(&mounted);
+        let fsck = run(Command::new("fsck.ext4").args(["-n", "-f", &lo.0]));
+        assert!(
+            fsck.status.success(),
+            "fsck.ext4 -n {name} through the mount: {}\n{}",
+            String::from_utf8_lossy(&fsck.stdout),
+            String::from_utf8_lossy(&fsck.stderr)
+        );
+        // The same partition of the original, for comparison.
+        let lo_orig = loop_partition(original);
+        let (a, b) = (
+            s.scratch(&format!("{name}-via-mount")),
+            s.scratch(&format!("{name}-orig")),
+        );
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        sh(&format!(
+            "mount -t ext4 -o ro,noload '{}' '{}'",
+            lo.0,
+            a.display()
+        ));
+        let _ma = KernelMount(a.clone());
+        sh(&format!(
+            "mount -t ext4 -o ro,noload '{}' '{}'",
+            lo_orig.0,
+            b.display()
+        ));
+        let _mb = KernelMount(b.clone());
+        let files = sh(&format!("find '{}' -type f | wc -l", a.display()));
+        assert!(
+            files.trim().parse::<u64>().unwrap() > 100,
+            "{name}: only {files} files in the mounted tree"
+        );
+        sh(&format!(
+            "diff -r --no-dereference '{}' '{}'",
+            a.display(),
+            b.display()
+        ));
+        if name == "derived" {
+            assert!(a.join("added").is_dir(), "derived image lacks /added");
+        }
+    }
+}
+
+#[test]
+fn qcow2_overlay_on_the_mounted_file_takes_writes_and_leaves_the_base_alone() {
+    require_mount!("qcow2_overlay_on_the_mounted_file_takes_writes_and_leaves_the_base_alone");
+    let (base, _) = disk_images();
+    let s = TestStore::new();
+    s.import(base, "base");
+    let m = mount_as(&s, "admin", "mnt", &[]);
+    let overlay = s.scratch("server-1.qcow2");
+    s.ok(&[
+        "clone-overlay",
+        "base",
+        overlay.to_str().unwrap(),
+        "--mount",
+        m.path.to_str().unwrap(),
+    ]);
+    let info = sh(&format!(
+        "qemu-img info --output=json '{}'",
+        overlay.display()
+    ));
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["format"], "qcow2");
+    assert!(
+        info["backing-filename"]
+            .as_str()
+            .unwrap()
+            .starts_with(m.path.canonicalize().unwrap().to_str().unwrap()),
+        "{info}"
+    );
+    // An existing overlay is not overwritten.
+    s.fail(&[
+        "clone-overlay",
+        "base",
+        overlay.to_str().unwrap(),
+        "--mount",
+        m.path.to_str().unwrap(),
+    ]);
+
+    let out = sh(&format!(
+        "qemu-io -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' '{}'",
+        overlay.display()
+    ));
+    assert!(out.contains("wrote 1048576/1048576"), "{out}");
+    assert!(out.contains("read 1048576/1048576"), "{out}");
+    // Beyond the write, the overlay reads the base.
+    let cmp = run(Command::new("qemu-img").args([
+        "compare",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        overlay.to_str().unwrap(),
+        base.to_str().unwrap(),
+    ]));
+    assert_eq!(
+        cmp.status.code(),
+        Some(1),
+        "overlay must differ only by the write"
+    );
+    assert!(
+        String::from_utf8_lossy(&cmp.stdout).contains("offset 0"),
+        "{}",
+        String::from_utf8_lossy(&cmp.stdout)
+    );
+    // The base, through the mount, is unchanged.
+    assert_files_equal(base, &m.file("private/base.raw"));
+    // A second clone from the same base: N servers from one image.
+    let overlay2 = s.scratch("server-2.qcow2");
+    s.ok(&[
+        "clone-overlay",
+        "base",
+        overlay2.to_str().unwrap(),
+        "--mount",
+        m.path.to_str().unwrap(),
+    ]);
+    sh(&format!(
+        "qemu-img compare -f qcow2 -F raw '{}' '{}'",
+        overlay2.display(),
+        base.display()
+    ));
+}
+
+#[test]
+fn tenants_see_their_own_view() {
+    require_mount!("tenants_see_their_own_view");
+    let s = TestStore::new();
+    let data = s.scratch("d.raw");
+    std::fs::write(&data, random_bytes(2 * MIB, 5)).unwrap();
+    let d = data.to_str().unwrap();
+    s.ok(&["import", d, "--name", "pub", "--visibility", "public"]);
+    s.ok_as("alice", &["import", d, "--name", "secret"]);
+    s.ok_as("alice", &["import", d, "--name", "team"]);
+    s.ok_as("alice", &["share", "team", "bob"]);
+    s.ok_as("alice", &["share", "team", "carol"]);
+    let team_id = image_id(&s, "alice", "team");
+    let secret_id = image_id(&s, "alice", "secret");
+    s.ok_as("bob", &["accept", &team_id]);
+
+    let alice = mount_as(&s, "alice", "alice", &[]);
+    assert_eq!(listing(&alice.file("private")), ["secret.raw", "team.raw"]);
+    assert_eq!(listing(&alice.file("public")), ["pub.raw"]);
+    assert!(listing(&alice.file("shared")).is_empty());
+
+    let bob = mount_as(&s, "bob", "bob", &[]);
+    assert!(listing(&bob.file("private")).is_empty());
+    assert_eq!(listing(&bob.file("shared")), ["alice"]);
+    assert_eq!(listing(&bob.file("shared/alice")), ["team.raw"]);
+    assert_files_equal(&data, &bob.file("shared/alice/team.raw"));
+
+    // carol's share is pending: she sees only the public image.
+    let carol = mount_as(&s, "carol", "carol", &[]);
+    assert!(listing(&carol.file("shared")).is_empty());
+    assert_eq!(listing(&carol.file("public")), ["pub.raw"]);
+    assert_eq!(listing(&carol.file("by-id")).len(), 1);
+    // ... and a stranger cannot reach the private image by id either.
+    let mallory = mount_as(&s, "mallory", "mallory", &[]);
+    for path in [
+        format!("by-id/{secret_id}.raw"),
+        format!("by-id/{team_id}.raw"),
+        "shared/alice/secret.raw".to_string(),
+    ] {
+        let e = std::fs::metadata(mallory.file(&path)).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{path}");
+    }
+
+    // admin sees everything.
+    let admin = mount_as(&s, "admin", "admin", &[]);
+    assert_eq!(
+        listing(&admin.file("shared/alice")),
+        ["secret.raw", "team.raw"]
+    );
+    assert_eq!(listing(&admin.file("by-id")).len(), 3);
+
+    // carol accepts: the share appears without a remount.
+    s.ok_as("carol", &["accept", &team_id]);
+    let seen = wait_until(Duration::from_secs(2), || {
+        carol.file("shared/alice/team.raw").exists()
+    });
+    assert!(
+        seen.is_some(),
+        "accepted share did not appear in carol's mount"
+    );
+}
+
+#[test]
+fn images_imported_while_mounted_appear_within_a_second_and_deleted_ones_vanish() {
+    require_mount!("images_imported_while_mounted_appear_within_a_second_and_deleted_ones_vanish");
+    let s = TestStore::new();
+    let a = s.scratch("a.raw");
+    std::fs::write(&a, random_bytes(3 * MIB, 1)).unwrap();
+    s.import(&a, "first");
+    let m = mount_as(&s, "admin", "mnt", &[]);
+    assert_eq!(listing(&m.file("private")), ["first.raw"]);
+
+    let b = s.scratch("b.raw");
+    std::fs::write(&b, random_bytes(3 * MIB, 2)).unwrap();
+    s.import(&b, "second");
+    let took = wait_until(Duration::from_secs(1), || {
+        m.file("private/second.raw").exists()
+    });
+    eprintln!("new image visible after {took:?}");
+    assert!(took.is_some(), "imported image not visible within 1 s");
+    assert_files_equal(&b, &m.file("private/second.raw"));
+
+    s.ok(&["delete", "first"]);
+    let took = wait_until(Duration::from_secs(2), || {
+        !listing(&m.file("private")).contains(&"first.raw".to_string())
+    });
+    eprintln!("deleted image gone from the listing after {took:?}");
+    assert!(took.is_some(), "deleted image still listed");
+    assert_eq!(listing(&m.file("by-id")).len(), 1);
+}
+
+#[test]
+fn an_image_held_open_reads_to_the_end_after_delete_and_gc() {
+    require_mount!("an_image_held_open_reads_to_the_end_after_delete_and_gc");
+    let s = TestStore::new();
+    let keep = s.scratch("keep.raw");
+    std::fs::write(&keep, random_bytes(4 * MIB, 3)).unwrap();
+    let victim = s.scratch("victim.raw");
+    std::fs::write(&victim, random_bytes(24 * MIB, 4)).unwrap();
+    let other = s.scratch("other.raw");
+    std::fs::write(&other, random_bytes(12 * MIB, 5)).unwrap();
+    s.import(&keep, "keep");
+    s.import(&victim, "victim");
+    s.import(&other, "other");
+    let m = mount_as(&s, "admin", "mnt", &[]);
+
+    let f = File::open(m.file("private/victim.raw")).unwrap();
+    // Read only the first MiB before the delete.
+    let mut head = vec![0u8; MIB];
+    f.read_exact_at(&mut head, 0).unwrap();
+    let pins = listing(&s.path().join("mounts"));
+    assert_eq!(pins.len(), 1, "one pin while open: {pins:?}");
+
+    s.ok(&["delete", "victim"]);
+    s.ok(&["delete", "other"]);
+    let gc = s.json(&["gc"]);
+    eprintln!("gc while held open: {gc}");
+    assert!(gc["pinned_chunks"].as_u64().unwrap() > 0, "{gc}");
+    // other's chunks went (so compaction ran under the reader), victim's stayed.
+    assert!(gc["unreferenced_chunks"].as_u64().unwrap() > 0, "{gc}");
+    assert!(wait_until(Duration::from_secs(2), || {
+        !listing(&m.file("private")).contains(&"victim.raw".to_string())
+    })
+    .is_some());
+
+    let mut all = vec![0u8; 24 * MIB];
+    f.read_exact_at(&mut all, 0).unwrap();
+    assert!(
+        all == std::fs::read(&victim).unwrap(),
+        "held-open image read wrong bytes"
+    );
+    drop(f);
+
+    // Closed: the pin is gone and the next gc frees the chunks.
+    assert!(
+        wait_until(Duration::from_secs(2), || listing(&s.path().join("mounts"))
+            .is_empty())
+        .is_some(),
+        "pin not removed on close"
+    );
+    let gc = s.json(&["gc"]);
+    assert_eq!(gc["pinned_chunks"].as_u64(), Some(0), "{gc}");
+    assert!(gc["unreferenced_chunks"].as_u64().unwrap() > 0, "{gc}");
+    assert_files_equal(&keep, &m.file("private/keep.raw"));
+}
+
+#[test]
+fn writes_are_refused_with_erofs() {
+    require_mount!("writes_are_refused_with_erofs");
+    let s = TestStore::new();
+    let a = s.scratch("a.raw");
+    std::fs::write(&a, random_bytes(MIB, 9)).unwrap();
+    s.import(&a, "img");
+    let m = mount_as(&s, "admin", "mnt", &[]);
+    let file = m.file("private/img.raw");
+    let erofs = |r: std::io::Result<()>, what: &str| {
+        let e = r.expect_err(what);
+        assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{what}: {e}");
+    };
+    erofs(
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&file)
+            .map(|_| ()),
+        "open for writing",
+    );
+    erofs(std::fs::write(m.file("private/new.raw"), b"x"), "create");
+    erofs(std::fs::create_dir(m.file("private/dir")), "mkdir");
+    erofs(std::fs::remove_file(&file), "unlink");
+    erofs(
+        std::fs::rename(&file, m.file("private/renamed.raw")),
+        "rename",
+    );
+    erofs(
+        std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o644)),
+        "chmod",
+    );
+    let setx = Command::new("python3")
+        .args([
+            "-c",
+            "import os,sys\ntry:\n os.setxattr(sys.argv[1], 'user.x', b'1')\nexcept OSError as e:\n sys.exit(e.errno)",
+        ])
+        .arg(&file)
+        .status()
+        .unwrap();
+    assert_eq!(setx.code(), Some(libc::EROFS), "setxattr");
+    assert_files_equal(&a, &file);
+}
+
+#[test]
+fn seek_hole_and_seek_data_follow_the_zero_extents() {
+    require_mount!("seek_hole_and_seek_data_follow_the_zero_extents");
+    let s = TestStore::new();
+    let holey = holey_file(&s, "holey.raw", 21);
+    s.import(&holey, "holey");
+    let m = mount_as(&s, "admin", "mnt", &[]);
+    let f = File::open(m.file("private/holey.raw")).unwrap();
+    let seek = |off: u64, whence: i32| -> Result<u64, i32> {
+        // SAFETY: valid fd; lseek has no memory effects.
+        let r = unsafe { libc::lseek(f.as_raw_fd(), off as libc::off_t, whence) };
+        if r < 0 {
+            Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+        } else {
+            Ok(r as u64)
+        }
+    };
+    let m1 = MIB as u64;
+    assert_eq!(seek(0, libc::SEEK_DATA), Ok(0));
+    assert_eq!(seek(0, libc::SEEK_HOLE), Ok(m1));
+    assert_eq!(seek(m1, libc::SEEK_DATA), Ok(5 * m1));
+    assert_eq!(seek(2 * m1, libc::SEEK_DATA), Ok(5 * m1));
+    assert_eq!(seek(5 * m1 + 7, libc::SEEK_DATA), Ok(5 * m1 + 7));
+    assert_eq!(seek(5 * m1, libc::SEEK_HOLE), Ok(6 * m1));
+    assert_eq!(seek(6 * m1, libc::SEEK_DATA), Err(libc::ENXIO));
+    assert_eq!(seek(8 * m1, libc::SEEK_HOLE), Err(libc::ENXIO));
+    // A sparse-aware copy through the mount keeps the holes and the bytes.
+    let copy = s.scratch("copy.raw");
+    sh(&format!(
+        "cp --sparse=always '{}' '{}'",
+        m.file("private/holey.raw").display(),
+        copy.display()
+    ));
+    assert_files_equal(&holey, &copy);
+    assert!(allocated(&copy) <= 2 * m1 + 64 * 1024, "copy is not sparse");
+}
+
+#[test]
+fn a_corrupt_chunk_is_an_eio_with_the_offset_logged() {
+    require_mount!("a_corrupt_chunk_is_an_eio_with_the_offset_logged");
+    let s = TestStore::new();
+    let a = s.scratch("a.raw");
+    std::fs::write(&a, random_bytes(8 * MIB, 77)).unwrap();
+    s.import(&a, "victim");
+    // Flip one byte in the middle of every blob file.
+    let mut flipped = 0;
+    for e in std::fs::read_dir(s.path().join("db")).unwrap().flatten() {
+        if e.path().extension().is_some_and(|x| x == "blob") {
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(e.path())
+                .unwrap();
+            let at = f.metadata().unwrap().len() / 2;
+            let mut b = [0u8; 1];
+            f.read_exact_at(&mut b, at).unwrap();
+            b[0] ^= 0x5a;
+            f.write_all_at(&b, at).unwrap();
+            flipped += 1;
+        }
+    }
+    assert!(flipped > 0);
+    let log = s.scratch("mount.log");
+    let m = mount_as(&s, "admin", "mnt", &["--log-file", log.to_str().unwrap()]);
+    let mut buf = vec![0u8; 8 * MIB];
+    let e = File::open(m.file("private/victim.raw"))
+        .unwrap()
+        .read_exact_at(&mut buf, 0)
+        .expect_err("a corrupt image must not read cleanly");
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("image victim: corrupt data at byte offset"),
+        "log: {text}"
+    );
+}
+
+#[test]
+fn bad_mountpoints_are_refused_clearly() {
+    require_mount!("bad_mountpoints_are_refused_clearly");
+    let s = TestStore::new();
+    let missing = s.scratch("missing");
+    let (_, e) = s.fail(&["mount", missing.to_str().unwrap()]);
+    assert!(e.contains("does not exist"), "{e}");
+    let file = s.scratch("file");
+    std::fs::write(&file, b"x").unwrap();
+    let (_, e) = s.fail(&["mount", file.to_str().unwrap()]);
+    assert!(e.contains("not a directory"), "{e}");
+    let full = s.scratch("full");
+    std::fs::create_dir_all(&full).unwrap();
+    std::fs::write(full.join("f"), b"x").unwrap();
+    let (_, e) = s.fail(&["mount", full.to_str().unwrap()]);
+    assert!(e.contains("not empty"), "{e}");
+    let m = mount_as(&s, "admin", "mnt", &[]);
+    let (_, e) = s.fail(&["mount", m.path.to_str().unwrap()]);
+    assert!(e.contains("already a mountpoint"), "{e}");
+    let (_, e) = s.fail(&["umount", full.to_str().unwrap()]);
+    assert!(e.contains("not a mountpoint"), "{e}");
+    let (_, e) = s.fail(&["umount", "/proc"]);
+    assert!(e.contains("not an imgvault"), "{e}");
+    // No store: the error comes back before detaching.
+    let nostore = TestStore::uninit();
+    let dir = nostore.scratch("m");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (code, e) = nostore.fail(&["mount", dir.to_str().unwrap()]);
+    assert_eq!(code, 3, "{e}");
+    assert!(!is_mountpoint(&dir));
+    // Unmount, busy and not.
+    let a = s.scratch("a.raw");
+    std::fs::write(&a, random_bytes(MIB, 1)).unwrap();
+    s.import(&a, "img");
+    assert!(wait_until(Duration::from_secs(2), || m
+        .file("private/img.raw")
+        .exists())
+    .is_some());
+    let held = File::open(m.file("private/img.raw")).unwrap();
+    let (_, e) = s.fail(&["umount", m.path.to_str().unwrap()]);
+    assert!(e.contains("busy"), "{e}");
+    drop(held);
+    s.ok(&["umount", m.path.to_str().unwrap()]);
+    assert!(!is_mountpoint(&m.path));
+}
+
+#[test]
+fn foreground_mount_unmounts_on_sigterm() {
+    require_mount!("foreground_mount_unmounts_on_sigterm");
+    let s = TestStore::new();
+    let a = s.scratch("a.raw");
+    std::fs::write(&a, random_bytes(MIB, 1)).unwrap();
+    s.import(&a, "img");
+    let dir = s.scratch("fg");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut child = Command::new(bin())
+        .arg("--store")
+        .arg(s.path())
+        .args(["mount", "--foreground"])
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _guard = MountGuard { path: dir.clone() };
+    assert!(
+        wait_until(Duration::from_secs(10), || is_mountpoint(&dir)).is_some(),
+        "foreground mount never appeared"
+    );
+    assert_files_equal(&a, &dir.join("private/img.raw"));
+    // SAFETY: sending a signal to our child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert!(status.success(), "foreground mount exited with {status}");
+    assert!(!is_mountpoint(&dir), "still mounted after SIGTERM");
+    assert!(listing(&s.path().join("mounts")).is_empty());
+}
