@@ -7,10 +7,11 @@
 #   DEMO_SIZE_MIB=400            virtual size of each disk image
 #   DEMO_DATA_MIB=240            real files copied into the base image
 #   DEMO_CLEAN=1                 remove DEMO_DIR at the end (default: keep it for inspection)
+#   DEMO_SKIP_DEPS=1             do not run scripts/install-deps.sh first
 set -euo pipefail
 
 if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
-    sed -n '4,9s/^# \{0,1\}//p' "$0"; exit 0
+    sed -n '4,10s/^# \{0,1\}//p' "$0"; exit 0
 fi
 
 ROOT=$(cd "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
@@ -36,6 +37,13 @@ iv() {
     echo "+ imgvault --store $STORE $*"
     "$IMGVAULT" --store "$STORE" "$@"
 }
+
+# ---- system packages (skip with DEMO_SKIP_DEPS=1)
+if [ "${DEMO_SKIP_DEPS:-}" != 1 ]; then
+    section "install dependencies (scripts/install-deps.sh)"
+    bash "$ROOT/scripts/install-deps.sh"
+    done_in
+fi
 
 # ---- binary
 if [ -z "${IMGVAULT:-}" ]; then

@@ -235,6 +235,9 @@ fn expected(op: Op, vis: Vis, actor: Actor) -> Result<(), (i32, &'static str)> {
     }
 }
 
+/// One cell of the matrix: what happened, or why it is wrong.
+type Cell = Result<String, String>;
+
 struct Fixture {
     template: TestStore,
     ids: BTreeMap<Vis, String>,
@@ -275,7 +278,7 @@ fn fixture() -> Fixture {
 }
 
 /// Runs one cell of the matrix on a fresh copy of the fixture store.
-fn run_case(fx: &Fixture, op: Op, vis: Vis, actor: Actor) -> Result<String, String> {
+fn run_case(fx: &Fixture, op: Op, vis: Vis, actor: Actor) -> Cell {
     let s = copy_of_store(&fx.template);
     let who = tenant(vis, actor);
     let id = fx.ids[&vis].as_str();
@@ -440,8 +443,7 @@ fn access_matrix() {
             }
         }
     }
-    let results: std::sync::Mutex<BTreeMap<(usize, usize, usize), Result<String, String>>> =
-        Default::default();
+    let results: std::sync::Mutex<BTreeMap<(usize, usize, usize), Cell>> = Default::default();
     let next = std::sync::atomic::AtomicUsize::new(0);
     std::thread::scope(|sc| {
         for _ in 0..4 {
@@ -461,12 +463,13 @@ fn access_matrix() {
         }
     });
     let results = results.into_inner().unwrap();
+    let mounts = mount_listing(&fx);
     // The matrix as a table: ok / listed, or the exit code of the refusal.
     let mut table = format!("{:<18}", "visibility/actor");
     for op in OPS {
         table += &format!("{:>9}", format!("{op:?}").to_lowercase());
     }
-    table += "\n";
+    table += "    mount\n";
     let mut failures = Vec::new();
     for (vi, vis) in VISES.iter().enumerate() {
         for (ai, actor) in ACTORS.iter().enumerate() {
@@ -481,7 +484,17 @@ fn access_matrix() {
                 };
                 table += &format!("{cell:>9}");
             }
-            table += "\n";
+            let cell = match &mounts {
+                None => "skip".to_string(),
+                Some(m) => match &m[&(vi, ai)] {
+                    Ok(c) => c.clone(),
+                    Err(e) => {
+                        failures.push(e.clone());
+                        "FAIL".into()
+                    }
+                },
+            };
+            table += &format!("{cell:>9}\n");
         }
     }
     eprintln!("{table}");
@@ -491,8 +504,86 @@ fn access_matrix() {
         failures.len(),
         failures.join("\n\n")
     );
-    // 9 operations x 3 visibilities x 5 actors.
+    // 9 operations x 3 visibilities x 5 actors, plus the mount column.
     assert_eq!(results.len(), 135);
+    if mounts.is_none() {
+        eprintln!("SKIP mount column: FUSE mounts need root and /dev/fuse");
+    }
+}
+
+/// Unmounts (lazily) when dropped.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(bin())
+            .args(["umount", "--lazy"])
+            .arg(&self.0)
+            .output();
+    }
+}
+
+/// The mount column of the matrix: each actor mounts the store and the image must be
+/// served (under by-id/ and under its name, with the right bytes) exactly when the actor
+/// may read it; pending members and strangers do not see it. `None` without FUSE.
+fn mount_listing(fx: &Fixture) -> Option<BTreeMap<(usize, usize), Cell>> {
+    if !can_mount() {
+        return None;
+    }
+    // A copy of its own: a mount writes pin files into the store directory.
+    let s = copy_of_store(&fx.template);
+    let mut out = BTreeMap::new();
+    for (ai, actor) in ACTORS.iter().enumerate() {
+        for (vi, vis) in VISES.iter().enumerate() {
+            let who = tenant(*vis, *actor);
+            let dir = s.scratch(&format!("mnt-{vi}-{ai}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            s.ok_as(who, &["mount", dir.to_str().unwrap()]);
+            let guard = Unmount(dir.clone());
+            let id = &fx.ids[vis];
+            let name = match vis {
+                Vis::Public => "public/pub.raw".to_string(),
+                Vis::Private | Vis::Shared if who == "alice" => {
+                    format!(
+                        "private/{}.raw",
+                        if *vis == Vis::Private { "priv" } else { "shr" }
+                    )
+                }
+                Vis::Private => "shared/alice/priv.raw".to_string(),
+                Vis::Shared => "shared/alice/shr.raw".to_string(),
+            };
+            let by_id = dir.join(format!("by-id/{id}.raw"));
+            let named = dir.join(&name);
+            let served = by_id.exists();
+            let want = expected(Op::List, *vis, *actor).is_ok();
+            let r = if served != want {
+                Err(format!(
+                    "mount as {who}: {} is {}served",
+                    by_id.display(),
+                    if served { "" } else { "not " }
+                ))
+            } else if !want {
+                if named.exists() {
+                    Err(format!("mount as {who}: {name} is served"))
+                } else {
+                    Ok("-".to_string())
+                }
+            } else {
+                let original = std::fs::read(&fx.files[vis]).unwrap();
+                match (std::fs::read(&by_id), std::fs::read(&named)) {
+                    (Ok(a), Ok(b)) if a == original && b == original => Ok("listed".into()),
+                    (a, b) => Err(format!(
+                        "mount as {who}: {name} / by-id read back wrong: {:?} {:?}",
+                        a.map(|v| v.len()),
+                        b.map(|v| v.len())
+                    )),
+                }
+            };
+            out.insert((vi, ai), r);
+            drop(guard);
+        }
+    }
+    Some(out)
 }
 
 // ---- sharing -------------------------------------------------------------------------------

@@ -143,6 +143,17 @@ impl ChunkerParams {
     }
 }
 
+static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+
+/// Feeds `len` zero bytes to `hasher` (holes count in the whole-disk checksum).
+pub fn hash_zeros(hasher: &mut blake3::Hasher, mut len: u64) {
+    while len > 0 {
+        let n = len.min(ZEROS.len() as u64) as usize;
+        hasher.update(&ZEROS[..n]);
+        len -= n as u64;
+    }
+}
+
 /// True when every byte of `data` is zero. The OR-fold over fixed windows vectorises to
 /// wide compares and exits early on the first non-zero window.
 pub fn is_zero(data: &[u8]) -> bool {

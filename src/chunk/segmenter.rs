@@ -48,7 +48,7 @@ pub struct Batch {
 /// Finalized chunk bytes per batch before it is handed on.
 const BATCH_TARGET: usize = 4 << 20;
 
-/// Turns a stream of [`Piece`]s into [`Batch`]es, and hashes the whole stream.
+/// Turns a stream of [`Piece`]s into [`Batch`]es.
 pub struct Segmenter<F: FnMut(Batch) -> Result<()>> {
     params: ChunkerParams,
     masks: (u64, u64),
@@ -67,7 +67,6 @@ pub struct Segmenter<F: FnMut(Batch) -> Result<()>> {
     /// Logical offset of `buf[cut_pos]`.
     cut_offset: u64,
     segments: Vec<Segment>,
-    whole: blake3::Hasher,
 }
 
 impl<F: FnMut(Batch) -> Result<()>> Segmenter<F> {
@@ -85,7 +84,6 @@ impl<F: FnMut(Batch) -> Result<()>> Segmenter<F> {
             cut_pos: 0,
             cut_offset: 0,
             segments: Vec::new(),
-            whole: blake3::Hasher::new(),
         }
     }
 
@@ -93,7 +91,6 @@ impl<F: FnMut(Batch) -> Result<()>> Segmenter<F> {
     pub fn feed(&mut self, piece: Piece<'_>) -> Result<()> {
         match piece {
             Piece::Data(mut data) => {
-                self.whole.update(data);
                 if !self.partial.is_empty() {
                     let need = ZERO_BLOCK as usize - self.partial.len();
                     let take = need.min(data.len());
@@ -112,7 +109,6 @@ impl<F: FnMut(Batch) -> Result<()>> Segmenter<F> {
                 self.partial.extend_from_slice(&data[aligned..]);
             }
             Piece::Zeros(mut len) => {
-                hash_zeros(&mut self.whole, len);
                 if !self.partial.is_empty() {
                     let need = ZERO_BLOCK - self.partial.len() as u64;
                     let take = need.min(len);
@@ -135,8 +131,8 @@ impl<F: FnMut(Batch) -> Result<()>> Segmenter<F> {
         Ok(())
     }
 
-    /// Ends the stream: returns the virtual size and the BLAKE3 of the whole stream.
-    pub fn finish(mut self) -> Result<(u64, blake3::Hash)> {
+    /// Ends the stream: returns its size.
+    pub fn finish(mut self) -> Result<u64> {
         if !self.partial.is_empty() {
             let tail = std::mem::take(&mut self.partial);
             self.blocks(&tail)?;
@@ -144,7 +140,7 @@ impl<F: FnMut(Batch) -> Result<()>> Segmenter<F> {
         self.end_zero_run()?;
         self.end_region()?;
         self.emit_batch()?;
-        Ok((self.offset, self.whole.finalize()))
+        Ok(self.offset)
     }
 
     /// Processes whole aligned blocks (the last block of the stream may be short).
@@ -292,16 +288,6 @@ impl<F: FnMut(Batch) -> Result<()>> Segmenter<F> {
     }
 }
 
-static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
-
-fn hash_zeros(hasher: &mut blake3::Hasher, mut len: u64) {
-    while len > 0 {
-        let n = len.min(ZEROS.len() as u64) as usize;
-        hasher.update(&ZEROS[..n]);
-        len -= n as u64;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -325,7 +311,7 @@ mod tests {
             };
             seg.feed(p).unwrap();
         }
-        let (size, _) = seg.finish().unwrap();
+        let size = seg.finish().unwrap();
         (out, size)
     }
 

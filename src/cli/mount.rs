@@ -9,7 +9,6 @@
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use clap::Args;
 use imgvault::catalog::Catalog;

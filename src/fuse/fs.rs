@@ -22,7 +22,7 @@ use crate::catalog::{Access, Catalog, ImageRecord};
 use crate::error::{Error, Result};
 use crate::read::{ChunkCache, ImageReader};
 use crate::store::pins::{self, Pin};
-use crate::store::LiveStore;
+use crate::store::{LiveStore, Store};
 
 /// Attribute and entry lifetime in the kernel: short, so that images imported, deleted or
 /// shared by the writer show up (or vanish) within about a second.
@@ -114,7 +114,8 @@ pub struct ImgvaultFs {
     cache: Arc<ChunkCache>,
     prefetch_bytes: u64,
     view: RwLock<Arc<View>>,
-    refreshed: Mutex<Instant>,
+    /// When the tree was last checked, and the snapshot it was built from.
+    refreshed: Mutex<(Instant, Option<Arc<Store>>)>,
     open: Mutex<HashMap<u64, OpenImage>>,
     handles: RwLock<HashMap<u64, Arc<Handle>>>,
     listings: Mutex<HashMap<u64, Arc<Listing>>>,
@@ -128,14 +129,15 @@ pub struct ImgvaultFs {
 impl ImgvaultFs {
     /// A filesystem over `store` as `opts.tenant` sees it.
     pub fn new(store: LiveStore, opts: &MountOptions) -> Result<Self> {
-        let view = View::build(&Catalog::new(&store.get()), &opts.tenant)?;
+        let snapshot = store.get();
+        let view = View::build(&Catalog::new(&snapshot), &opts.tenant)?;
         Ok(ImgvaultFs {
             cache: Arc::new(ChunkCache::new(opts.cache_bytes)),
             store,
             tenant: opts.tenant.clone(),
             prefetch_bytes: opts.prefetch_bytes,
             view: RwLock::new(Arc::new(view)),
-            refreshed: Mutex::new(Instant::now()),
+            refreshed: Mutex::new((Instant::now(), Some(snapshot))),
             open: Mutex::new(HashMap::new()),
             handles: RwLock::new(HashMap::new()),
             listings: Mutex::new(HashMap::new()),
@@ -162,17 +164,24 @@ impl ImgvaultFs {
             Err(TryLockError::Poisoned(p)) => p.into_inner(),
             Err(TryLockError::WouldBlock) => return,
         };
-        if last.elapsed() < REFRESH_EVERY {
+        if last.0.elapsed() < REFRESH_EVERY {
             return;
         }
+        last.0 = Instant::now();
         if let Err(e) = self.store.refresh() {
             tracing::warn!("catching up with the store's writer: {e}");
         }
-        match View::build(&Catalog::new(&self.store.get()), &self.tenant) {
-            Ok(v) => *self.view.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(v),
+        let snapshot = self.store.get();
+        if last.1.as_ref().is_some_and(|s| Arc::ptr_eq(s, &snapshot)) {
+            return; // nothing committed since the tree was built
+        }
+        match View::build(&Catalog::new(&snapshot), &self.tenant) {
+            Ok(v) => {
+                *self.view.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(v);
+                last.1 = Some(snapshot);
+            }
             Err(e) => tracing::warn!("re-reading the catalog: {e}"),
         }
-        *last = Instant::now();
     }
 
     /// The record of an image inode: from the tree, or from the open files (an image deleted

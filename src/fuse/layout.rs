@@ -121,14 +121,11 @@ impl View {
                 view.add(PRIVATE, &file, ino);
             } else {
                 let dir = owner_ino(&rec.owner);
-                if !view.dirs.contains_key(&dir) {
-                    view.dirs.insert(
-                        dir,
-                        Dir {
-                            parent: SHARED,
-                            ..Default::default()
-                        },
-                    );
+                if let std::collections::hash_map::Entry::Vacant(e) = view.dirs.entry(dir) {
+                    e.insert(Dir {
+                        parent: SHARED,
+                        ..Default::default()
+                    });
                     view.add(SHARED, &rec.owner, dir);
                 }
                 view.add(dir, &file, ino);

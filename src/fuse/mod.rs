@@ -5,8 +5,9 @@
 //! ```
 //! Files are 0444 with the image's virtual size and creation time, and carry the extended
 //! attributes `user.imgvault.{id,owner,visibility,os,checksum}`. Every change is refused
-//! with EROFS. The store is opened as a reader (RocksDB secondary) beside the writer; the
-//! tree follows the catalog within about a second. An image held open keeps working after
+//! with EROFS. The store is read through a [`LiveStore`] beside the writer (read-only
+//! snapshots, a new one when the writer commits); the tree follows the catalog within about
+//! a second, and an open image keeps reading the snapshot it was opened on. An image held open keeps working after
 //! it is deleted: its chunks are pinned (see [`crate::store::pins`]) until it is closed.
 //!
 //! Reads are answered inline on fuser's threads (one `/dev/fuse` fd each) from the shared
@@ -16,10 +17,10 @@
 //!
 //! ```no_run
 //! # fn main() -> imgvault::Result<()> {
-//! use std::sync::Arc;
+//! use std::time::Duration;
 //! use imgvault::fuse::{Mounted, MountOptions};
-//! use imgvault::store::{OpenMode, Store};
-//! let store = Arc::new(Store::open("/var/lib/imgvault".as_ref(), OpenMode::Reader)?);
+//! use imgvault::store::LiveStore;
+//! let store = LiveStore::open("/var/lib/imgvault".as_ref(), Duration::from_millis(250))?;
 //! let mounted = Mounted::mount(store, "/srv/images".as_ref(), &MountOptions::new("admin"))?;
 //! mounted.run()?; // until `imgvault umount /srv/images`
 //! # Ok(()) }
@@ -30,7 +31,6 @@ pub mod layout;
 pub mod sys;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use fuser::{Config, MountOption, SessionACL};
 

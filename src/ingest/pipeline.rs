@@ -11,7 +11,7 @@ use serde::Serialize;
 use super::source::{ImageSource, SourcePiece, READ_SIZE};
 use super::IngestOptions;
 use crate::catalog::{Catalog, ImageId, ImageRecord, Source};
-use crate::chunk::{Batch, ChunkId, ChunkerParams, Piece, Segment, Segmenter};
+use crate::chunk::{hash_zeros, Batch, ChunkId, ChunkerParams, Piece, Segment, Segmenter};
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::store::codec::{encode_chunk, Extent};
@@ -69,28 +69,38 @@ pub(super) fn run(
     let mut written: Vec<ChunkId> = Vec::new();
 
     let outcome = std::thread::scope(|s| {
-        let (piece_tx, piece_rx) = bounded::<(SourcePiece, Vec<u8>)>(3);
-        let (free_tx, free_rx) = bounded::<Vec<u8>>(5);
+        // Small bounds: each slot is a 4 MiB buffer or batch, and RSS must stay flat.
+        let (piece_tx, piece_rx) = bounded::<(SourcePiece, Vec<u8>)>(2);
+        let (free_tx, free_rx) = bounded::<Vec<u8>>(3);
         let (work_tx, work_rx) = bounded::<Batch>(threads);
-        let (done_tx, done_rx) = bounded::<Result<Done>>(threads * 2);
+        let (done_tx, done_rx) = bounded::<Result<Done>>(threads);
 
-        let reader = s.spawn(move || -> Result<u64> {
+        // The reader also computes the whole-disk BLAKE3: it sees every byte in order, and
+        // this keeps the segmenter (the other serial stage) short.
+        let reader = s.spawn(move || -> Result<(u64, blake3::Hash)> {
             let mut bytes = 0u64;
+            let mut whole = blake3::Hasher::new();
             loop {
                 let mut buf = free_rx
                     .try_recv()
                     .unwrap_or_else(|_| Vec::with_capacity(READ_SIZE));
                 let Some(piece) = source.next_piece(&mut buf)? else {
-                    return Ok(bytes);
+                    return Ok((bytes, whole.finalize()));
                 };
+                match piece {
+                    SourcePiece::Data => {
+                        whole.update(&buf);
+                    }
+                    SourcePiece::Zeros(n) => hash_zeros(&mut whole, n),
+                }
                 bytes += buf.len() as u64;
                 if piece_tx.send((piece, buf)).is_err() {
-                    return Ok(bytes); // downstream stopped; its error is reported
+                    return Ok((bytes, whole.finalize())); // downstream stopped; its error is reported
                 }
             }
         });
 
-        let segmenter = s.spawn(move || -> Result<(u64, blake3::Hash)> {
+        let segmenter = s.spawn(move || -> Result<u64> {
             let mut seg = Segmenter::new(params, |batch| {
                 work_tx.send(batch).map_err(|_| Error::Interrupted)
             });
@@ -129,8 +139,8 @@ pub(super) fn run(
         let read = reader.join().unwrap_or(Err(Error::Interrupted));
         let segmented = segmenter.join().unwrap_or(Err(Error::Interrupted));
         // The source's error is the cause when several stages failed.
-        let bytes_read = read?;
-        let (size, checksum) = segmented?;
+        let (bytes_read, checksum) = read?;
+        let size = segmented?;
         let (extents, sizes, dedup) = collected?;
         Ok((bytes_read, size, checksum, extents, sizes, dedup))
     });

@@ -70,9 +70,10 @@ pub fn export_raw(
         .truncate(true)
         .open(&partial)
         .map_err(target_err)?;
+    // No fsync (like cp and qemu-img convert): the rename only guarantees that no file
+    // with missing or wrong bytes appears under the target name; `sync` makes it durable.
     let result = write_all(reader, &file, progress).and_then(|written| {
         file.set_len(reader.size()).map_err(target_err)?;
-        file.sync_all().map_err(target_err)?;
         Ok(written)
     });
     progress.finish();

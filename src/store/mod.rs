@@ -359,7 +359,11 @@ impl Store {
 
     /// Reads, decodes and checks a chunk. `Err(reason)` describes missing or damaged data.
     pub fn read_chunk(&self, id: &ChunkId) -> std::result::Result<Vec<u8>, String> {
-        let value = match self.db.get_pinned_cf(self.cf(cf::CHUNKS), id.0) {
+        // RocksDB's block and blob CRCs are skipped: the BLAKE3 check below is stronger and
+        // covers the same bytes (measured: crc32c was 7% of export CPU).
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_verify_checksums(false);
+        let value = match self.db.get_pinned_cf_opt(self.cf(cf::CHUNKS), id.0, &ro) {
             Ok(Some(v)) => v,
             Ok(None) => return Err("chunk missing from the store".to_string()),
             Err(e) => return Err(format!("read failed: {e}")),
@@ -517,7 +521,7 @@ fn cf_options(name: &str) -> Options {
             // whose chunks are all deleted are dropped by `gc`'s compaction without rewriting.
             o.set_enable_blob_gc(false);
             // Bounded memtables keep ingest RSS flat (values sit here until flush).
-            o.set_write_buffer_size(24 << 20);
+            o.set_write_buffer_size(16 << 20);
             o.set_max_write_buffer_number(2);
         }
         cf::REFS => {
