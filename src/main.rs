@@ -6,6 +6,12 @@ mod cli;
 use clap::Parser;
 
 fn main() {
+    // Die quietly on a closed pipe (`imgvault list --json | head`) like other Unix tools,
+    // instead of panicking in println!.
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let args = cli::Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -41,6 +41,15 @@ pub fn init(ctx: &Context, args: InitArgs) -> anyhow::Result<i32> {
 
 pub fn quota(ctx: &Context, tenant: &str, max_private: Option<u64>) -> anyhow::Result<i32> {
     imgvault::catalog::validate_tenant(tenant)?;
+    if tenant != ctx.tenant && ctx.tenant != imgvault::catalog::ADMIN {
+        return Err(Error::PermissionDenied {
+            tenant: ctx.tenant.clone(),
+            action: "see the quota of",
+            image: format!("(tenant {tenant})"),
+            reason: "a tenant sees only its own quota".into(),
+        }
+        .into());
+    }
     let store = ctx.open(max_private.is_some())?;
     let catalog = Catalog::new(&store);
     if let Some(max) = max_private {
