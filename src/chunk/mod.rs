@@ -143,13 +143,19 @@ impl ChunkerParams {
     }
 }
 
-static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+/// Zeros to hash holes with (in .bss: reading it maps the shared zero page, no RSS).
+static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
 
-/// Feeds `len` zero bytes to `hasher` (holes count in the whole-disk checksum).
+/// Feeds `len` zero bytes to `hasher` (holes count in the whole-disk checksum). Long runs
+/// are hashed on all cores: for a sparse disk this is the only work a hole costs.
 pub fn hash_zeros(hasher: &mut blake3::Hasher, mut len: u64) {
     while len > 0 {
         let n = len.min(ZEROS.len() as u64) as usize;
-        hasher.update(&ZEROS[..n]);
+        if n >= 256 * 1024 {
+            hasher.update_rayon(&ZEROS[..n]);
+        } else {
+            hasher.update(&ZEROS[..n]);
+        }
         len -= n as u64;
     }
 }
