@@ -59,7 +59,7 @@ fio_iops() {
         python3 -c 'import json,sys; print(round(json.load(sys.stdin)["jobs"][0]["read"]["iops"]))'
 }
 
-row() { printf '| %-58s | %12s |\n' "$1" "$2"; }
+row() { printf '| %-66s | %8s |\n' "$1" "$2"; }
 
 rm -rf "$STORE" "$MNT"; mkdir -p "$MNT"
 iv init -q >/dev/null 2>&1 || iv init >/dev/null
@@ -72,10 +72,10 @@ FILE=$MNT/private/bench.raw
 NONZERO=$(iv --json show bench | python3 -c 'import json,sys; print(json.load(sys.stdin)["nonzero_bytes"])')
 
 echo "image: $IMG, $((SIZE >> 20)) MiB virtual, $((NONZERO >> 20)) MiB non-zero; import $(python3 -c "print(round($T1-$T0,1))") s"
-echo "machine: $(nproc) CPUs, $(uname -r), fio runtime ${RUNTIME}s x ${JOBS} jobs"
+echo "machine: $(nproc) CPUs, $(uname -r), fio runtime ${RUNTIME}s x ${JOBS} jobs, load average at start: $(cut -d" " -f1-3 /proc/loadavg)"
 echo
-printf '| %-58s | %12s |\n' "read" "result"
-printf '|%s|%s|\n' "$(printf -- '-%.0s' {1..60})" "$(printf -- '-%.0s' {1..14})"
+row "read" "result"
+printf '|%s|%s|\n' "$(printf -- '-%.0s' {1..68})" "$(printf -- '-%.0s' {1..10})"
 
 # ---- sequential ----------------------------------------------------------------------
 drop
@@ -87,8 +87,10 @@ fresh_mount
 row "mount, dd bs=1M iflag=direct, cold (MB/s)" "$(dd_rate "$FILE" iflag=direct)"
 fresh_mount --prefetch-mb 0
 row "mount --prefetch-mb 0 (no decode-ahead), dd, cold (MB/s)" "$(dd_rate "$FILE")"
+fresh_mount --read-ahead-kb 1024
+row "mount --read-ahead-kb 1024, dd, cold (MB/s)" "$(dd_rate "$FILE")"
 fresh_mount --read-ahead-kb 0
-row "mount --read-ahead-kb 0 (kernel default 128K), dd, cold (MB/s)" "$(dd_rate "$FILE")"
+row "mount --read-ahead-kb 0 (kernel's 128 KiB), dd, cold (MB/s)" "$(dd_rate "$FILE")"
 unmount
 drop
 T0=$(date +%s.%N)
@@ -109,8 +111,9 @@ fresh_mount
 row "mount, fio randread 4k buffered, cold (IOPS)" "$(fio_iops "$FILE" 0)"
 fresh_mount --cache-mb 4096
 dd_rate "$FILE" iflag=direct >/dev/null   # fills the chunk cache, not the page cache
-row "mount --cache-mb 4096, randread 4k O_DIRECT, warm chunk cache (IOPS)" "$(fio_iops "$FILE" 1)"
+row "mount --cache-mb 4096, fio randread 4k O_DIRECT, warm cache (IOPS)" "$(fio_iops "$FILE" 1)"
 fresh_mount --threads 1 --cache-mb 4096
 dd_rate "$FILE" iflag=direct >/dev/null
 row "  same with --threads 1 (IOPS)" "$(fio_iops "$FILE" 1)"
 unmount
+echo; echo "load average at end: $(cut -d" " -f1-3 /proc/loadavg)"

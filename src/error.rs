@@ -140,6 +140,15 @@ pub enum Error {
     #[error("refusing to write {}: {reason} (pass --force to override)", target.display())]
     UnsafeTarget { target: PathBuf, reason: String },
 
+    /// A restore target device is smaller than the image (not overridable: devices do not grow).
+    #[error("refusing to write {}: the device holds {size} bytes, image '{image}' needs {needed}; a block device cannot grow, so restore to a device of at least {needed} bytes", target.display())]
+    TargetTooSmall {
+        target: PathBuf,
+        image: String,
+        size: u64,
+        needed: u64,
+    },
+
     /// A read or verify found damage; `count` places are listed in the report.
     #[error("verify found {count} damaged place(s); first: {first}")]
     VerifyFailed { count: usize, first: String },
@@ -222,6 +231,7 @@ impl Error {
             | Protected { .. }
             | Incompatible { .. }
             | UnsafeTarget { .. }
+            | TargetTooSmall { .. }
             | FormatVersion { .. } => exit::REFUSED,
             StoreBusy { .. } => exit::BUSY,
             CorruptRecord { .. } | CorruptChunk { .. } | VerifyFailed { .. } => exit::CORRUPT,

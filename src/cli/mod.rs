@@ -1,5 +1,6 @@
 //! Command-line flags (one place) and dispatch to one module per group of commands.
 
+mod backup;
 mod catalog_cmds;
 mod images;
 mod mount;
@@ -47,6 +48,15 @@ pub enum Command {
     Init(InitArgs),
     /// Import a raw disk image file or block device as a new image
     Import(Box<ImportArgs>),
+    /// Back up a server's disk (block device or file) into a new private image
+    Backup(Box<backup::BackupArgs>),
+    /// Restore an image onto a block device or file, writing only what differs
+    Restore(backup::RestoreArgs),
+    /// Show the backup chain an image belongs to (parents and children), oldest first
+    Lineage {
+        /// Image name, OWNER/NAME or id
+        image: String,
+    },
     /// Write an image to a raw file (sparse, byte-identical)
     Export {
         /// Image name, OWNER/NAME or id
@@ -375,6 +385,9 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Init(args) => store_cmds::init(&ctx, args),
         Command::Import(args) => images::import(&ctx, *args),
+        Command::Backup(args) => backup::backup(&ctx, *args),
+        Command::Restore(args) => backup::restore(&ctx, args),
+        Command::Lineage { image } => backup::lineage(&ctx, &image),
         Command::Export { image, out } => images::export(&ctx, &image, &out),
         Command::List(args) => images::list(&ctx, args),
         Command::Show { image } => images::show(&ctx, &image),

@@ -90,10 +90,10 @@ pub(super) fn run(
                 match piece {
                     SourcePiece::Data => {
                         whole.update(&buf);
+                        bytes += buf.len() as u64;
                     }
                     SourcePiece::Zeros(n) => hash_zeros(&mut whole, n),
                 }
-                bytes += buf.len() as u64;
                 if piece_tx.send((piece, buf)).is_err() {
                     return Ok((bytes, whole.finalize())); // downstream stopped; its error is reported
                 }

@@ -28,8 +28,8 @@ pub trait ImageSource: Send {
     fn format(&self) -> &'static str;
     /// The path it reads, for messages.
     fn path(&self) -> &Path;
-    /// Fills `buf` (cleared first) with the next bytes, or reports a zero run; `None` at
-    /// the end.
+    /// Fills `buf` with the next bytes (setting its length), or reports a zero run (the
+    /// buffer's content is then meaningless); `None` at the end.
     fn next_piece(&mut self, buf: &mut Vec<u8>) -> Result<Option<SourcePiece>>;
 }
 
@@ -166,7 +166,6 @@ impl ImageSource for RawSource {
     }
 
     fn next_piece(&mut self, buf: &mut Vec<u8>) -> Result<Option<SourcePiece>> {
-        buf.clear();
         if self.pos >= self.size {
             return Ok(None);
         }
@@ -180,6 +179,8 @@ impl ImageSource for RawSource {
         // Reads end on READ_SIZE boundaries so they stay aligned after a hole.
         let to_boundary = READ_SIZE as u64 - self.pos % READ_SIZE as u64;
         let want = to_boundary.min(self.data_end - self.pos) as usize;
+        // Recycled buffers are already READ_SIZE long: resizing down is free, so only a new
+        // buffer pays for zero-filling (it was 2.5% of a dedup ingest).
         buf.resize(want, 0);
         let mut filled = 0;
         while filled < want {

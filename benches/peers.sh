@@ -1,0 +1,422 @@
+#!/usr/bin/env bash
+# peers.sh: end-to-end benchmark of imgvault against casync, borg and restic (issue 7),
+# in one run, on the same four real disk images, printing one table (docs/PERFORMANCE.md,
+# "Peers: imgvault vs casync, borg, restic").
+#
+# Usage: benches/peers.sh [-h]          (as root, from any directory)
+#
+# Environment (all optional):
+#   BENCH_DIR    work directory [/tmp/imgvault-peers]; images are cached in BENCH_DIR/images
+#   IMGVAULT     imgvault binary [REPO/target/debug/imgvault, built if missing]; copied into
+#                BENCH_DIR/bin first, so a rebuild during the run does not change what is measured
+#   FIO_RUNTIME  seconds per fio run [15]
+#   SKIP_EXTRAS  1: skip the imgvault-only rows (cold ingest, 16 GiB sparse image) [0]
+#
+# What it does: builds the image series (benches/make-series.sh), then for each tool in turn:
+# ingest a, b, c, d in order into one store/repository (source in page cache, `cat` before each),
+# store bytes after each (du -sb), peak RSS (/usr/bin/time %M); extract image c to a file and
+# cmp it; mount and read image c sequentially (dd, after drop_caches) and randomly (fio 4 KiB,
+# 2 jobs, after drop_caches), each on a fresh mount. Then the bound of an ideal fixed-block
+# store (64 KiB blocks, dedup across the four images, zero blocks free, zstd -3), and the table.
+# Needs: casync, borg (borgbackup + python3-pyfuse3 or llfuse), restic, fio, zstd, python3,
+# /usr/bin/time (scripts/install-deps.sh --peers).
+set -euo pipefail
+
+usage() { sed -n '2,22s/^# \{0,1\}//p' "$0"; }
+case ${1:-} in
+    -h|--help) usage; exit 0 ;;
+    "") ;;
+    *) usage >&2; exit 2 ;;
+esac
+
+REPO=$(cd "$(dirname -- "$0")/.." && pwd)
+W=${BENCH_DIR:-/tmp/imgvault-peers}
+FIO_RUNTIME=${FIO_RUNTIME:-15}
+SKIP_EXTRAS=${SKIP_EXTRAS:-0}
+IMGS=$W/images
+RES=$W/results.txt       # "key value" lines, turned into the table at the end
+LOG=$W/run.log           # every tool's output
+die() { echo "peers: $*" >&2; exit 1; }
+log() { echo "peers: $(date +%T) $*" >&2; }
+
+[ "$(id -u)" -eq 0 ] || die "needs root (mounts, drop_caches)"
+for t in casync borg restic fio zstd python3 dd cmp du fusermount3 /usr/bin/time; do
+    command -v "$t" >/dev/null 2>&1 || die "missing $t (scripts/install-deps.sh --peers)"
+done
+mkdir -p "$W/bin"
+W=$(cd "$W" && pwd)
+SRC_BIN=${IMGVAULT:-$REPO/target/debug/imgvault}
+if [ ! -x "$SRC_BIN" ]; then
+    log "building imgvault"; (cd "$REPO" && cargo build --bin imgvault)
+fi
+IV=$W/bin/imgvault
+cp -f -- "$SRC_BIN" "$IV.tmp" && mv -f -- "$IV.tmp" "$IV"
+
+# Isolated peer state: nothing from ~/.cache or ~/.config is reused between runs.
+export BORG_BASE_DIR=$W/borg-home
+export BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK=yes BORG_RELOCATED_REPO_ACCESS_IS_OK=yes
+export RESTIC_PASSWORD=imgvault-bench RESTIC_CACHE_DIR=$W/restic-cache
+
+IV_STORE=$W/imgvault CA_DIR=$W/casync BORG_REPO_DIR=$W/borg RESTIC_REPO=$W/restic
+MNT=$W/mnt OUT=$W/out
+RESTIC_PID="" SAMPLER_PID="" MOUNTED=""
+
+# ---- helpers -------------------------------------------------------------------------------
+now() { date +%s.%N; }
+sub() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", a - b }'; }
+put() { echo "$1 $2" >>"$RES"; }
+drop() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+load1() { cut -d' ' -f1 /proc/loadavg; }
+warm() { find "$@" -type f -exec cat {} + >/dev/null; }   # page-cache a file or a whole store
+
+# timed KEY CMD...: wall seconds -> KEY.s, peak RSS KiB -> KEY.rss; returns CMD's status.
+timed() {
+    local key=$1; shift
+    local t0 t1 rc=0
+    echo "== $key: $*" >>"$LOG"
+    t0=$(now)
+    /usr/bin/time -f %M -o "$W/rss.tmp" "$@" >>"$LOG" 2>&1 || rc=$?
+    t1=$(now)
+    if [ "$rc" -eq 0 ]; then
+        put "$key.s" "$(sub "$t1" "$t0")"
+        put "$key.rss" "$(tail -n1 "$W/rss.tmp")"
+    else
+        put "$key.s" FAIL
+        log "FAILED ($rc): $key: $* (see $LOG)"
+    fi
+    return "$rc"
+}
+
+unmount_all() {
+    if [ -n "$RESTIC_PID" ] && kill -0 "$RESTIC_PID" 2>/dev/null; then
+        kill -INT "$RESTIC_PID" 2>/dev/null || true      # restic unmounts itself on SIGINT
+        for _ in $(seq 50); do kill -0 "$RESTIC_PID" 2>/dev/null || break; sleep 0.2; done
+    fi
+    RESTIC_PID=""
+    if mountpoint -q "$MNT" 2>/dev/null; then
+        case $MOUNTED in
+            imgvault) "$IV" umount "$MNT" >>"$LOG" 2>&1 || true ;;
+            borg) borg umount "$MNT" >>"$LOG" 2>&1 || true ;;
+        esac
+        mountpoint -q "$MNT" 2>/dev/null && { fusermount3 -u "$MNT" 2>/dev/null || umount -l "$MNT" 2>/dev/null || true; }
+        sleep 0.3
+    fi
+    MOUNTED=""
+}
+cleanup() {
+    unmount_all
+    [ -z "$SAMPLER_PID" ] || kill "$SAMPLER_PID" 2>/dev/null || true
+    rm -rf -- "$OUT"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+T_START=$(now)
+rm -f -- "$RES" "$LOG"
+# Load average every 5 s for the whole run (the machine is shared: report it next to the table).
+( while :; do echo "$(date +%s) $(load1)"; sleep 5; done ) >"$W/load.txt" &
+SAMPLER_PID=$!
+
+# ---- 1. the image series ---------------------------------------------------------------------
+log "image series (cached in $IMGS)"
+bash "$REPO/benches/make-series.sh" "$IMGS"
+SERIES=(a b c d)
+for i in "${SERIES[@]}"; do
+    put "img.$i.size" "$(stat -c %s "$IMGS/$i.img")"
+    put "img.$i.alloc" "$(( $(stat -c %b "$IMGS/$i.img") * 512 ))"
+done
+
+put cond.date "$(date -u +%FT%TZ)"
+put cond.host "$(nproc) CPUs, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r)"
+put cond.imgvault "$(cd "$REPO" && git rev-parse --short HEAD 2>/dev/null || echo '?')$(cd "$REPO" && git diff --quiet HEAD -- src 2>/dev/null || echo '+uncommitted src changes'), binary of $(date -r "$SRC_BIN" +%FT%T)"
+put cond.casync "$(casync --version 2>&1 | head -n1)"
+put cond.borg "$(borg --version 2>&1 | head -n1)"
+put cond.restic "$(restic version 2>&1 | head -n1 | cut -d' ' -f1-2)"
+put cond.fio "$(fio --version 2>&1)"
+put cond.load_start "$(cut -d' ' -f1-3 /proc/loadavg)"
+
+# ---- 2. ingest -------------------------------------------------------------------------------
+# ingest TOOL CMD-PREFIX: the image path is appended; per image: warm, time, du.
+log "ingest: imgvault"
+rm -rf -- "$IV_STORE"; "$IV" --store "$IV_STORE" init >>"$LOG" 2>&1
+put load.imgvault "$(load1)"
+for i in "${SERIES[@]}"; do
+    warm "$IMGS/$i.img"
+    timed "ingest.imgvault.$i" "$IV" --store "$IV_STORE" -q import "$IMGS/$i.img" --name "$i" || true
+    put "store.imgvault.$i" "$(du -sb "$IV_STORE" | cut -f1)"
+    put "nonzero.$i" "$("$IV" --store "$IV_STORE" --json show "$i" 2>/dev/null |
+        python3 -c 'import json,sys; print(json.load(sys.stdin)["nonzero_bytes"])' 2>/dev/null || echo NA)"
+done
+
+log "ingest: casync"
+rm -rf -- "$CA_DIR"; mkdir -p "$CA_DIR"
+put load.casync "$(load1)"
+for i in "${SERIES[@]}"; do
+    warm "$IMGS/$i.img"
+    timed "ingest.casync.$i" casync make --compression=zstd --store="$CA_DIR/store.castr" \
+        "$CA_DIR/$i.caibx" "$IMGS/$i.img" || true
+    put "store.casync.$i" "$(du -sb "$CA_DIR" | cut -f1)"   # chunk store + the .caibx indexes
+done
+
+log "ingest: borg"
+rm -rf -- "$BORG_REPO_DIR" "$BORG_BASE_DIR"
+borg init --encryption=none "$BORG_REPO_DIR" >>"$LOG" 2>&1
+put load.borg "$(load1)"
+for i in "${SERIES[@]}"; do
+    warm "$IMGS/$i.img"
+    timed "ingest.borg.$i" env -C "$IMGS" borg create --compression zstd,3 \
+        "$BORG_REPO_DIR::$i" "$i.img" || true
+    put "store.borg.$i" "$(du -sb "$BORG_REPO_DIR" | cut -f1)"
+done
+
+log "ingest: restic"
+rm -rf -- "$RESTIC_REPO" "$RESTIC_CACHE_DIR"
+# Repository format 2 (compression, default mode auto); restic always encrypts (AES-256 + Poly1305).
+restic init --repository-version 2 -r "$RESTIC_REPO" >>"$LOG" 2>&1
+put load.restic "$(load1)"
+for i in "${SERIES[@]}"; do
+    warm "$IMGS/$i.img"
+    timed "ingest.restic.$i" env -C "$IMGS" restic -r "$RESTIC_REPO" backup -q --tag "$i" "$i.img" || true
+    put "store.restic.$i" "$(du -sb "$RESTIC_REPO" | cut -f1)"
+done
+restic_id() {   # short snapshot id of the image tagged $1
+    restic -r "$RESTIC_REPO" snapshots --json --tag "$1" 2>>"$LOG" |
+        python3 -c 'import json,sys; print(json.load(sys.stdin)[-1]["short_id"])'
+}
+
+# ---- 3. extract image c to a file (store in page cache, output to a fresh directory) ---------
+E=c
+ORIG=$IMGS/$E.img
+# extract TOOL STOREPATH OUTFILE CMD...
+extract() {
+    local tool=$1 store=$2 file=$3; shift 3
+    rm -rf -- "$OUT"; mkdir -p "$OUT"; sync
+    warm "$store"
+    if timed "extract.$tool" "$@"; then
+        if cmp -- "$ORIG" "$file" >>"$LOG" 2>&1; then put "cmp.$tool" ok
+        else put "cmp.$tool" DIFFERENT; log "extract.$tool: output differs from $ORIG"; fi
+    fi
+    rm -rf -- "$OUT"
+}
+log "extract $E.img"
+put load.extract "$(load1)"
+extract imgvault "$IV_STORE" "$OUT/$E.img" "$IV" --store "$IV_STORE" -q export "$E" "$OUT/$E.img" || true
+extract casync "$CA_DIR" "$OUT/$E.img" casync extract --store="$CA_DIR/store.castr" "$CA_DIR/$E.caibx" "$OUT/$E.img" || true
+extract borg "$BORG_REPO_DIR" "$OUT/$E.img" env -C "$OUT" borg extract --sparse "$BORG_REPO_DIR::$E" "$E.img" || true
+RID_E=$(restic_id "$E")
+extract restic "$RESTIC_REPO" "$OUT/$E.img" restic -r "$RESTIC_REPO" restore "$RID_E" --target "$OUT" -q || true
+
+# ---- 4. mounts: one fresh mount per measurement ------------------------------------------------
+mkdir -p "$MNT"
+# mount_tool TOOL: mounts, sets MFILE to image c on the mount.
+mount_tool() {
+    unmount_all
+    MOUNTED=$1
+    case $1 in
+        imgvault)
+            "$IV" --store "$IV_STORE" mount "$MNT" >>"$LOG" 2>&1
+            MFILE=$MNT/private/$E.raw ;;
+        borg)
+            borg mount "$BORG_REPO_DIR::$E" "$MNT" >>"$LOG" 2>&1
+            MFILE=$MNT/$E.img ;;
+        restic)
+            restic -r "$RESTIC_REPO" mount "$MNT" >>"$LOG" 2>&1 &
+            RESTIC_PID=$!
+            MFILE=$MNT/ids/$RID_E/$E.img ;;
+    esac
+    local n
+    for n in $(seq 300); do [ -f "$MFILE" ] && return 0; sleep 0.2; done
+    log "mount $1: $MFILE did not appear"; return 1
+}
+mount_bench() {
+    local tool=$1 t0 t1 iops
+    log "mount: $tool"
+    put "load.mount.$tool" "$(load1)"
+    if mount_tool "$tool"; then
+        drop
+        t0=$(now)
+        if dd if="$MFILE" of=/dev/null bs=1M status=none 2>>"$LOG"; then
+            t1=$(now); put "mountseq.$tool.s" "$(sub "$t1" "$t0")"
+        else put "mountseq.$tool.s" FAIL; fi
+    else put "mountseq.$tool.s" FAIL; fi
+    if mount_tool "$tool"; then
+        drop
+        iops=$(fio --name=rr --filename="$MFILE" --rw=randread --bs=4k --ioengine=psync --numjobs=2 \
+                   --runtime="$FIO_RUNTIME" --time_based --group_reporting --output-format=json 2>>"$LOG" |
+               python3 -c 'import json,sys; print(round(json.load(sys.stdin)["jobs"][0]["read"]["iops"]))' \
+               2>>"$LOG") || iops=FAIL
+        put "mountrand.$tool.iops" "$iops"
+    else put "mountrand.$tool.iops" FAIL; fi
+    unmount_all
+}
+for tool in imgvault borg restic; do mount_bench "$tool"; done
+
+# ---- 5. imgvault-only rows: cold-cache ingest vs cat, RSS flat in image size -----------------
+if [ "$SKIP_EXTRAS" != 1 ]; then
+    log "imgvault extras: cold ingest of a.img, 16 GiB sparse image"
+    drop; t0=$(now); cat "$IMGS/a.img" >/dev/null; t1=$(now); put cold.cat.s "$(sub "$t1" "$t0")"
+    rm -rf -- "$W/iv-cold"; "$IV" --store "$W/iv-cold" init >>"$LOG" 2>&1
+    drop; timed cold.imgvault "$IV" --store "$W/iv-cold" -q import "$IMGS/a.img" --name a || true
+    rm -rf -- "$W/iv-cold"
+    # 16 GiB virtual: a.img at 0, d.img at 14 GiB, holes between (cached).
+    BIG=$IMGS/big16.img
+    if [ ! -s "$BIG" ]; then
+        cp --sparse=always -- "$IMGS/a.img" "$BIG.tmp"
+        dd if="$IMGS/d.img" of="$BIG.tmp" bs=1M seek=14336 conv=sparse,notrunc status=none
+        truncate -s 16G -- "$BIG.tmp"; mv -- "$BIG.tmp" "$BIG"
+    fi
+    rm -rf -- "$W/iv-16g"; "$IV" --store "$W/iv-16g" init >>"$LOG" 2>&1
+    warm "$BIG"
+    timed big16.imgvault "$IV" --store "$W/iv-16g" -q import "$BIG" --name big || true
+    rm -rf -- "$W/iv-16g"
+fi
+
+# ---- 6. bound: ideal fixed-block store with one-stream zstd -3 ----------------------------------
+log "ideal fixed-block bound"
+python3 - "$IMGS" "${SERIES[@]}" >>"$RES" 2>>"$LOG" <<'PY'
+# 64 KiB fixed blocks at fixed offsets, dedup by hash across the images in order, all-zero blocks
+# free (holes); the unique blocks of each image compressed as one zstd -3 stream. Metadata (the
+# block index) is not counted: this is a lower bound for that design, not a store.
+import hashlib, os, subprocess, sys
+d, names = sys.argv[1], sys.argv[2:]
+B = 65536
+zero = bytes(B)
+seen = set()
+uniq = comp = 0
+for n in names:
+    path = os.path.join(d, n + ".img")
+    tmp = os.path.join(d, ".ideal.zst")
+    with open(tmp, "wb") as zf:
+        z = subprocess.Popen(["zstd", "-3", "-T2", "-q", "-c"], stdin=subprocess.PIPE, stdout=zf)
+        with open(path, "rb", buffering=0) as f:
+            while True:
+                b = f.read(B)
+                if not b:
+                    break
+                if b == zero[:len(b)]:
+                    continue
+                h = hashlib.blake2b(b, digest_size=20).digest()
+                if h in seen:
+                    continue
+                seen.add(h)
+                uniq += len(b)
+                z.stdin.write(b)
+        z.stdin.close()
+        if z.wait() != 0:
+            sys.exit("zstd failed")
+    comp += os.path.getsize(tmp)
+    os.unlink(tmp)
+    print(f"ideal.{n}.unique {uniq}")
+    print(f"ideal.{n}.zstd {comp}")
+PY
+
+put cond.load_end "$(cut -d' ' -f1-3 /proc/loadavg)"
+put cond.runtime_s "$(sub "$(now)" "$T_START")"
+kill "$SAMPLER_PID" 2>/dev/null || true; SAMPLER_PID=""
+put cond.load_run "$(awk '{ s += $2; n++; if (n == 1 || $2 < lo) lo = $2; if ($2 > hi) hi = $2 }
+    END { if (n) printf "min %.2f / mean %.2f / max %.2f (%d samples)", lo, s / n, hi, n }' "$W/load.txt")"
+
+# ---- 7. the table ----------------------------------------------------------------------------
+python3 - "$RES" <<'PY' | tee "$W/table.md"
+import sys
+R = {}
+for line in open(sys.argv[1]):
+    k, _, v = line.rstrip("\n").partition(" ")
+    R[k] = v
+def num(k):
+    try: return float(R[k])
+    except (KeyError, ValueError): return None
+PEERS = ["casync", "borg", "restic"]
+TOOLS = ["imgvault"] + PEERS
+MB = 1e6
+def fmt(v, kind):
+    if v is None: return "-"
+    if kind == "s": return f"{v:.2f}"
+    if kind == "mb": return f"{v / MB:,.0f}"
+    if kind == "iops": return f"{v:,.0f}"
+    if kind == "mib": return f"{v / 1024:.0f}"
+    if kind == "gbs": return f"{v:.2f}"
+    if kind == "x": return f"{v:.2f}x"
+    return str(v)
+rows = []
+# row(label, {tool: value}, kind, better, target text, predicate(iv, best, ratio) or None, bound)
+def row(label, vals, kind, better="low", target="", ok=None, bound=None, peers=PEERS):
+    iv = vals.get("imgvault")
+    pv = {p: vals.get(p) for p in peers if vals.get(p) is not None}
+    best = bname = None
+    if pv:
+        bname = (min if better == "low" else max)(pv, key=pv.get)
+        best = pv[bname]
+    ratio = iv / best if (iv is not None and best) else None
+    met = "-"
+    if ok is not None:
+        met = "n/a" if iv is None else ("**met**" if ok(iv, best, ratio) else "not met")
+    cells = [label] + [fmt(vals.get(t), kind) for t in TOOLS]
+    cells += [f"{fmt(best, kind)} ({bname})" if best is not None else "-",
+              fmt(ratio, "x") if ratio is not None else "-",
+              fmt(bound, kind) if bound is not None else "-", target or "-", met]
+    rows.append(cells)
+for i in "abcd":
+    row(f"ingest {i}.img, s (source in page cache)",
+        {t: num(f"ingest.{t}.{i}.s") for t in TOOLS}, "s", "low", "<= 0.25x best peer",
+        lambda iv, b, r: r is not None and r <= 0.25)
+for i in "abcd":
+    last = i == "d"
+    row(f"store after {i}, MB (du -sb)", {t: num(f"store.{t}.{i}") for t in TOOLS}, "mb", "low",
+        "<= 0.85x smallest peer" if last else "",
+        (lambda iv, b, r: r is not None and r <= 0.85) if last else None,
+        bound=num(f"ideal.{i}.zstd"))
+row("extract c.img to a file, s (store in page cache)", {t: num(f"extract.{t}.s") for t in TOOLS}, "s",
+    "low", "<= 0.25x best peer", lambda iv, b, r: r is not None and r <= 0.25)
+MP = ["borg", "restic"]
+row("mount: sequential read of c.img (dd 1M, cold), s", {t: num(f"mountseq.{t}.s") for t in TOOLS}, "s",
+    "low", "<= 0.25x best peer mount", lambda iv, b, r: r is not None and r <= 0.25, peers=MP)
+row("mount: random 4 KiB reads (fio, 2 jobs, cold), IOPS", {t: num(f"mountrand.{t}.iops") for t in TOOLS},
+    "iops", "high", ">= 10,000 and >= 15x best peer mount",
+    lambda iv, b, r: iv >= 10000 and r is not None and r >= 15, peers=MP)
+rss = {t: max([v for v in (num(f"ingest.{t}.{i}.rss") for i in "abcd") if v is not None], default=None)
+       for t in TOOLS}
+row("peak RSS during ingest (max of a..d), MiB", rss, "mib", "low", "<= 128 MiB",
+    lambda iv, b, r: iv <= 128 * 1024)
+# imgvault-only rows
+for i in "bc":
+    s, nz = num(f"ingest.imgvault.{i}.s"), num(f"nonzero.{i}")
+    rate = nz / s / 1e9 if (s and nz) else None
+    row(f"imgvault: derived {i}.img ingest, GB/s of non-zero data", {"imgvault": rate}, "gbs", "high",
+        ">= 1 GB/s", lambda iv, b, r: iv >= 1.0)
+ms, ex = num("mountseq.imgvault.s"), num("extract.imgvault.s")
+row("imgvault: mount sequential read / own export", {"imgvault": ms / ex if (ms and ex) else None}, "x",
+    "low", "<= 1.3x", lambda iv, b, r: iv <= 1.3)
+cc, ci = num("cold.cat.s"), num("cold.imgvault.s")
+if cc is not None or ci is not None:
+    row("imgvault: cold-cache ingest of a.img / cold `cat` of it", {"imgvault": ci / cc if (cc and ci) else None},
+        "x", "low", "<= 1.15x", lambda iv, b, r: iv <= 1.15)
+    r2, r16 = num("cold.imgvault.rss"), num("big16.imgvault.rss")
+    row("imgvault: peak RSS, 16 GiB sparse image (a + d), MiB", {"imgvault": r16}, "mib", "low",
+        f"<= 128 MiB and <= 1.25x the 2 GiB import ({fmt(r2, 'mib')} MiB)",
+        lambda iv, b, r: iv <= 128 * 1024 and (r2 is None or iv <= 1.25 * r2))
+hdr = ["metric"] + TOOLS + ["best peer", "imgvault / best peer", "ideal fixed-64K bound", "target", "met?"]
+print("| " + " | ".join(hdr) + " |")
+print("|" + "|".join("---" if j == 0 else "---:" for j in range(len(hdr) - 2)) + "|---|---|")
+for c in rows:
+    print("| " + " | ".join(c) + " |")
+print()
+for i in "abcd":
+    print(f"- {i}.img: {num(f'img.{i}.size') / 2**30:.0f} GiB virtual, {num(f'img.{i}.alloc') / MB:,.0f} MB allocated"
+          + (f", {num(f'nonzero.{i}') / MB:,.0f} MB non-zero (imgvault)" if num(f'nonzero.{i}') else ""))
+print(f"- ideal bound after d: {num('ideal.d.unique') / MB:,.0f} MB unique 64 KiB blocks -> "
+      f"{num('ideal.d.zstd') / MB:,.0f} MB with zstd -3" if num("ideal.d.zstd") else "- ideal bound: failed")
+print("- extract output compared with cmp: " + ", ".join(f"{t} {R.get('cmp.' + t, 'not run')}" for t in TOOLS))
+print("- casync: no mount row (`casync mount` mounts only directory archives (.caidx), not a blob "
+      "index of a disk image; `casync mkdev` needs NBD, absent here)")
+print("- load average (1 min) when each tool started ingesting: " +
+      ", ".join(f"{t} {R.get('load.' + t, '?')}" for t in TOOLS) +
+      f"; before extracts {R.get('load.extract', '?')}; before mounts " +
+      ", ".join(f"{t} {R.get('load.mount.' + t, '?')}" for t in ["imgvault"] + MP))
+print(f"- load average over the run (5 s samples): {R.get('cond.load_run', '?')}; "
+      f"start {R.get('cond.load_start', '?')}, end {R.get('cond.load_end', '?')}")
+print(f"- {R.get('cond.date')}, {R.get('cond.host')}, run took {num('cond.runtime_s') or 0:.0f} s")
+print(f"- imgvault {R.get('cond.imgvault')}; {R.get('cond.casync')}; {R.get('cond.borg')}; "
+      f"{R.get('cond.restic')}; {R.get('cond.fio')}")
+PY
+log "results: $RES, table: $W/table.md, tool output: $LOG"

@@ -1,0 +1,346 @@
+//! Is a disk in use? Mounts, holders, swap and loop devices, for restore's refusals and
+//! backup's consistency warnings.
+//!
+//! A block device is in use when it (or one of its partitions) is mounted (matched by
+//! major:minor in `/proc/self/mountinfo`), is active swap (`/proc/swaps`), or has holders
+//! (`/sys/class/block/<dev>/holders`: device-mapper, md RAID, bcache). A loop device is also
+//! in use when another loop device over the same backing file and an overlapping byte range is
+//! (that is how `losetup -o OFFSET` exposes a partition without udev). A regular file is in
+//! use when it is active swap or backs a loop device that is in use. Restore finally opens a
+//! device with `O_EXCL`, so the kernel's own view (any exclusive claim) has the last word.
+
+use std::fs;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+/// One way a disk is in use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskUse {
+    /// What, in words: "mounted read-write at /mnt", "held by dm-0 (vg-root)".
+    pub what: String,
+    /// True when something may be writing to it (a read-write mount, swap, a holder).
+    pub writable: bool,
+}
+
+/// Splits a `dev_t` into (major, minor) as glibc's `major()`/`minor()` do.
+pub fn dev_numbers(rdev: u64) -> (u32, u32) {
+    let major = ((rdev >> 32) & 0xffff_f000) | ((rdev >> 8) & 0x0000_0fff);
+    let minor = ((rdev >> 12) & 0xffff_ff00) | (rdev & 0x0000_00ff);
+    (major as u32, minor as u32)
+}
+
+/// One line of `/proc/self/mountinfo`.
+struct Mount {
+    dev: (u32, u32),
+    mountpoint: String,
+    read_write: bool,
+}
+
+/// What the system reports once per check (mount table and swap list).
+struct System {
+    mounts: Vec<Mount>,
+    /// Problems reading the tables: each makes the check inconclusive, so it counts as a use.
+    unreadable: Vec<DiskUse>,
+    /// (dev, ino) of swap files and rdev of swap devices.
+    swap_files: Vec<(u64, u64)>,
+    swap_devices: Vec<u64>,
+}
+
+/// Undoes the octal escapes of /proc tables (`\040` for a space).
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            let v = (b[i + 1] - b'0') as u32 * 64 + (b[i + 2] - b'0') as u32 * 8 + (b[i + 3] - b'0') as u32;
+            out.push(v as u8);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn parse_dev(s: &str) -> Option<(u32, u32)> {
+    let (a, b) = s.trim().split_once(':')?;
+    Some((a.parse().ok()?, b.parse().ok()?))
+}
+
+impl System {
+    fn load() -> Self {
+        let mut unreadable = Vec::new();
+        let mut mounts = Vec::new();
+        match fs::read_to_string("/proc/self/mountinfo") {
+            Ok(text) => {
+                for line in text.lines() {
+                    let f: Vec<&str> = line.split(' ').collect();
+                    if f.len() < 6 {
+                        continue;
+                    }
+                    if let Some(dev) = parse_dev(f[2]) {
+                        mounts.push(Mount {
+                            dev,
+                            mountpoint: unescape(f[4]),
+                            read_write: f[5].split(',').any(|o| o == "rw"),
+                        });
+                    }
+                }
+            }
+            Err(e) => unreadable.push(DiskUse {
+                what: format!("cannot check mounts: /proc/self/mountinfo: {e}"),
+                writable: true,
+            }),
+        }
+        let (mut swap_files, mut swap_devices) = (Vec::new(), Vec::new());
+        if let Ok(text) = fs::read_to_string("/proc/swaps") {
+            for line in text.lines().skip(1) {
+                let Some(name) = line.split_whitespace().next() else {
+                    continue;
+                };
+                if let Ok(md) = fs::metadata(unescape(name)) {
+                    if md.file_type().is_block_device() {
+                        swap_devices.push(md.rdev());
+                    } else {
+                        swap_files.push((md.dev(), md.ino()));
+                    }
+                }
+            }
+        }
+        System {
+            mounts,
+            unreadable,
+            swap_files,
+            swap_devices,
+        }
+    }
+}
+
+fn read_trim(p: &Path) -> Option<String> {
+    fs::read_to_string(p).ok().map(|s| s.trim().to_string())
+}
+
+/// The sysfs directory of a block device (`/sys/devices/.../block/sda[/sda1]`).
+fn sys_dir(dev: (u32, u32)) -> Option<PathBuf> {
+    fs::canonicalize(format!("/sys/dev/block/{}:{}", dev.0, dev.1)).ok()
+}
+
+fn dir_name(dir: &Path) -> String {
+    dir.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Mounts, swap and holders of one device (not its partitions).
+fn direct_uses(sys: &System, dev: (u32, u32), rdev: Option<u64>, label: &str) -> Vec<DiskUse> {
+    let mut out = Vec::new();
+    for m in sys.mounts.iter().filter(|m| m.dev == dev) {
+        out.push(DiskUse {
+            what: format!(
+                "{label} is mounted {} at {}",
+                if m.read_write { "read-write" } else { "read-only" },
+                m.mountpoint
+            ),
+            writable: m.read_write,
+        });
+    }
+    if rdev.is_some_and(|r| sys.swap_devices.contains(&r)) {
+        out.push(DiskUse {
+            what: format!("{label} is active swap"),
+            writable: true,
+        });
+    }
+    if let Some(dir) = sys_dir(dev) {
+        if let Ok(holders) = fs::read_dir(dir.join("holders")) {
+            for h in holders.flatten() {
+                let name = h.file_name().to_string_lossy().into_owned();
+                let pretty = read_trim(&h.path().join("dm/name"))
+                    .filter(|n| !n.is_empty())
+                    .map_or(name.clone(), |dm| format!("{name} ({dm})"));
+                out.push(DiskUse {
+                    what: format!("{label} is held by {pretty}"),
+                    writable: true,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Partitions of a whole-disk sysfs directory: (name, major:minor).
+fn partitions(dir: &Path) -> Vec<(String, (u32, u32))> {
+    let mut out = Vec::new();
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.join("partition").exists() {
+                if let Some(dev) = read_trim(&p.join("dev")).and_then(|d| parse_dev(&d)) {
+                    out.push((dir_name(&p), dev));
+                }
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Uses of a device and of its partitions.
+fn device_and_partition_uses(sys: &System, dev: (u32, u32), rdev: Option<u64>, label: &str) -> Vec<DiskUse> {
+    let mut out = direct_uses(sys, dev, rdev, label);
+    if let Some(dir) = sys_dir(dev) {
+        for (name, pdev) in partitions(&dir) {
+            out.extend(direct_uses(sys, pdev, None, &format!("its partition {name}")));
+        }
+    }
+    out
+}
+
+/// An attached loop device: its name, backing file identity and byte range.
+struct LoopDev {
+    name: String,
+    dev: (u32, u32),
+    backing: (u64, u64),
+    backing_path: String,
+    offset: u64,
+    /// End of the range it exposes (u64::MAX when it runs to the end of the file).
+    end: u64,
+}
+
+fn loop_devices() -> Vec<LoopDev> {
+    let mut out = Vec::new();
+    let Ok(entries) = fs::read_dir("/sys/block") else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("loop") {
+            continue;
+        }
+        let dir = e.path();
+        let Some(backing_path) = read_trim(&dir.join("loop/backing_file")) else {
+            continue;
+        };
+        let Ok(md) = fs::metadata(&backing_path) else {
+            continue;
+        };
+        let Some(dev) = read_trim(&dir.join("dev")).and_then(|d| parse_dev(&d)) else {
+            continue;
+        };
+        let num = |f: &str| {
+            read_trim(&dir.join(f))
+                .and_then(|s| s.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let offset = num("loop/offset");
+        let limit = num("loop/sizelimit");
+        out.push(LoopDev {
+            name,
+            dev,
+            backing: (md.dev(), md.ino()),
+            backing_path,
+            offset,
+            end: if limit == 0 {
+                u64::MAX
+            } else {
+                offset.saturating_add(limit)
+            },
+        });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+fn loop_uses(sys: &System, l: &LoopDev) -> Vec<DiskUse> {
+    let label = format!(
+        "/dev/{} (over {} from byte {})",
+        l.name, l.backing_path, l.offset
+    );
+    device_and_partition_uses(sys, l.dev, None, &label)
+}
+
+/// Uses of a file's bytes `start..end` through loop devices and swap.
+fn file_range_uses(sys: &System, file: (u64, u64), start: u64, end: u64, skip: Option<&str>) -> Vec<DiskUse> {
+    let mut out = Vec::new();
+    if sys.swap_files.contains(&file) {
+        out.push(DiskUse {
+            what: "it is an active swap file".into(),
+            writable: true,
+        });
+    }
+    for l in loop_devices() {
+        if Some(l.name.as_str()) == skip || l.backing != file {
+            continue;
+        }
+        if l.offset < end && start < l.end {
+            out.extend(loop_uses(sys, &l));
+        }
+    }
+    out
+}
+
+/// How the disk at `path` (a block device or a regular file) is in use; `range` is the byte
+/// range that will be written (restore) or read (backup). Empty when it is free.
+pub fn disk_uses(path: &Path, range: (u64, u64)) -> Vec<DiskUse> {
+    let sys = System::load();
+    let mut out = sys.unreadable.clone();
+    let Ok(md) = fs::metadata(path) else {
+        return out;
+    };
+    if md.file_type().is_block_device() {
+        let dev = dev_numbers(md.rdev());
+        out.extend(device_and_partition_uses(&sys, dev, Some(md.rdev()), "it"));
+        // A loop device shares its bytes with every other loop device over the same file.
+        let loops = loop_devices();
+        if let Some(me) = loops.iter().find(|l| l.dev == dev) {
+            let (start, end) = (
+                me.offset.saturating_add(range.0),
+                me.offset.saturating_add(range.1).min(me.end),
+            );
+            out.extend(file_range_uses(&sys, me.backing, start, end, Some(&me.name)));
+        }
+    } else if md.file_type().is_file() {
+        out.extend(file_range_uses(&sys, (md.dev(), md.ino()), range.0, range.1, None));
+    }
+    out
+}
+
+/// The hardware model of this host from DMI (`/sys/class/dmi/id/product_name`), when readable
+/// and meaningful.
+pub fn host_hw_model() -> Option<String> {
+    let name = read_trim(Path::new("/sys/class/dmi/id/product_name"))?;
+    let placeholder = ["", "To Be Filled By O.E.M.", "System Product Name", "Default string"];
+    if placeholder.contains(&name.as_str()) || name.chars().any(|c| c.is_control()) {
+        return None;
+    }
+    Some(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dev_numbers_match_glibc() {
+        // makedev(7, 3) and makedev(259, 65536 + 5)
+        assert_eq!(dev_numbers(0x0703), (7, 3));
+        let rdev: u64 = (((259u64 & 0xffff_f000) << 32) | ((259 & 0xfff) << 8))
+            | (((65541u64) & 0xffff_ff00) << 12)
+            | (65541 & 0xff);
+        assert_eq!(dev_numbers(rdev), (259, 65541));
+    }
+
+    #[test]
+    fn unescapes_mountinfo_paths() {
+        assert_eq!(unescape("/mnt/my\\040disk"), "/mnt/my disk");
+        assert_eq!(unescape("/plain"), "/plain");
+        assert_eq!(unescape("tail\\04"), "tail\\04");
+    }
+
+    #[test]
+    fn a_missing_path_has_no_uses_beyond_table_problems() {
+        let uses = disk_uses(Path::new("/nonexistent/imgvault-test"), (0, 1));
+        assert!(uses.iter().all(|u| u.what.starts_with("cannot check")), "{uses:?}");
+    }
+}
