@@ -5,7 +5,7 @@
 #
 # Usage: benches/make-series.sh [DIR]      (default: $BENCH_DIR/images, BENCH_DIR=/tmp/imgvault-peers)
 #
-#   a.img  base system:  /usr/share + /usr/lib/x86_64-linux-gnu, capped at 1200 MiB of files
+#   a.img  base system:  /usr/share + /usr/lib/x86_64-linux-gnu, capped at 1450 MiB of files
 #   b.img  a + software: /usr/lib/{gcc,python3,python3.11,git-core,postgresql} added (~300 MB),
 #                        8 files removed, 8 changed (make-disk.sh derive defaults)
 #   c.img  b, later:     /usr/libexec added (~50 MB), 20 files removed, 40 changed
@@ -42,7 +42,7 @@ stage() {
     for s in "$@"; do [ -d "$s" ] && cp -a -- "$s" "$dst/"; done
 }
 
-base_a() { MAKE_DISK_MAX_MIB=1200 bash "$MK" base "$1" "$SIZE_MIB" /usr/share /usr/lib/x86_64-linux-gnu; }
+base_a() { MAKE_DISK_MAX_MIB=1450 bash "$MK" base "$1" "$SIZE_MIB" /usr/share /usr/lib/x86_64-linux-gnu; }
 derive_b() {
     stage "$DIR/src-b" /usr/lib/gcc /usr/lib/python3 /usr/lib/python3.11 /usr/lib/git-core /usr/lib/postgresql
     bash "$MK" derive "$DIR/a.img" "$1" "$DIR/src-b"

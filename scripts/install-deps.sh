@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
 # Install everything imgvault needs on a fresh Debian 12 machine (run as root).
-# Usage: scripts/install-deps.sh
+# Usage: scripts/install-deps.sh [--peers]
+#   --peers  also the peer tools of benches/peers.sh (casync, borg, restic, pyfuse3 for
+#            `borg mount`, GNU time); not installed by default (CI does not need them)
 # Idempotent: installs only what is missing, runs `apt-get update` only when a package
 # cannot be found in the current lists. Never downgrades or removes packages (the
 # preinstalled qemu-utils 10.x from bookworm-backports must survive).
 set -euo pipefail
 
-if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
-    echo "usage: $0    (as root; installs missing build/test packages)"; exit 0
-fi
+PEERS=0
+case ${1:-} in
+    -h|--help) echo "usage: $0 [--peers]   (as root; installs missing build/test packages;"
+               echo "       --peers: also casync, borg, restic for benches/peers.sh)"; exit 0 ;;
+    --peers) PEERS=1 ;;
+    "") ;;
+    *) echo "usage: $0 [--peers]" >&2; exit 2 ;;
+esac
 
 export DEBIAN_FRONTEND=noninteractive
 # Wait for a concurrent apt/dpkg instead of failing at once.
@@ -19,6 +26,9 @@ APT_OPTS=(-y -q -o DPkg::Lock::Timeout=300 -o Dpkg::Use-Pty=0)
 # util-linux: losetup; fio/b3sum/zstd: benches and cross-checks.
 PKGS=(build-essential pkg-config libclang-dev clang fuse3 e2fsprogs fdisk util-linux
       fio b3sum zstd coreutils)
+if [ "$PEERS" -eq 1 ]; then
+    PKGS+=(casync borgbackup restic python3-pyfuse3 time)
+fi
 # qemu-utils: only when qemu-img is absent, so a newer backports build is left alone.
 if ! command -v qemu-img >/dev/null 2>&1; then
     PKGS+=(qemu-utils)
@@ -75,6 +85,11 @@ if command -v cargo >/dev/null 2>&1; then
 else
     echo "install-deps: cargo not found (expected a rustup toolchain in ~/.cargo)" >&2
     status=1
+fi
+if [ "$PEERS" -eq 1 ]; then
+    for t in casync borg restic /usr/bin/time; do
+        command -v "$t" >/dev/null 2>&1 || { echo "install-deps: missing peer tool after install: $t" >&2; status=1; }
+    done
 fi
 echo "install-deps: $(qemu-img --version | head -n1)"
 exit "$status"

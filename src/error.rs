@@ -31,6 +31,22 @@ pub enum Error {
     #[error("{}: {reason}", path.display())]
     BadSource { path: PathBuf, reason: String },
 
+    /// An input disk image uses a feature imgvault does not read (named in `feature`).
+    #[error("{}: {format} image with an unsupported feature: {feature}", path.display())]
+    UnsupportedImage {
+        path: PathBuf,
+        format: String,
+        feature: String,
+    },
+
+    /// An input disk image is malformed, truncated or hostile (`reason` says where).
+    #[error("{}: invalid or damaged {format} image: {reason}", path.display())]
+    BadImage {
+        path: PathBuf,
+        format: String,
+        reason: String,
+    },
+
     /// An output file could not be written.
     #[error("{}: {source}", path.display())]
     Target {
@@ -89,9 +105,9 @@ pub enum Error {
         reason: String,
     },
 
-    /// Disk full or quota of the filesystem that holds the store.
-    #[error("no space left on the filesystem holding {}: {detail}", path.display())]
-    NoSpace { path: PathBuf, detail: String },
+    /// Disk full (or the filesystem's quota) while doing `what`.
+    #[error("no space left on device while {what}: {detail}")]
+    NoSpace { what: String, detail: String },
 
     // ---- the catalog -----------------------------------------------------------------
     /// No image of that name or id is visible to the tenant.
@@ -197,7 +213,7 @@ impl Error {
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         if source.raw_os_error() == Some(libc::ENOSPC) {
             return Error::NoSpace {
-                path: PathBuf::from(context.into()),
+                what: context.into(),
                 detail: source.to_string(),
             };
         }
@@ -220,9 +236,11 @@ impl Error {
         use Error::*;
         match self {
             InvalidArgument { .. } | ChunkerMismatch { .. } => exit::USAGE,
-            Source { .. } | BadSource { .. } | NoStore { .. } | ImageNotFound { .. } => {
-                exit::NOT_FOUND
-            }
+            Source { .. }
+            | BadSource { .. }
+            | BadImage { .. }
+            | NoStore { .. }
+            | ImageNotFound { .. } => exit::NOT_FOUND,
             AmbiguousImage { .. } => exit::USAGE,
             StoreExists { .. }
             | NameTaken { .. }
@@ -232,6 +250,7 @@ impl Error {
             | Incompatible { .. }
             | UnsafeTarget { .. }
             | TargetTooSmall { .. }
+            | UnsupportedImage { .. }
             | FormatVersion { .. } => exit::REFUSED,
             StoreBusy { .. } => exit::BUSY,
             CorruptRecord { .. } | CorruptChunk { .. } | VerifyFailed { .. } => exit::CORRUPT,

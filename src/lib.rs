@@ -28,6 +28,7 @@
 pub mod catalog;
 pub mod chunk;
 pub mod error;
+pub mod formats;
 pub mod fuse;
 pub mod ingest;
 pub mod progress;

@@ -560,15 +560,7 @@ pub fn require_unprotected(rec: &ImageRecord) -> Result<()> {
 
 /// Validates property values: printable, at most 200 bytes each.
 pub fn validate_properties(p: &Properties) -> Result<()> {
-    let fields = [
-        ("os type", &p.os_type),
-        ("os version", &p.os_version),
-        ("architecture", &p.arch),
-        ("boot mode", &p.boot_mode),
-        ("hardware model", &p.hw_model),
-        ("publisher", &p.publisher),
-        ("category", &p.category),
-    ];
+    let fields = p.text_fields();
     let check = |what: &str, v: &str| -> Result<()> {
         if v.trim().is_empty() || v.len() > 200 || v.chars().any(|c| c.is_control()) {
             return Err(Error::invalid(

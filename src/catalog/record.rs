@@ -145,6 +145,21 @@ pub struct Properties {
     pub category: Option<String>,
 }
 
+impl Properties {
+    /// The free-text properties with their display names, in display order.
+    pub fn text_fields(&self) -> [(&'static str, &Option<String>); 7] {
+        [
+            ("os type", &self.os_type),
+            ("os version", &self.os_version),
+            ("architecture", &self.arch),
+            ("boot mode", &self.boot_mode),
+            ("hardware model", &self.hw_model),
+            ("publisher", &self.publisher),
+            ("category", &self.category),
+        ]
+    }
+}
+
 /// Everything the catalog records about an image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageRecord {

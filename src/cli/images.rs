@@ -21,7 +21,7 @@ pub fn import(ctx: &Context, args: ImportArgs) -> anyhow::Result<i32> {
     opts.chunker = args.chunker.params(store.config().chunker.params);
     opts.properties = args.props.into_properties();
     let bar = Bar::new("import", ctx.progress);
-    let report = ingest::import_path(&store, &args.source, &opts, &bar)?;
+    let report = ingest::import_path_as(&store, &args.source, args.format, &opts, &bar)?;
     if ctx.json {
         output::json(&report)?;
     } else {
@@ -54,17 +54,34 @@ pub fn import(ctx: &Context, args: ImportArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-pub fn export(ctx: &Context, image: &str, out: &Path) -> anyhow::Result<i32> {
+pub fn export(
+    ctx: &Context,
+    image: &str,
+    out: &Path,
+    format: &str,
+    compress: bool,
+) -> anyhow::Result<i32> {
+    if compress && format != "qcow2" {
+        return Err(
+            imgvault::Error::invalid("--compress", "only applies to --format qcow2").into(),
+        );
+    }
     let store = Arc::new(ctx.open(false)?);
     let rec = Catalog::new(&store).resolve_readable(&ctx.tenant, image, "export")?;
-    let reader = ImageReader::open(store, rec, Arc::new(ChunkCache::new(64 << 20)))?;
+    // Pinned: a concurrent delete + gc cannot free the chunks mid-export.
+    let reader = ImageReader::open_pinned(store, rec, Arc::new(ChunkCache::new(64 << 20)))?;
     let bar = Bar::new("export", ctx.progress);
-    let report = restore::export_raw(&reader, out, &bar)?;
+    let report = if format == "qcow2" {
+        let opts = imgvault::formats::Qcow2ExportOptions { compress };
+        imgvault::formats::export_qcow2(&reader, out, &opts, &bar)?
+    } else {
+        restore::export_raw(&reader, out, &bar)?
+    };
     if ctx.json {
         output::json(&report)?;
     } else {
         println!(
-            "exported {} to {}: {} ({} written, {} sparse), {:.2} s",
+            "exported {} to {} ({format}): {} ({} written, {} sparse), {:.2} s",
             report.image,
             report.path,
             output::bytes(report.size),
@@ -249,15 +266,7 @@ pub fn show(ctx: &Context, image: &str) -> anyhow::Result<i32> {
     if let Some(parent) = rec.parent {
         lines.push(("parent", parent.to_hex()));
     }
-    let optional = [
-        ("os type", &p.os_type),
-        ("os version", &p.os_version),
-        ("architecture", &p.arch),
-        ("boot mode", &p.boot_mode),
-        ("hardware model", &p.hw_model),
-        ("publisher", &p.publisher),
-        ("category", &p.category),
-    ];
+    let optional = p.text_fields();
     for (k, v) in optional {
         if let Some(v) = v {
             lines.push((k, v.clone()));

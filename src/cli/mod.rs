@@ -5,6 +5,7 @@ mod catalog_cmds;
 mod images;
 mod mount;
 mod output;
+mod repair;
 mod store_cmds;
 
 use std::path::PathBuf;
@@ -63,6 +64,12 @@ pub enum Command {
         image: String,
         /// Output file
         out: PathBuf,
+        /// Output format: raw (sparse, byte-identical) or qcow2 (v3, 64 KiB clusters)
+        #[arg(long, default_value = "raw", value_parser = ["raw", "qcow2"])]
+        format: String,
+        /// Compress qcow2 data clusters with zlib (as `qemu-img convert -c`)
+        #[arg(long)]
+        compress: bool,
     },
     /// List the images the tenant can see
     List(ListArgs),
@@ -132,6 +139,22 @@ pub enum Command {
     Verify {
         /// Image name, OWNER/NAME or id [default: all images]
         image: Option<String>,
+        /// Rewrite the image's damaged chunks from a good copy (--from or --from-store),
+        /// then verify it again
+        #[arg(long, requires = "image")]
+        repair: bool,
+        /// With --repair: a good copy of the disk (raw file or block device), re-chunked to
+        /// find the damaged chunks
+        #[arg(
+            long,
+            value_name = "FILE",
+            requires = "repair",
+            conflicts_with = "from_store"
+        )]
+        from: Option<PathBuf>,
+        /// With --repair: another store (another region) that holds the damaged chunks
+        #[arg(long, value_name = "DIR", requires = "repair")]
+        from_store: Option<PathBuf>,
     },
     /// Space use and deduplication of the store
     Stats,
@@ -238,8 +261,11 @@ impl ChunkerArgs {
 /// `import` flags.
 #[derive(Debug, Args)]
 pub struct ImportArgs {
-    /// Raw disk image file or block device
+    /// Disk image file (raw, qcow2, vmdk, vhd, vhdx) or block device
     pub source: PathBuf,
+    /// Image format: raw, qcow2, vmdk, vhd (vpc) or vhdx [default: found from magic bytes]
+    #[arg(long, value_name = "FORMAT")]
+    pub format: Option<imgvault::formats::Format>,
     /// Name of the new image
     #[arg(long)]
     pub name: String,
@@ -388,7 +414,12 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Backup(args) => backup::backup(&ctx, *args),
         Command::Restore(args) => backup::restore(&ctx, args),
         Command::Lineage { image } => backup::lineage(&ctx, &image),
-        Command::Export { image, out } => images::export(&ctx, &image, &out),
+        Command::Export {
+            image,
+            out,
+            format,
+            compress,
+        } => images::export(&ctx, &image, &out, &format, compress),
         Command::List(args) => images::list(&ctx, args),
         Command::Show { image } => images::show(&ctx, &image),
         Command::Delete { image } => images::delete(&ctx, &image),
@@ -404,7 +435,13 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             max_private,
         } => store_cmds::quota(&ctx, &tenant, max_private),
         Command::Gc => store_cmds::gc(&ctx),
-        Command::Verify { image } => store_cmds::verify(&ctx, image.as_deref()),
+        Command::Verify {
+            image,
+            repair: true,
+            from,
+            from_store,
+        } => repair::repair(&ctx, image.as_deref(), from, from_store),
+        Command::Verify { image, .. } => store_cmds::verify(&ctx, image.as_deref()),
         Command::Stats => store_cmds::stats(&ctx),
         Command::Mount(args) => mount::mount(&ctx, args),
         Command::Umount(args) => mount::umount(&ctx, args),

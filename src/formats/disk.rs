@@ -38,10 +38,7 @@ pub enum FormatError {
         reason: String,
     },
     /// The operating system failed a read or open.
-    Io {
-        context: String,
-        source: io::Error,
-    },
+    Io { context: String, source: io::Error },
 }
 
 impl fmt::Display for FormatError {
@@ -483,11 +480,9 @@ impl<M: Mapper> Disk for Mapped<M> {
                         }
                         mend = nend;
                     }
-                    self.m.host().read_clipped(
-                        "data",
-                        h,
-                        &mut buf[at..(mend - off) as usize],
-                    )?;
+                    self.m
+                        .host()
+                        .read_clipped("data", h, &mut buf[at..(mend - off) as usize])?;
                 }
                 Map::Special => self
                     .m
@@ -622,7 +617,10 @@ pub fn probe(r: &dyn ReadAt) -> FResult<Format> {
         return Err(unsupported("qed", "the QED format (convert it to qcow2)"));
     }
     if head.len() >= 68 && head[64..68] == [0x7f, 0x10, 0xda, 0xbe] {
-        return Err(unsupported("vdi", "the VirtualBox VDI format (convert it to qcow2)"));
+        return Err(unsupported(
+            "vdi",
+            "the VirtualBox VDI format (convert it to qcow2)",
+        ));
     }
     // A fixed VHD is the raw disk followed by a 512-byte footer.
     let size = r.size();
@@ -707,7 +705,10 @@ impl OpenCtx {
                 format!("backing chain deeper than {MAX_BACKING_DEPTH} images (at '{name}')"),
             ));
         }
-        if name.is_empty() || name.contains('\0') || name.starts_with("json:") || name.contains("://")
+        if name.is_empty()
+            || name.contains('\0')
+            || name.starts_with("json:")
+            || name.contains("://")
         {
             return Err(unsupported(
                 from,
@@ -718,16 +719,10 @@ impl OpenCtx {
         let full = if target.is_absolute() {
             target.to_path_buf()
         } else {
-            path.parent()
-                .unwrap_or_else(|| Path::new("."))
-                .join(target)
+            path.parent().unwrap_or_else(|| Path::new(".")).join(target)
         };
         let io_err = |e: io::Error| FormatError::Io {
-            context: format!(
-                "backing file '{}' of {}",
-                full.display(),
-                path.display()
-            ),
+            context: format!("backing file '{}' of {}", full.display(), path.display()),
             source: e,
         };
         let canon = std::fs::canonicalize(&full).map_err(io_err)?;
@@ -783,13 +778,19 @@ pub fn open_disk(r: Box<dyn ReadAt>, format: Format, ctx: &OpenCtx) -> FResult<B
 /// Decompresses raw deflate (no zlib header) into exactly `out.len()` bytes, as qemu's
 /// qcow2 reader does; trailing input is ignored. `false` when the data does not fill
 /// `out` or is invalid.
-pub fn inflate_exact(z: &mut flate2::Decompress, input: &[u8], out: &mut [u8], zlib_header: bool) -> bool {
+pub fn inflate_exact(
+    z: &mut flate2::Decompress,
+    input: &[u8],
+    out: &mut [u8],
+    zlib_header: bool,
+) -> bool {
     z.reset(zlib_header);
     loop {
         let before_in = z.total_in();
         let before_out = z.total_out();
         let inp = &input[(before_in as usize).min(input.len())..];
-        let o = &mut out[(before_out as usize).min(out.len())..];
+        let olen = out.len();
+        let o = &mut out[(before_out as usize).min(olen)..];
         if o.is_empty() {
             return true;
         }
@@ -813,7 +814,8 @@ pub fn inflate_zlib(z: &mut flate2::Decompress, input: &[u8], out: &mut [u8]) ->
         let before_in = z.total_in();
         let before_out = z.total_out();
         let inp = &input[(before_in as usize).min(input.len())..];
-        let o = &mut out[(before_out as usize).min(out.len())..];
+        let olen = out.len();
+        let o = &mut out[(before_out as usize).min(olen)..];
         match z.decompress(inp, o, flate2::FlushDecompress::Finish) {
             Ok(flate2::Status::StreamEnd) => return Some(z.total_out() as usize),
             Ok(_) => {
@@ -837,7 +839,11 @@ pub fn crc32c(data: &[u8]) -> u32 {
         for (i, slot) in t.iter_mut().enumerate() {
             let mut c = i as u32;
             for _ in 0..8 {
-                c = if c & 1 != 0 { 0x82F6_3B78 ^ (c >> 1) } else { c >> 1 };
+                c = if c & 1 != 0 {
+                    0x82F6_3B78 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
             }
             *slot = c;
         }

@@ -5,8 +5,8 @@
 use zstd::zstd_safe::{DCtx, DParameter, InBuffer, OutBuffer, ResetDirective};
 
 use super::disk::{
-    be_u32, be_u64, check_virtual_size, corrupt, inflate_exact, unsupported, Disk, FResult,
-    Format, Host, Map, Mapped, Mapper, OpenCtx,
+    be_u32, be_u64, check_virtual_size, corrupt, inflate_exact, unsupported, Disk, FResult, Format,
+    Host, Map, Mapped, Mapper, OpenCtx,
 };
 
 const F: &str = "qcow2";
@@ -61,7 +61,10 @@ pub struct Header {
 pub fn parse_header(host: &Host) -> FResult<Header> {
     let mut h = [0u8; 112];
     if host.size() < 72 {
-        return Err(corrupt(F, format!("file of {} bytes is too short for a header", host.size())));
+        return Err(corrupt(
+            F,
+            format!("file of {} bytes is too short for a header", host.size()),
+        ));
     }
     let n = host.size().min(112) as usize;
     host.read_exact("header", 0, &mut h[..n])?;
@@ -82,13 +85,26 @@ pub fn parse_header(host: &Host) -> FResult<Header> {
     let l1_size = be_u32(&h, 36) as u64;
     let l1_offset = be_u64(&h, 40);
     if !(9..=21).contains(&cluster_bits) {
-        return Err(corrupt(F, format!("cluster_bits {cluster_bits} outside 9..=21")));
+        return Err(corrupt(
+            F,
+            format!("cluster_bits {cluster_bits} outside 9..=21"),
+        ));
     }
     let cs = 1u64 << cluster_bits;
     match crypt {
         0 => {}
-        1 => return Err(unsupported(F, "encryption (AES); decrypt it with qemu-img convert first")),
-        2 => return Err(unsupported(F, "encryption (LUKS); decrypt it with qemu-img convert first")),
+        1 => {
+            return Err(unsupported(
+                F,
+                "encryption (AES); decrypt it with qemu-img convert first",
+            ))
+        }
+        2 => {
+            return Err(unsupported(
+                F,
+                "encryption (LUKS); decrypt it with qemu-img convert first",
+            ))
+        }
         m => return Err(unsupported(F, format!("encryption method {m}"))),
     }
     check_virtual_size(F, size)?;
@@ -101,7 +117,10 @@ pub fn parse_header(host: &Host) -> FResult<Header> {
         }
         header_len = be_u32(&h, 100) as u64;
         if header_len < 104 || header_len > cs {
-            return Err(corrupt(F, format!("header length {header_len} is out of range")));
+            return Err(corrupt(
+                F,
+                format!("header length {header_len} is out of range"),
+            ));
         }
         let incompat = be_u64(&h, 72);
         if incompat & INCOMPAT_CORRUPT != 0 {
@@ -114,11 +133,17 @@ pub fn parse_header(host: &Host) -> FResult<Header> {
             return Err(unsupported(F, "external data file (data_file)"));
         }
         if incompat & INCOMPAT_EXTL2 != 0 {
-            return Err(unsupported(F, "extended L2 entries (subclusters, extended_l2=on)"));
+            return Err(unsupported(
+                F,
+                "extended L2 entries (subclusters, extended_l2=on)",
+            ));
         }
         if incompat & INCOMPAT_COMPRESSION != 0 {
             if header_len <= 104 {
-                return Err(corrupt(F, "compression type bit set but the header has no compression type field"));
+                return Err(corrupt(
+                    F,
+                    "compression type bit set but the header has no compression type field",
+                ));
             }
             compression = match h[104] {
                 0 => "zlib",
@@ -126,20 +151,32 @@ pub fn parse_header(host: &Host) -> FResult<Header> {
                 t => return Err(unsupported(F, format!("compression type {t}"))),
             };
         } else if header_len > 104 && h[104] != 0 {
-            return Err(corrupt(F, "compression type set without its incompatible feature bit"));
+            return Err(corrupt(
+                F,
+                "compression type set without its incompatible feature bit",
+            ));
         }
-        let known = INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2;
+        let known = INCOMPAT_DIRTY
+            | INCOMPAT_CORRUPT
+            | INCOMPAT_DATA_FILE
+            | INCOMPAT_COMPRESSION
+            | INCOMPAT_EXTL2;
         let unknown = incompat & !known;
         if unknown != 0 {
             let names = feature_names(host, header_len, cs, backing_offset)?;
             let bits: Vec<String> = (0..64)
                 .filter(|b| unknown & (1u64 << b) != 0)
-                .map(|b| match names.iter().find(|(t, bit, _)| *t == 0 && *bit == b) {
-                    Some((_, _, name)) => format!("'{name}' (bit {b})"),
-                    None => format!("bit {b}"),
-                })
+                .map(
+                    |b| match names.iter().find(|(t, bit, _)| *t == 0 && *bit == b) {
+                        Some((_, _, name)) => format!("'{name}' (bit {b})"),
+                        None => format!("bit {b}"),
+                    },
+                )
                 .collect();
-            return Err(unsupported(F, format!("unknown incompatible feature {}", bits.join(", "))));
+            return Err(unsupported(
+                F,
+                format!("unknown incompatible feature {}", bits.join(", ")),
+            ));
         }
     }
 
@@ -148,14 +185,25 @@ pub fn parse_header(host: &Host) -> FResult<Header> {
     let cover_bits = cluster_bits + l2_bits;
     let l1_entries = size.div_ceil(1u64 << cover_bits);
     if l1_size < l1_entries {
-        return Err(corrupt(F, format!("L1 table of {l1_size} entries is too small for a virtual size of {size} bytes")));
+        return Err(corrupt(
+            F,
+            format!(
+                "L1 table of {l1_size} entries is too small for a virtual size of {size} bytes"
+            ),
+        ));
     }
     if l1_entries * 8 > MAX_L1_BYTES {
-        return Err(unsupported(F, format!("L1 table of {l1_entries} entries (more than qemu's limit of 32 MiB)")));
+        return Err(unsupported(
+            F,
+            format!("L1 table of {l1_entries} entries (more than qemu's limit of 32 MiB)"),
+        ));
     }
     if l1_entries > 0 {
         if l1_offset % cs != 0 {
-            return Err(corrupt(F, format!("L1 table offset {l1_offset} is not aligned to a cluster")));
+            return Err(corrupt(
+                F,
+                format!("L1 table offset {l1_offset} is not aligned to a cluster"),
+            ));
         }
         host.check_range("L1 table", l1_offset, l1_entries * 8)?;
     }
@@ -163,14 +211,24 @@ pub fn parse_header(host: &Host) -> FResult<Header> {
     let mut backing = None;
     if backing_offset != 0 {
         if backing_size == 0 || backing_size > 1023 {
-            return Err(corrupt(F, format!("backing file name length {backing_size} outside 1..=1023")));
+            return Err(corrupt(
+                F,
+                format!("backing file name length {backing_size} outside 1..=1023"),
+            ));
         }
-        if backing_offset.checked_add(backing_size).is_none_or(|e| e > cs) {
-            return Err(corrupt(F, "backing file name lies outside the first cluster"));
+        if backing_offset
+            .checked_add(backing_size)
+            .is_none_or(|e| e > cs)
+        {
+            return Err(corrupt(
+                F,
+                "backing file name lies outside the first cluster",
+            ));
         }
         let mut name = vec![0u8; backing_size as usize];
         host.read_exact("backing file name", backing_offset, &mut name)?;
-        let name = String::from_utf8(name).map_err(|_| corrupt(F, "backing file name is not UTF-8"))?;
+        let name =
+            String::from_utf8(name).map_err(|_| corrupt(F, "backing file name is not UTF-8"))?;
         backing = Some(name);
     }
 
@@ -206,7 +264,12 @@ pub fn parse_header(host: &Host) -> FResult<Header> {
 }
 
 /// Header extensions as (type, data), within the first cluster.
-fn extensions(host: &Host, header_len: u64, cs: u64, backing_offset: u64) -> FResult<Vec<(u32, Vec<u8>)>> {
+fn extensions(
+    host: &Host,
+    header_len: u64,
+    cs: u64,
+    backing_offset: u64,
+) -> FResult<Vec<(u32, Vec<u8>)>> {
     let mut end = cs.min(host.size());
     if backing_offset != 0 && backing_offset > header_len {
         end = end.min(backing_offset);
@@ -224,7 +287,10 @@ fn extensions(host: &Host, header_len: u64, cs: u64, backing_offset: u64) -> FRe
         }
         off += 8;
         if off.checked_add(len).is_none_or(|e| e > end) {
-            return Err(corrupt(F, format!("header extension 0x{t:08x} of {len} bytes overruns the header")));
+            return Err(corrupt(
+                F,
+                format!("header extension 0x{t:08x} of {len} bytes overruns the header"),
+            ));
         }
         let mut data = vec![0u8; len as usize];
         host.read_exact("header extension", off, &mut data)?;
@@ -235,7 +301,12 @@ fn extensions(host: &Host, header_len: u64, cs: u64, backing_offset: u64) -> FRe
 }
 
 /// The feature name table: (type, bit, name).
-fn feature_names(host: &Host, header_len: u64, cs: u64, backing_offset: u64) -> FResult<Vec<(u8, u32, String)>> {
+fn feature_names(
+    host: &Host,
+    header_len: u64,
+    cs: u64,
+    backing_offset: u64,
+) -> FResult<Vec<(u8, u32, String)>> {
     let mut names = Vec::new();
     for (t, data) in extensions(host, header_len, cs, backing_offset)? {
         if t != EXT_FEATURE_NAMES {
@@ -245,7 +316,13 @@ fn feature_names(host: &Host, header_len: u64, cs: u64, backing_offset: u64) -> 
             let name: String = e[2..]
                 .iter()
                 .take_while(|&&c| c != 0)
-                .map(|&c| if c.is_ascii_graphic() || c == b' ' { c as char } else { '?' })
+                .map(|&c| {
+                    if c.is_ascii_graphic() || c == b' ' {
+                        c as char
+                    } else {
+                        '?'
+                    }
+                })
                 .collect();
             names.push((e[0], e[1] as u32, name));
         }
@@ -262,7 +339,10 @@ pub fn open(host: Host, ctx: &OpenCtx) -> FResult<Box<dyn Disk>> {
             let fmt = match h.backing_format.as_deref() {
                 None | Some("") => None,
                 Some(f) => Some(f.parse::<Format>().map_err(|_| {
-                    unsupported(F, format!("backing file format '{f}' (of backing file '{name}')"))
+                    unsupported(
+                        F,
+                        format!("backing file format '{f}' (of backing file '{name}')"),
+                    )
                 })?),
             };
             Some(ctx.open_backing(F, name, fmt)?)
@@ -329,7 +409,10 @@ impl Qcow2 {
         let cs = self.cs();
         let l1_idx = pos >> (self.cluster_bits + self.l2_bits);
         if l1_idx >= self.l1_entries {
-            return Err(corrupt(F, format!("guest offset {pos} beyond the L1 table")));
+            return Err(corrupt(
+                F,
+                format!("guest offset {pos} beyond the L1 table"),
+            ));
         }
         let l1_at = self.l1_offset + l1_idx * 8;
         let l1e = self.host.be64("L1 table entry", l1_at)?;
@@ -342,7 +425,10 @@ impl Qcow2 {
             return Ok(Err(n));
         }
         if l2_off % cs != 0 {
-            return Err(corrupt(F, format!("L2 table offset {l2_off} (L1 entry {l1_idx}) is not aligned to a cluster")));
+            return Err(corrupt(
+                F,
+                format!("L2 table offset {l2_off} (L1 entry {l1_idx}) is not aligned to a cluster"),
+            ));
         }
         self.host.check_range("L2 table", l2_off, cs)?;
         let l2_idx = (pos >> self.cluster_bits) & ((1u64 << self.l2_bits) - 1);
@@ -372,7 +458,10 @@ impl Mapper for Qcow2 {
             Ok(e) => e,
             Err(n) => {
                 let l1_idx = pos >> (self.cluster_bits + self.l2_bits);
-                return Ok((Map::Backing, (l1_idx + n) << (self.cluster_bits + self.l2_bits)));
+                return Ok((
+                    Map::Backing,
+                    (l1_idx + n) << (self.cluster_bits + self.l2_bits),
+                ));
             }
         };
         if l2e & COMPRESSED != 0 {
@@ -424,7 +513,8 @@ impl Mapper for Qcow2 {
             if !in_window {
                 let n = csize.max(COMPRESSED_WINDOW).min(self.host.size() - coff);
                 self.window.resize(n as usize, 0);
-                self.host.read_exact("compressed cluster", coff, &mut self.window)?;
+                self.host
+                    .read_exact("compressed cluster", coff, &mut self.window)?;
                 self.window_start = coff;
             }
             let start = (coff - self.window_start) as usize;

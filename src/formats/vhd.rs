@@ -53,7 +53,10 @@ fn parse_footer(f: &[u8; 512]) -> FResult<(u32, u64, u64)> {
 pub fn open(host: Host) -> FResult<Box<dyn Disk>> {
     let fsize = host.size();
     if fsize < 512 {
-        return Err(corrupt(F, format!("file of {fsize} bytes is too short for a footer")));
+        return Err(corrupt(
+            F,
+            format!("file of {fsize} bytes is too short for a footer"),
+        ));
     }
     // Dynamic disks have a copy of the footer at the start; fixed ones only at the end.
     let mut footer = [0u8; 512];
@@ -72,7 +75,10 @@ pub fn open(host: Host) -> FResult<Box<dyn Disk>> {
             }
             Ok(Box::new(RawDisk::new(host, size, F)?))
         }
-        3 => Ok(Box::new(Mapped::new(Vhd::new(host, size, data_offset)?, None))),
+        3 => Ok(Box::new(Mapped::new(
+            Vhd::new(host, size, data_offset)?,
+            None,
+        ))),
         4 => Err(unsupported(
             F,
             "differencing disk (it needs its parent; merge it with `qemu-img convert` first)",
@@ -104,16 +110,23 @@ impl Vhd {
         let max_entries = be_u32(&d, 28) as u64;
         let block_size = be_u32(&d, 32) as u64;
         if !block_size.is_power_of_two() || block_size < 512 {
-            return Err(corrupt(F, format!("block size {block_size} is not a power of two ≥ 512")));
+            return Err(corrupt(
+                F,
+                format!("block size {block_size} is not a power of two ≥ 512"),
+            ));
         }
         let needed = size.div_ceil(block_size);
         if max_entries < needed {
-            return Err(corrupt(F, format!(
-                "block table of {max_entries} entries is too small for {size} bytes"
-            )));
+            return Err(corrupt(
+                F,
+                format!("block table of {max_entries} entries is too small for {size} bytes"),
+            ));
         }
         if needed > MAX_BAT_ENTRIES {
-            return Err(unsupported(F, format!("block table of {needed} entries (limit {MAX_BAT_ENTRIES})")));
+            return Err(unsupported(
+                F,
+                format!("block table of {needed} entries (limit {MAX_BAT_ENTRIES})"),
+            ));
         }
         host.check_range("block allocation table", bat_offset, needed * 4)?;
         // qemu's formula (0 for blocks below 4 KiB... as qemu reads them).

@@ -15,6 +15,13 @@
 //! ahead in parallel; `SEEK_DATA`/`SEEK_HOLE` come from the zero extents; the page cache is
 //! kept across opens (the bytes of an image never change).
 //!
+//! Clones without copies: a qcow2 overlay whose backing file is the mounted raw file
+//! (`imgvault clone-overlay IMAGE OVERLAY.qcow2 --mount MNT`, which runs
+//! `qemu-img create -f qcow2 -F raw -b MNT/by-id/ID.raw OVERLAY.qcow2`); N servers boot from
+//! one image and each overlay holds only its own writes. To capture a server back as an image,
+//! `qemu-img convert -O raw OVERLAY.qcow2 server.raw` then `imgvault import server.raw`.
+//! docs/imgvault-mount.service mounts a store at boot.
+//!
 //! ```no_run
 //! # fn main() -> imgvault::Result<()> {
 //! use std::time::Duration;
@@ -115,9 +122,22 @@ impl Mounted {
         };
         config.n_threads = Some(opts.threads);
         config.clone_fd = opts.threads > 1;
-        let session = fuser::Session::new(fs, &mp, &config).map_err(|e| Error::Mount {
-            mountpoint: mountpoint.to_path_buf(),
-            reason: format!("mount failed: {e}"),
+        let session = fuser::Session::new(fs, &mp, &config).map_err(|e| {
+            // SAFETY: geteuid has no preconditions.
+            let root = unsafe { libc::geteuid() } == 0;
+            let hint = match e.raw_os_error() {
+                Some(libc::EACCES) | Some(libc::EPERM) if !root => {
+                    " (as a user, /dev/fuse must be readable and writable by you, usually \
+                     0666, and fusermount3 from the fuse3 package installed setuid; or mount \
+                     as root)"
+                }
+                Some(libc::ENOENT) | Some(libc::ENODEV) => " (load the fuse module: modprobe fuse)",
+                _ => "",
+            };
+            Error::Mount {
+                mountpoint: mountpoint.to_path_buf(),
+                reason: format!("mount failed: {e}{hint}"),
+            }
         })?;
         if opts.read_ahead_kb > 0 {
             match sys::set_read_ahead_kb(&mp, opts.read_ahead_kb) {

@@ -64,14 +64,32 @@ impl IngestOptions {
     }
 }
 
-/// Imports the raw disk at `path` (a file or a block device).
+/// Imports the disk image at `path` (a file or a block device), in the format found from
+/// its magic bytes (raw, qcow2, vmdk, vhd, vhdx). Backups (`opts.backup`) are always raw.
 pub fn import_path(
     store: &Store,
     path: &Path,
     opts: &IngestOptions,
     progress: &dyn Progress,
 ) -> Result<ImportReport> {
-    let source = RawSource::open(path)?;
+    import_path_as(store, path, None, opts, progress)
+}
+
+/// Imports the disk image at `path` as `format` (found from its magic bytes when `None`).
+pub fn import_path_as(
+    store: &Store,
+    path: &Path,
+    format: Option<crate::formats::Format>,
+    opts: &IngestOptions,
+    progress: &dyn Progress,
+) -> Result<ImportReport> {
+    // Refuse early (before reading the image) when the store cannot take the import.
+    store.require_writer()?;
+    let source: Box<dyn ImageSource> = if opts.backup {
+        Box::new(RawSource::open(path)?)
+    } else {
+        crate::formats::open_source(path, format)?
+    };
     let record_source = if opts.backup {
         Source::Backup {
             path: path.display().to_string(),
@@ -83,7 +101,7 @@ pub fn import_path(
             format: source.format().to_string(),
         }
     };
-    import(store, Box::new(source), record_source, opts, progress)
+    import(store, source, record_source, opts, progress)
 }
 
 /// Imports any [`ImageSource`].

@@ -110,8 +110,10 @@ impl RawSource {
         if data < 0 {
             let err = std::io::Error::last_os_error();
             return match err.raw_os_error() {
-                // No data after pos: the rest is a hole.
+                // No data after pos: the rest is a hole, unless the file shrank below
+                // the size it had at open (SEEK_DATA past the end is ENXIO too).
                 Some(libc::ENXIO) => {
+                    self.check_not_shrunk()?;
                     self.data_end = self.size;
                     Ok(self.size - self.pos)
                 }
@@ -131,6 +133,25 @@ impl RawSource {
             (hole as u64).min(self.size)
         };
         Ok(data - self.pos)
+    }
+
+    /// Fails when the file is now shorter than it was at open: the bytes past its new end
+    /// were never read, and must not become zeros in the image.
+    fn check_not_shrunk(&self) -> Result<()> {
+        if self.kind != SourceKind::File {
+            return Ok(());
+        }
+        let now = self.file.metadata().map_err(|e| self.read_error(e))?.len();
+        if now < self.size {
+            return Err(Error::BadSource {
+                path: self.path.clone(),
+                reason: format!(
+                    "source shrank while being read: it was {} bytes, it is now {now}",
+                    self.size
+                ),
+            });
+        }
+        Ok(())
     }
 
     fn read_error(&self, err: std::io::Error) -> Error {
@@ -167,6 +188,8 @@ impl ImageSource for RawSource {
 
     fn next_piece(&mut self, buf: &mut Vec<u8>) -> Result<Option<SourcePiece>> {
         if self.pos >= self.size {
+            // A file truncated after its last data was read (the tail a hole) ends here.
+            self.check_not_shrunk()?;
             return Ok(None);
         }
         if self.pos >= self.data_end {

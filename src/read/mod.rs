@@ -45,6 +45,8 @@ pub struct ImageReader {
     image: ImageRecord,
     extents: Vec<Extent>,
     cache: Arc<ChunkCache>,
+    /// Keeps gc from freeing the chunks while this reader lives (see [`ImageReader::open_pinned`]).
+    _pin: Option<crate::store::pins::Pin>,
 }
 
 impl ImageReader {
@@ -56,7 +58,22 @@ impl ImageReader {
             image,
             extents,
             cache,
+            _pin: None,
         })
+    }
+
+    /// Like [`ImageReader::open`], for a one-pass reader beside the writer (export,
+    /// restore): the image's chunks are pinned (see [`crate::store::pins`]) for the reader's
+    /// life, so a concurrent `delete` + `gc` cannot free them mid-read. Fails with
+    /// [`Error::ImageNotFound`] when the image was deleted before the pin was in place.
+    pub fn open_pinned(
+        store: Arc<Store>,
+        image: ImageRecord,
+        cache: Arc<ChunkCache>,
+    ) -> Result<Self> {
+        let mut reader = Self::open(store, image, cache)?;
+        reader._pin = crate::store::pins::hold(&reader.store, &reader.image, &reader.extents)?;
+        Ok(reader)
     }
 
     /// The image being read.

@@ -191,8 +191,6 @@ pub fn lineage(store: &Store, tenant: &str, reference: &str) -> Result<Vec<Linea
             image: rec.clone(),
         });
     }
-    out.sort_by(|a, b| {
-        (a.image.created, &a.image.name).cmp(&(b.image.created, &b.image.name))
-    });
+    out.sort_by(|a, b| (a.image.created, &a.image.name).cmp(&(b.image.created, &b.image.name)));
     Ok(out)
 }

@@ -83,12 +83,15 @@ pub struct RestoreReport {
     pub target_size: u64,
     /// Data-extent bytes read from the target and compared with the image's chunk ids.
     pub bytes_compared: u64,
-    /// Data-extent bytes written because they differed.
+    /// Data bytes written: the 4 KiB blocks that differ inside data extents whose BLAKE3
+    /// differs from the chunk id.
     pub bytes_written: u64,
-    /// Data-extent bytes that were already right.
+    /// Data-extent bytes not written because they were already right.
     pub bytes_skipped: u64,
-    /// Data extents written.
+    /// Data extents whose bytes on the target differed (and were decoded and compared).
     pub extents_written: u64,
+    /// Their total length: what a restore writing whole chunks would have written.
+    pub extent_bytes_differing: u64,
     /// Bytes of the image's zero extents.
     pub zero_bytes: u64,
     /// Zero-extent bytes zeroed because they were not zero (written zeros, BLKZEROOUT, or a
@@ -139,7 +142,14 @@ pub fn restore(
     let hw_model_check = check_model(image, opts, &mut overridden)?;
     let inspected = inspect(target)?;
     refuse_store_path(reader, target)?;
-    check_size(target, &label, size, &inspected, opts.force, &mut overridden)?;
+    check_size(
+        target,
+        &label,
+        size,
+        &inspected,
+        opts.force,
+        &mut overridden,
+    )?;
     let uses = safety::disk_uses(target, (0, size));
     if !uses.is_empty() {
         let reason = uses
@@ -194,6 +204,7 @@ pub fn restore(
             bytes_written: counters.written,
             bytes_skipped: counters.compared - counters.written,
             extents_written: counters.extents_written,
+            extent_bytes_differing: counters.extent_bytes_differing,
             zero_bytes: counters.zero_bytes,
             zero_bytes_written: counters.zero_written,
             zero_bytes_discarded: counters.zero_discarded,
@@ -270,7 +281,11 @@ fn inspect(path: &Path) -> Result<Inspected> {
                 }),
                 Ok(_) => Err(Error::invalid(
                     "restore target",
-                    format!("{}: {} is not a directory", path.display(), parent.display()),
+                    format!(
+                        "{}: {} is not a directory",
+                        path.display(),
+                        parent.display()
+                    ),
                 )),
                 Err(e) => Err(Error::Target {
                     path: parent.to_path_buf(),
@@ -487,7 +502,9 @@ impl Target<'_> {
                 .metadata()
                 .map(|m| m.len())
                 .map_err(|e| self.io_err("stat", 0, e)),
-            TargetKind::BlockDevice => device_size(self.file).map_err(|e| self.io_err("size", 0, e)),
+            TargetKind::BlockDevice => {
+                device_size(self.file).map_err(|e| self.io_err("size", 0, e))
+            }
         }
     }
 
@@ -517,7 +534,14 @@ impl Target<'_> {
         }
         // SAFETY: as above.
         let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
-        Ok((data, if hole < 0 { end } else { (hole as u64).clamp(data + 1, end) }))
+        Ok((
+            data,
+            if hole < 0 {
+                end
+            } else {
+                (hole as u64).clamp(data + 1, end)
+            },
+        ))
     }
 
     /// Fills `buf` with the target's bytes at `offset` (holes of a file as zeros, unread).
@@ -597,7 +621,10 @@ impl Target<'_> {
                     return Ok(Zeroed::PunchHole);
                 }
                 let err = std::io::Error::last_os_error();
-                if !matches!(err.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)) {
+                if !matches!(
+                    err.raw_os_error(),
+                    Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)
+                ) {
                     return Err(self.io_err("punch a hole in", offset, err));
                 }
                 self.write_zeros(offset, len)?;
@@ -617,9 +644,7 @@ impl Target<'_> {
                         Err(e)
                             if matches!(
                                 e.raw_os_error(),
-                                Some(libc::ENOTTY)
-                                    | Some(libc::EOPNOTSUPP)
-                                    | Some(libc::EINVAL)
+                                Some(libc::ENOTTY) | Some(libc::EOPNOTSUPP) | Some(libc::EINVAL)
                             ) => {}
                         Err(e) => return Err(self.io_err("zero (BLKZEROOUT)", a, e)),
                     }
@@ -739,11 +764,40 @@ fn window_extents(reader: &ImageReader, w: &Window) -> Vec<Extent> {
     out
 }
 
+/// A data extent whose bytes on the target differ from its chunk.
+struct Differing {
+    offset: u64,
+    len: u64,
+    /// The decoded chunk (empty when only locating differences).
+    bytes: Vec<u8>,
+    /// The differing 4 KiB blocks (aligned to the disk, clipped to the extent), merged into
+    /// runs: (offset within the extent, length).
+    runs: Vec<(usize, usize)>,
+}
+
+/// Runs of 4 KiB blocks (aligned to disk offsets from `at`) where `new` and `old` differ.
+fn differing_blocks(at: u64, new: &[u8], old: &[u8]) -> Vec<(usize, usize)> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    let mut pos = 0usize;
+    while pos < new.len() {
+        let abs = at + pos as u64;
+        let end = ((((abs / ZERO_BLOCK) + 1) * ZERO_BLOCK - at) as usize).min(new.len());
+        if new[pos..end] != old[pos..end] {
+            match runs.last_mut() {
+                Some((o, l)) if *o + *l == pos => *l += end - pos,
+                _ => runs.push((pos, end - pos)),
+            }
+        }
+        pos = end;
+    }
+    runs
+}
+
 /// What one window needs.
 struct Plan {
     window: Window,
-    /// Differing data extents: offset, decoded bytes (empty when not decoding).
-    writes: Vec<(u64, u64, Vec<u8>)>,
+    /// Data extents that differ.
+    writes: Vec<Differing>,
     /// Non-zero 4 KiB blocks inside zero extents, merged into runs: (offset, len).
     zero_runs: Vec<(u64, u64)>,
     compared: u64,
@@ -755,15 +809,29 @@ fn plan(reader: &ImageReader, w: Window, buf: &[u8], buf_at: u64, decode: bool) 
     let exts = window_extents(reader, &w);
     let slice = |off: u64, len: u64| &buf[(off - buf_at) as usize..(off - buf_at + len) as usize];
     let data: Vec<&Extent> = exts.iter().filter(|e| e.chunk.is_some()).collect();
-    let outcomes: Vec<Option<(u64, u64, Vec<u8>)>> = data
+    let outcomes: Vec<Option<Differing>> = data
         .par_iter()
-        .map(|e| -> Result<Option<(u64, u64, Vec<u8>)>> {
+        .map(|e| -> Result<Option<Differing>> {
             let id = e.chunk.map(|c| c.0).unwrap_or_default();
-            if blake3::hash(slice(e.offset, e.len)).as_bytes() == &id {
+            let old = slice(e.offset, e.len);
+            if blake3::hash(old).as_bytes() == &id {
                 return Ok(None);
             }
-            let bytes = if decode { reader.load(e)? } else { Vec::new() };
-            Ok(Some((e.offset, e.len, bytes)))
+            let (bytes, runs) = if decode {
+                // Within a differing chunk, write only the 4 KiB blocks that differ: an
+                // in-place edit of a few bytes costs one page, not a whole chunk.
+                let bytes = reader.load(e)?;
+                let runs = differing_blocks(e.offset, &bytes, old);
+                (bytes, runs)
+            } else {
+                (Vec::new(), Vec::new())
+            };
+            Ok(Some(Differing {
+                offset: e.offset,
+                len: e.len,
+                bytes,
+                runs,
+            }))
         })
         .collect::<Result<_>>()?;
     let mut zero_runs: Vec<(u64, u64)> = Vec::new();
@@ -795,6 +863,7 @@ fn plan(reader: &ImageReader, w: Window, buf: &[u8], buf_at: u64, decode: bool) 
 struct Counters {
     compared: u64,
     written: u64,
+    extent_bytes_differing: u64,
     extents_written: u64,
     zero_bytes: u64,
     zero_written: u64,
@@ -828,11 +897,14 @@ fn apply(t: &Target, p: Plan, discard: bool, c: &mut Counters) -> Result<()> {
     c.compared += p.compared;
     c.zero_bytes += p.zero_bytes;
     let mut dirty = false;
-    for (off, len, bytes) in &p.writes {
-        t.write(bytes, *off)?;
-        c.written += len;
+    for d in &p.writes {
+        for &(at, len) in &d.runs {
+            t.write(&d.bytes[at..at + len], d.offset + at as u64)?;
+            c.written += len as u64;
+            dirty = true;
+        }
         c.extents_written += 1;
-        dirty = true;
+        c.extent_bytes_differing += d.len;
     }
     for &(off, len) in &p.zero_runs {
         dirty = true;
@@ -978,7 +1050,10 @@ fn verify(reader: &ImageReader, t: &Target, progress: &dyn Progress) -> Result<(
     let mut count = 0usize;
     read_windows(t, &ws, target_size, |w, buf, at| {
         let p = plan(reader, w, buf, at, false)?;
-        for (off, len, _) in &p.writes {
+        for Differing {
+            offset: off, len, ..
+        } in &p.writes
+        {
             count += 1;
             first.get_or_insert_with(|| format!("data extent at byte offset {off} ({len} bytes)"));
         }
@@ -999,7 +1074,9 @@ fn verify(reader: &ImageReader, t: &Target, progress: &dyn Progress) -> Result<(
             image.owner,
             image.name,
             image.checksum,
-            first.map(|f| format!("; first difference: {f}")).unwrap_or_default()
+            first
+                .map(|f| format!("; first difference: {f}"))
+                .unwrap_or_default()
         ),
     })
 }

@@ -52,8 +52,13 @@ fn unescape(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
-            let v = (b[i + 1] - b'0') as u32 * 64 + (b[i + 2] - b'0') as u32 * 8 + (b[i + 3] - b'0') as u32;
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = (b[i + 1] - b'0') as u32 * 64
+                + (b[i + 2] - b'0') as u32 * 8
+                + (b[i + 3] - b'0') as u32;
             out.push(v as u8);
             i += 4;
         } else {
@@ -140,7 +145,11 @@ fn direct_uses(sys: &System, dev: (u32, u32), rdev: Option<u64>, label: &str) ->
         out.push(DiskUse {
             what: format!(
                 "{label} is mounted {} at {}",
-                if m.read_write { "read-write" } else { "read-only" },
+                if m.read_write {
+                    "read-write"
+                } else {
+                    "read-only"
+                },
                 m.mountpoint
             ),
             writable: m.read_write,
@@ -187,11 +196,21 @@ fn partitions(dir: &Path) -> Vec<(String, (u32, u32))> {
 }
 
 /// Uses of a device and of its partitions.
-fn device_and_partition_uses(sys: &System, dev: (u32, u32), rdev: Option<u64>, label: &str) -> Vec<DiskUse> {
+fn device_and_partition_uses(
+    sys: &System,
+    dev: (u32, u32),
+    rdev: Option<u64>,
+    label: &str,
+) -> Vec<DiskUse> {
     let mut out = direct_uses(sys, dev, rdev, label);
     if let Some(dir) = sys_dir(dev) {
         for (name, pdev) in partitions(&dir) {
-            out.extend(direct_uses(sys, pdev, None, &format!("its partition {name}")));
+            out.extend(direct_uses(
+                sys,
+                pdev,
+                None,
+                &format!("its partition {name}"),
+            ));
         }
     }
     out
@@ -261,7 +280,13 @@ fn loop_uses(sys: &System, l: &LoopDev) -> Vec<DiskUse> {
 }
 
 /// Uses of a file's bytes `start..end` through loop devices and swap.
-fn file_range_uses(sys: &System, file: (u64, u64), start: u64, end: u64, skip: Option<&str>) -> Vec<DiskUse> {
+fn file_range_uses(
+    sys: &System,
+    file: (u64, u64),
+    start: u64,
+    end: u64,
+    skip: Option<&str>,
+) -> Vec<DiskUse> {
     let mut out = Vec::new();
     if sys.swap_files.contains(&file) {
         out.push(DiskUse {
@@ -298,10 +323,22 @@ pub fn disk_uses(path: &Path, range: (u64, u64)) -> Vec<DiskUse> {
                 me.offset.saturating_add(range.0),
                 me.offset.saturating_add(range.1).min(me.end),
             );
-            out.extend(file_range_uses(&sys, me.backing, start, end, Some(&me.name)));
+            out.extend(file_range_uses(
+                &sys,
+                me.backing,
+                start,
+                end,
+                Some(&me.name),
+            ));
         }
     } else if md.file_type().is_file() {
-        out.extend(file_range_uses(&sys, (md.dev(), md.ino()), range.0, range.1, None));
+        out.extend(file_range_uses(
+            &sys,
+            (md.dev(), md.ino()),
+            range.0,
+            range.1,
+            None,
+        ));
     }
     out
 }
@@ -310,7 +347,12 @@ pub fn disk_uses(path: &Path, range: (u64, u64)) -> Vec<DiskUse> {
 /// and meaningful.
 pub fn host_hw_model() -> Option<String> {
     let name = read_trim(Path::new("/sys/class/dmi/id/product_name"))?;
-    let placeholder = ["", "To Be Filled By O.E.M.", "System Product Name", "Default string"];
+    let placeholder = [
+        "",
+        "To Be Filled By O.E.M.",
+        "System Product Name",
+        "Default string",
+    ];
     if placeholder.contains(&name.as_str()) || name.chars().any(|c| c.is_control()) {
         return None;
     }
@@ -341,6 +383,9 @@ mod tests {
     #[test]
     fn a_missing_path_has_no_uses_beyond_table_problems() {
         let uses = disk_uses(Path::new("/nonexistent/imgvault-test"), (0, 1));
-        assert!(uses.iter().all(|u| u.what.starts_with("cannot check")), "{uses:?}");
+        assert!(
+            uses.iter().all(|u| u.what.starts_with("cannot check")),
+            "{uses:?}"
+        );
     }
 }

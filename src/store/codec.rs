@@ -66,7 +66,9 @@ pub fn decode_chunk(value: &[u8]) -> std::result::Result<Vec<u8>, String> {
             // The capacity bound makes a frame that claims more than raw_len fail. One
             // decompression context per thread: creating one per chunk cost ~1% of export.
             let out = DECOMPRESSOR.with(|d| match &mut *d.borrow_mut() {
-                Some(d) => d.decompress(payload, raw_len).map_err(|e| format!("zstd: {e}")),
+                Some(d) => d
+                    .decompress(payload, raw_len)
+                    .map_err(|e| format!("zstd: {e}")),
                 None => zstd::bulk::decompress(payload, raw_len).map_err(|e| format!("zstd: {e}")),
             })?;
             if out.len() != raw_len {

@@ -394,6 +394,36 @@ impl Store {
         batch.merge_cf(self.cf(cf::REFS), id.0, delta.encode());
     }
 
+    /// Test hook: writes `value` under `key` in column family `name` (WAL, fsync), bypassing
+    /// every check. Only the reliability tests use it, to plant damage in records.
+    #[doc(hidden)]
+    pub fn debug_put_raw(&self, name: &str, key: &[u8], value: &[u8]) -> Result<()> {
+        let cf = self.debug_cf(name)?;
+        let mut batch = WriteBatch::default();
+        batch.put_cf(cf, key, value);
+        self.commit(batch)
+    }
+
+    /// Test hook: deletes `key` from column family `name` (WAL, fsync), bypassing every
+    /// check. Only the reliability tests use it, to make chunks or records disappear.
+    #[doc(hidden)]
+    pub fn debug_delete_raw(&self, name: &str, key: &[u8]) -> Result<()> {
+        let cf = self.debug_cf(name)?;
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(cf, key);
+        self.commit(batch)
+    }
+
+    fn debug_cf(&self, name: &str) -> Result<&ColumnFamily> {
+        if !cf::ALL.contains(&name) {
+            return Err(Error::invalid(
+                "column family",
+                format!("{name:?} is not one of {:?}", cf::ALL),
+            ));
+        }
+        Ok(self.cf(name))
+    }
+
     /// Space use of the chunk store, from the reference table.
     pub fn chunk_totals(&self) -> Result<ChunkTotals> {
         let mut t = ChunkTotals::default();
@@ -474,7 +504,7 @@ pub(crate) fn db_err(path: &Path, e: rocksdb::Error) -> Error {
     let s = e.to_string();
     if s.contains("No space left") {
         return Error::NoSpace {
-            path: path.to_path_buf(),
+            what: format!("writing the store {}", path.display()),
             detail: s,
         };
     }

@@ -90,6 +90,37 @@ pub fn write(
     Ok(Pin { path })
 }
 
+/// Pins the chunks of `image` (whose extent map is `extents`) for a reader in a process
+/// beside the writer, then checks that the image still exists in the latest state of the
+/// store. The ordering is the mount's: a delete this check does not see happens after the
+/// pin, so any gc that could free the chunks reads the pin. `None` for the writer itself
+/// (gc cannot run beside it). Fails with [`Error::ImageNotFound`] when the image is gone.
+pub fn hold(
+    store: &super::Store,
+    image: &crate::catalog::ImageRecord,
+    extents: &[super::codec::Extent],
+) -> Result<Option<Pin>> {
+    if store.is_writer() {
+        return Ok(None);
+    }
+    let pin = write(
+        store.path(),
+        &image.id,
+        extents.iter().filter_map(|e| e.chunk),
+    )?;
+    let latest = super::Store::open(store.path(), super::OpenMode::Reader)?;
+    if crate::catalog::Catalog::new(&latest)
+        .get(&image.id)?
+        .is_none()
+    {
+        return Err(Error::ImageNotFound {
+            image: format!("{}/{} (deleted meanwhile)", image.owner, image.name),
+            tenant: image.owner.clone(),
+        });
+    }
+    Ok(Some(pin))
+}
+
 /// What [`collect`] found.
 #[derive(Debug, Default)]
 pub struct Pinned {

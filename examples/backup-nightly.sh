@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# backup-nightly.sh: back up a server's disk into imgvault, keep the newest N backups, gc.
+#
+# Usage: backup-nightly.sh [--keep N] [--hw-model MODEL] SERVER SOURCE
+#   SERVER   a name for the server (backups are named SERVER-YYYYmmddTHHMMSSZ)
+#   SOURCE   its disk: a block device (/dev/sdX, /dev/nvme0n1, an LVM snapshot, a loop
+#            device) or a raw file; only read
+#   --keep N keep the newest N backups of SERVER and delete older ones, then gc
+#            (default 7; 0 keeps everything). Protected backups are never deleted.
+#   --hw-model MODEL  record the server's hardware model (default: imgvault reads DMI)
+#
+# Each backup is linked to the previous one (--parent), so `imgvault lineage` shows the chain;
+# each costs only the chunks the store does not have yet.
+# Environment: IMGVAULT, IMGVAULT_STORE, IMGVAULT_TENANT (see lib.sh); BACKUP_TIME overrides
+# the timestamp in the name (YYYYmmddTHHMMSSZ, UTC).
+# Prints one JSON summary line on stdout; exits with imgvault's code of the step that failed.
+#
+# Cron, every night at 02:30 (the store's writer lock makes concurrent runs wait):
+#   30 2 * * * root IMGVAULT_STORE=/srv/imgvault /usr/local/lib/imgvault/backup-nightly.sh --keep 14 web-01 /dev/vg0/web-01-snap
+set -euo pipefail
+. "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
+
+usage() { sed -n '4,13s/^# \{0,1\}//p' "$0" >&2; exit 2; }
+
+KEEP=7
+HW=()
+while [ $# -gt 0 ]; do
+    case $1 in
+        --keep) [ $# -ge 2 ] || usage; KEEP=$2; shift 2 ;;
+        --hw-model) [ $# -ge 2 ] || usage; HW=(--hw-model "$2"); shift 2 ;;
+        -h|--help) usage ;;
+        --) shift; break ;;
+        -*) log "unknown option $1"; usage ;;
+        *) break ;;
+    esac
+done
+[ $# -eq 2 ] || usage
+SERVER=$1 SOURCE=$2
+case $KEEP in ''|*[!0-9]*) die 2 "--keep needs a number, got '$KEEP'" ;; esac
+[ -e "$SOURCE" ] || die 3 "no such disk: $SOURCE"
+
+STAMP=${BACKUP_TIME:-$(date -u +%Y%m%dT%H%M%SZ)}
+NAME="$SERVER-$STAMP"
+
+# 1. The previous backup becomes the parent.
+PARENT=()
+LATEST=$(latest_backup "$SERVER") || exit $?
+if [ -n "$LATEST" ]; then
+    PARENT=(--parent "${LATEST%% *}")
+    log "previous backup: ${LATEST#* }"
+fi
+
+# 2. The backup. --wait: queue behind another writer instead of failing.
+log "backing up $SOURCE as $NAME"
+iv_or_die "backup of $SOURCE" --wait backup "$SOURCE" --name "$NAME" "${PARENT[@]}" "${HW[@]}"
+REPORT=$IV_OUT
+ID=$(printf '%s' "$REPORT" | json 'd["image"]["id"]')
+NEW=$(printf '%s' "$REPORT" | json 'd["new_stored_bytes"]')
+SECS=$(printf '%s' "$REPORT" | json 'round(d["seconds"], 3)')
+printf '%s' "$REPORT" | json '"\n".join(d["warnings"])' | while IFS= read -r w; do
+    [ -n "$w" ] && log "warning: $w"
+done
+log "stored $NEW new bytes in $SECS s (image $ID)"
+
+# 3. Retention: delete all but the newest KEEP backups (never protected ones).
+DELETED=()
+KEPT=()
+ALL=$(backups "$SERVER") || exit $?
+COUNT=$(printf '%s\n' "$ALL" | awk 'NF' | wc -l)
+I=0
+while read -r id name protected; do
+    [ -n "$id" ] || continue
+    I=$((I + 1))
+    if [ "$KEEP" -eq 0 ] || [ $((COUNT - I)) -lt "$KEEP" ]; then
+        KEPT+=("$name")
+    elif [ "$protected" = yes ]; then
+        log "keeping protected backup $name"
+        KEPT+=("$name")
+    else
+        iv_or_die "deleting old backup $name" --wait delete "$id"
+        log "deleted old backup $name"
+        DELETED+=("$name")
+    fi
+done <<<"$ALL"
+
+# 4. gc frees the chunks only the deleted backups used.
+GC_REMOVED=0
+if [ "${#DELETED[@]}" -gt 0 ]; then
+    iv_or_die "gc" --wait gc
+    GC_REMOVED=$(printf '%s' "$IV_OUT" | json 'd["removed_bytes"]')
+    log "gc removed $GC_REMOVED bytes"
+fi
+
+python3 -c '
+import json, sys
+a = sys.argv
+print(json.dumps({"server": a[1], "image": a[2], "id": a[3], "parent": a[4] or None,
+                  "new_stored_bytes": int(a[5]), "seconds": float(a[6]),
+                  "kept": [x for x in a[7].split("\n") if x],
+                  "deleted": [x for x in a[8].split("\n") if x],
+                  "gc_removed_bytes": int(a[9])}))
+' "$SERVER" "$NAME" "$ID" "${LATEST#* }" "$NEW" "$SECS" \
+  "$(printf '%s\n' "${KEPT[@]+"${KEPT[@]}"}")" "$(printf '%s\n' "${DELETED[@]+"${DELETED[@]}"}")" "$GC_REMOVED"
