@@ -12,12 +12,12 @@
 #   FIO_RUNTIME  seconds per fio run [15]
 #   SKIP_EXTRAS  1: skip the imgvault-only rows (cold ingest, 16 GiB sparse image) [0]
 #
-# What it does: builds the image series (benches/make-series.sh), then for each tool in turn:
-# ingest a, b, c, d in order into one store/repository (source in page cache, `cat` before each),
-# store bytes after each (du -sb), peak RSS (/usr/bin/time %M); extract image c to a file and
-# cmp it; mount and read image c sequentially (dd, after drop_caches) and randomly (fio 4 KiB,
-# 2 jobs, after drop_caches), each on a fresh mount. Then the bound of an ideal fixed-block
-# store (64 KiB blocks, dedup across the four images, zero blocks free, zstd -3), and the table.
+# What it does: builds the image series (benches/make-series.sh); ingests a, b, c, d in order, each
+# tool into its own store, the tools taking turns per image (source in page cache: `cat` first),
+# recording seconds, store bytes after each image (du -sb) and peak RSS (/usr/bin/time %M);
+# extracts image c to a file and cmp's it; mounts and reads image c sequentially (dd 1M) and
+# randomly (fio 4 KiB, 2 jobs), each on a fresh mount after drop_caches. Then the bound of an ideal
+# fixed-block store (64 KiB blocks, dedup across the images, zero blocks free, zstd -3), the table.
 # Needs: casync, borg (borgbackup + python3-pyfuse3 or llfuse), restic, fio, zstd, python3,
 # /usr/bin/time (scripts/install-deps.sh --peers).
 set -euo pipefail
@@ -137,47 +137,42 @@ put cond.load_start "$(cut -d' ' -f1-3 /proc/loadavg)"
 
 # ---- 2. ingest -------------------------------------------------------------------------------
 # ingest TOOL CMD-PREFIX: the image path is appended; per image: warm, time, du.
-log "ingest: imgvault"
-rm -rf -- "$IV_STORE"; "$IV" --store "$IV_STORE" init >>"$LOG" 2>&1
-put load.imgvault "$(load1)"
-for i in "${SERIES[@]}"; do
-    warm "$IMGS/$i.img"
-    timed "ingest.imgvault.$i" "$IV" --store "$IV_STORE" -q import "$IMGS/$i.img" --name "$i" || true
-    put "store.imgvault.$i" "$(du -sb "$IV_STORE" | cut -f1)"
-    put "nonzero.$i" "$("$IV" --store "$IV_STORE" --json show "$i" 2>/dev/null |
-        python3 -c 'import json,sys; print(json.load(sys.stdin)["nonzero_bytes"])' 2>/dev/null || echo NA)"
-done
-
-log "ingest: casync"
-rm -rf -- "$CA_DIR"; mkdir -p "$CA_DIR"
-put load.casync "$(load1)"
-for i in "${SERIES[@]}"; do
-    warm "$IMGS/$i.img"
-    timed "ingest.casync.$i" casync make --compression=zstd --store="$CA_DIR/store.castr" \
-        "$CA_DIR/$i.caibx" "$IMGS/$i.img" || true
-    put "store.casync.$i" "$(du -sb "$CA_DIR" | cut -f1)"   # chunk store + the .caibx indexes
-done
-
-log "ingest: borg"
-rm -rf -- "$BORG_REPO_DIR" "$BORG_BASE_DIR"
+# Tools take turns per image (a: imgvault casync borg restic, then b: ...), so a change in the
+# machine's load during the run falls on every tool alike.
+TOOLS=(imgvault casync borg restic)
+rm -rf -- "$IV_STORE" "$CA_DIR" "$BORG_REPO_DIR" "$BORG_BASE_DIR" "$RESTIC_REPO" "$RESTIC_CACHE_DIR"
+"$IV" --store "$IV_STORE" init >>"$LOG" 2>&1
+mkdir -p "$CA_DIR"
 borg init --encryption=none "$BORG_REPO_DIR" >>"$LOG" 2>&1
-put load.borg "$(load1)"
-for i in "${SERIES[@]}"; do
-    warm "$IMGS/$i.img"
-    timed "ingest.borg.$i" env -C "$IMGS" borg create --compression zstd,3 \
-        "$BORG_REPO_DIR::$i" "$i.img" || true
-    put "store.borg.$i" "$(du -sb "$BORG_REPO_DIR" | cut -f1)"
-done
-
-log "ingest: restic"
-rm -rf -- "$RESTIC_REPO" "$RESTIC_CACHE_DIR"
 # Repository format 2 (compression, default mode auto); restic always encrypts (AES-256 + Poly1305).
 restic init --repository-version 2 -r "$RESTIC_REPO" >>"$LOG" 2>&1
-put load.restic "$(load1)"
-for i in "${SERIES[@]}"; do
+
+ingest_one() {   # TOOL IMAGE-LETTER
+    local tool=$1 i=$2
     warm "$IMGS/$i.img"
-    timed "ingest.restic.$i" env -C "$IMGS" restic -r "$RESTIC_REPO" backup -q --tag "$i" "$i.img" || true
-    put "store.restic.$i" "$(du -sb "$RESTIC_REPO" | cut -f1)"
+    put "load.ingest.$tool.$i" "$(load1)"
+    case $tool in
+        imgvault)
+            timed "ingest.imgvault.$i" "$IV" --store "$IV_STORE" -q import "$IMGS/$i.img" --name "$i" || true
+            put "store.imgvault.$i" "$(du -sb "$IV_STORE" | cut -f1)"
+            put "nonzero.$i" "$("$IV" --store "$IV_STORE" --json show "$i" 2>/dev/null |
+                python3 -c 'import json,sys; print(json.load(sys.stdin)["nonzero_bytes"])' 2>/dev/null || echo NA)" ;;
+        casync)
+            timed "ingest.casync.$i" casync make --compression=zstd --store="$CA_DIR/store.castr" \
+                "$CA_DIR/$i.caibx" "$IMGS/$i.img" || true
+            put "store.casync.$i" "$(du -sb "$CA_DIR" | cut -f1)" ;;  # chunk store + the .caibx indexes
+        borg)
+            timed "ingest.borg.$i" env -C "$IMGS" borg create --compression zstd,3 \
+                "$BORG_REPO_DIR::$i" "$i.img" || true
+            put "store.borg.$i" "$(du -sb "$BORG_REPO_DIR" | cut -f1)" ;;
+        restic)
+            timed "ingest.restic.$i" env -C "$IMGS" restic -r "$RESTIC_REPO" backup -q --tag "$i" "$i.img" || true
+            put "store.restic.$i" "$(du -sb "$RESTIC_REPO" | cut -f1)" ;;
+    esac
+}
+for i in "${SERIES[@]}"; do
+    log "ingest $i.img: ${TOOLS[*]}"
+    for tool in "${TOOLS[@]}"; do ingest_one "$tool" "$i"; done
 done
 restic_id() {   # short snapshot id of the image tagged $1
     restic -r "$RESTIC_REPO" snapshots --json --tag "$1" 2>>"$LOG" |
@@ -228,10 +223,10 @@ mount_tool() {
     for n in $(seq 300); do [ -f "$MFILE" ] && return 0; sleep 0.2; done
     log "mount $1: $MFILE did not appear"; return 1
 }
-mount_bench() {
-    local tool=$1 t0 t1 iops
-    log "mount: $tool"
-    put "load.mount.$tool" "$(load1)"
+mount_seq() {
+    local tool=$1 t0 t1
+    log "mount $tool: sequential read"
+    put "load.mountseq.$tool" "$(load1)"
     if mount_tool "$tool"; then
         drop
         t0=$(now)
@@ -239,6 +234,12 @@ mount_bench() {
             t1=$(now); put "mountseq.$tool.s" "$(sub "$t1" "$t0")"
         else put "mountseq.$tool.s" FAIL; fi
     else put "mountseq.$tool.s" FAIL; fi
+    unmount_all
+}
+mount_rand() {
+    local tool=$1 iops
+    log "mount $tool: random 4 KiB reads"
+    put "load.mountrand.$tool" "$(load1)"
     if mount_tool "$tool"; then
         drop
         iops=$(fio --name=rr --filename="$MFILE" --rw=randread --bs=4k --ioengine=psync --numjobs=2 \
@@ -249,7 +250,8 @@ mount_bench() {
     else put "mountrand.$tool.iops" FAIL; fi
     unmount_all
 }
-for tool in imgvault borg restic; do mount_bench "$tool"; done
+for tool in imgvault borg restic; do mount_seq "$tool"; done
+for tool in imgvault borg restic; do mount_rand "$tool"; done
 
 # ---- 5. imgvault-only rows: cold-cache ingest vs cat, RSS flat in image size -----------------
 if [ "$SKIP_EXTRAS" != 1 ]; then
@@ -402,17 +404,21 @@ for c in rows:
     print("| " + " | ".join(c) + " |")
 print()
 for i in "abcd":
-    print(f"- {i}.img: {num(f'img.{i}.size') / 2**30:.0f} GiB virtual, {num(f'img.{i}.alloc') / MB:,.0f} MB allocated"
+    print(f"- {i}.img: {num(f'img.{i}.size') / 2**20:,.0f} MiB virtual, {num(f'img.{i}.alloc') / MB:,.0f} MB allocated"
           + (f", {num(f'nonzero.{i}') / MB:,.0f} MB non-zero (imgvault)" if num(f'nonzero.{i}') else ""))
 print(f"- ideal bound after d: {num('ideal.d.unique') / MB:,.0f} MB unique 64 KiB blocks -> "
       f"{num('ideal.d.zstd') / MB:,.0f} MB with zstd -3" if num("ideal.d.zstd") else "- ideal bound: failed")
 print("- extract output compared with cmp: " + ", ".join(f"{t} {R.get('cmp.' + t, 'not run')}" for t in TOOLS))
 print("- casync: no mount row (`casync mount` mounts only directory archives (.caidx), not a blob "
       "index of a disk image; `casync mkdev` needs NBD, absent here)")
-print("- load average (1 min) when each tool started ingesting: " +
-      ", ".join(f"{t} {R.get('load.' + t, '?')}" for t in TOOLS) +
-      f"; before extracts {R.get('load.extract', '?')}; before mounts " +
-      ", ".join(f"{t} {R.get('load.mount.' + t, '?')}" for t in ["imgvault"] + MP))
+def meanload(prefix):
+    v = [float(x) for k, x in R.items() if k.startswith(prefix)]
+    return f"{sum(v) / len(v):.1f}" if v else "?"
+print("- mean 1-min load average at the start of each tool's ingests: " +
+      ", ".join(f"{t} {meanload('load.ingest.' + t + '.')}" for t in TOOLS) +
+      f"; before the extracts {R.get('load.extract', '?')}; before the mount reads (seq / random): " +
+      ", ".join(f"{t} {R.get('load.mountseq.' + t, '?')} / {R.get('load.mountrand.' + t, '?')}"
+                for t in ["imgvault"] + MP))
 print(f"- load average over the run (5 s samples): {R.get('cond.load_run', '?')}; "
       f"start {R.get('cond.load_start', '?')}, end {R.get('cond.load_end', '?')}")
 print(f"- {R.get('cond.date')}, {R.get('cond.host')}, run took {num('cond.runtime_s') or 0:.0f} s")

@@ -58,7 +58,7 @@ ID=$(printf '%s' "$REPORT" | json 'd["image"]["id"]')
 NEW=$(printf '%s' "$REPORT" | json 'd["new_stored_bytes"]')
 SECS=$(printf '%s' "$REPORT" | json 'round(d["seconds"], 3)')
 printf '%s' "$REPORT" | json '"\n".join(d["warnings"])' | while IFS= read -r w; do
-    [ -n "$w" ] && log "warning: $w"
+    if [ -n "$w" ]; then log "warning: $w"; fi
 done
 log "stored $NEW new bytes in $SECS s (image $ID)"
 

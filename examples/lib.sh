@@ -40,7 +40,7 @@ iv_or_die() {
     shift
     iv "$@" || rc=$?
     if [ "$rc" -ne 0 ]; then
-        [ -n "$IV_ERR" ] && printf '%s\n' "$IV_ERR" >&2
+        if [ -n "$IV_ERR" ]; then printf '%s\n' "$IV_ERR" >&2; fi
         die "$rc" "$what failed (imgvault exit code $rc)"
     fi
 }

@@ -158,10 +158,11 @@ pub fn restore(ctx: &Context, args: RestoreArgs) -> anyhow::Result<i32> {
         output::bytes((report.image_size as f64 / report.seconds.max(1e-9)) as u64)
     );
     println!(
-        "  data:  compared {}, wrote {} ({} extents), skipped {} (unchanged)",
+        "  data:  compared {}, wrote {} (the differing 4 KiB blocks of {} differing extents, {}), skipped {}",
         output::bytes(report.bytes_compared),
         output::bytes(report.bytes_written),
         report.extents_written,
+        output::bytes(report.extent_bytes_differing),
         output::bytes(report.bytes_skipped)
     );
     println!(

@@ -226,24 +226,6 @@ impl Host {
         Ok(())
     }
 
-    /// Reads `buf.len()` bytes at `off`, which must lie inside the file; bytes past the
-    /// end of the file read as zeros (as in qemu, for a last cluster written partially).
-    pub fn read_clipped(&self, what: &str, off: u64, buf: &mut [u8]) -> FResult<()> {
-        if off >= self.size {
-            return Err(corrupt(
-                self.format,
-                format!(
-                    "{what} at byte offset {off} lies outside the file of {} bytes (truncated?)",
-                    self.size
-                ),
-            ));
-        }
-        let avail = ((self.size - off).min(buf.len() as u64)) as usize;
-        let n = self.raw_read(&mut buf[..avail], off)?;
-        buf[n..].fill(0);
-        Ok(())
-    }
-
     /// `len` bytes at `off` through the page cache (for table entries); `len` ≤ 8 and
     /// `off` aligned to `len`, so an entry never straddles pages.
     fn cached(&mut self, what: &str, off: u64, len: usize) -> FResult<&[u8]> {
@@ -480,9 +462,11 @@ impl<M: Mapper> Disk for Mapped<M> {
                         }
                         mend = nend;
                     }
+                    // Every guest byte must be in the file: a truncated file is an
+                    // error, never zeros.
                     self.m
                         .host()
-                        .read_clipped("data", h, &mut buf[at..(mend - off) as usize])?;
+                        .read_exact("data", h, &mut buf[at..(mend - off) as usize])?;
                 }
                 Map::Special => self
                     .m
@@ -624,7 +608,7 @@ pub fn probe(r: &dyn ReadAt) -> FResult<Format> {
     }
     // A fixed VHD is the raw disk followed by a 512-byte footer.
     let size = r.size();
-    if size >= 1024 && size % 512 == 0 {
+    if size >= 1024 && size.is_multiple_of(512) {
         let mut foot = [0u8; 512];
         if read_some(r, &mut foot, size - 512)? == 512
             && foot.starts_with(b"conectix")

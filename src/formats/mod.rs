@@ -35,8 +35,9 @@ pub fn error(path: &Path, e: FormatError) -> Error {
             format: format.to_string(),
             reason,
         },
-        FormatError::Io { context, source } => Error::Io {
-            context: format!("{}: {context}", path.display()),
+        // An unreadable file (a missing backing file, say) is a source that cannot be read.
+        FormatError::Io { context, source } => Error::Source {
+            path: PathBuf::from(format!("{} ({context})", path.display())),
             source,
         },
     }

@@ -199,7 +199,7 @@ pub fn parse_header(host: &Host) -> FResult<Header> {
         ));
     }
     if l1_entries > 0 {
-        if l1_offset % cs != 0 {
+        if !l1_offset.is_multiple_of(cs) {
             return Err(corrupt(
                 F,
                 format!("L1 table offset {l1_offset} is not aligned to a cluster"),
@@ -424,7 +424,7 @@ impl Qcow2 {
                 .max(1);
             return Ok(Err(n));
         }
-        if l2_off % cs != 0 {
+        if !l2_off.is_multiple_of(cs) {
             return Err(corrupt(
                 F,
                 format!("L2 table offset {l2_off} (L1 entry {l1_idx}) is not aligned to a cluster"),
@@ -476,7 +476,7 @@ impl Mapper for Qcow2 {
             let n = self.host.zero_entries("L2 table", at, 8, left)?.max(1);
             return Ok((Map::Backing, (cluster + n) << self.cluster_bits));
         }
-        if host_off % cs != 0 {
+        if !host_off.is_multiple_of(cs) {
             return Err(corrupt(F, format!("data cluster offset {host_off} (guest offset {pos}) is not aligned to a cluster")));
         }
         if host_off >= self.host.size() {

@@ -95,7 +95,10 @@ fn header(host: &Host, off: u64) -> FResult<Option<[u8; 4096]>> {
 }
 
 /// The region table at `off`: (guid, offset, length, required), `None` if invalid.
-fn regions(host: &Host, off: u64) -> FResult<Option<Vec<([u8; 16], u64, u64, bool)>>> {
+/// A region table entry: (GUID, file offset, length, required).
+type Region = ([u8; 16], u64, u64, bool);
+
+fn regions(host: &Host, off: u64) -> FResult<Option<Vec<Region>>> {
     let mut t = vec![0u8; 64 * KIB as usize];
     host.read_exact("region table", off, &mut t)?;
     if &t[..4] != b"regi" {
@@ -130,7 +133,7 @@ fn regions(host: &Host, off: u64) -> FResult<Option<Vec<([u8; 16], u64, u64, boo
 
 /// Opens a VHDX.
 pub fn open(host: Host) -> FResult<Box<dyn Disk>> {
-    if host.size() < 1 * MIB {
+    if host.size() < MIB {
         return Err(corrupt(
             F,
             format!(

@@ -67,7 +67,7 @@ pub fn open(host: Host) -> FResult<Box<dyn Disk>> {
         if le_u32(&foot, 12) != 3 || le_u32(&foot, 1024 + 12) != 0 {
             return Err(corrupt(
                 F,
-                "grain directory at the end but no footer/end-of-stream markers",
+                "grain directory at the end of the file, but no footer there (truncated?)",
             ));
         }
         h = parse(&foot[512..1024])?;

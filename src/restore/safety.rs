@@ -44,6 +44,8 @@ struct System {
     /// (dev, ino) of swap files and rdev of swap devices.
     swap_files: Vec<(u64, u64)>,
     swap_devices: Vec<u64>,
+    /// Where sysfs is (`/sys`; a fake tree in unit tests).
+    sys: PathBuf,
 }
 
 /// Undoes the octal escapes of /proc tables (`\040` for a space).
@@ -79,21 +81,7 @@ impl System {
         let mut unreadable = Vec::new();
         let mut mounts = Vec::new();
         match fs::read_to_string("/proc/self/mountinfo") {
-            Ok(text) => {
-                for line in text.lines() {
-                    let f: Vec<&str> = line.split(' ').collect();
-                    if f.len() < 6 {
-                        continue;
-                    }
-                    if let Some(dev) = parse_dev(f[2]) {
-                        mounts.push(Mount {
-                            dev,
-                            mountpoint: unescape(f[4]),
-                            read_write: f[5].split(',').any(|o| o == "rw"),
-                        });
-                    }
-                }
-            }
+            Ok(text) => mounts = parse_mountinfo(&text),
             Err(e) => unreadable.push(DiskUse {
                 what: format!("cannot check mounts: /proc/self/mountinfo: {e}"),
                 writable: true,
@@ -119,17 +107,37 @@ impl System {
             unreadable,
             swap_files,
             swap_devices,
+            sys: PathBuf::from("/sys"),
         }
     }
+
+    /// The sysfs directory of a block device (`/sys/devices/.../block/sda[/sda1]`).
+    fn sys_dir(&self, dev: (u32, u32)) -> Option<PathBuf> {
+        fs::canonicalize(self.sys.join(format!("dev/block/{}:{}", dev.0, dev.1))).ok()
+    }
+}
+
+/// (major:minor, mount point, read-write) of every mount.
+fn parse_mountinfo(text: &str) -> Vec<Mount> {
+    let mut mounts = Vec::new();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        if f.len() < 6 {
+            continue;
+        }
+        if let Some(dev) = parse_dev(f[2]) {
+            mounts.push(Mount {
+                dev,
+                mountpoint: unescape(f[4]),
+                read_write: f[5].split(',').any(|o| o == "rw"),
+            });
+        }
+    }
+    mounts
 }
 
 fn read_trim(p: &Path) -> Option<String> {
     fs::read_to_string(p).ok().map(|s| s.trim().to_string())
-}
-
-/// The sysfs directory of a block device (`/sys/devices/.../block/sda[/sda1]`).
-fn sys_dir(dev: (u32, u32)) -> Option<PathBuf> {
-    fs::canonicalize(format!("/sys/dev/block/{}:{}", dev.0, dev.1)).ok()
 }
 
 fn dir_name(dir: &Path) -> String {
@@ -161,7 +169,7 @@ fn direct_uses(sys: &System, dev: (u32, u32), rdev: Option<u64>, label: &str) ->
             writable: true,
         });
     }
-    if let Some(dir) = sys_dir(dev) {
+    if let Some(dir) = sys.sys_dir(dev) {
         if let Ok(holders) = fs::read_dir(dir.join("holders")) {
             for h in holders.flatten() {
                 let name = h.file_name().to_string_lossy().into_owned();
@@ -203,7 +211,7 @@ fn device_and_partition_uses(
     label: &str,
 ) -> Vec<DiskUse> {
     let mut out = direct_uses(sys, dev, rdev, label);
-    if let Some(dir) = sys_dir(dev) {
+    if let Some(dir) = sys.sys_dir(dev) {
         for (name, pdev) in partitions(&dir) {
             out.extend(direct_uses(
                 sys,
@@ -227,9 +235,9 @@ struct LoopDev {
     end: u64,
 }
 
-fn loop_devices() -> Vec<LoopDev> {
+fn loop_devices(sys: &System) -> Vec<LoopDev> {
     let mut out = Vec::new();
-    let Ok(entries) = fs::read_dir("/sys/block") else {
+    let Ok(entries) = fs::read_dir(sys.sys.join("block")) else {
         return out;
     };
     for e in entries.flatten() {
@@ -294,7 +302,7 @@ fn file_range_uses(
             writable: true,
         });
     }
-    for l in loop_devices() {
+    for l in loop_devices(sys) {
         if Some(l.name.as_str()) == skip || l.backing != file {
             continue;
         }
@@ -317,7 +325,7 @@ pub fn disk_uses(path: &Path, range: (u64, u64)) -> Vec<DiskUse> {
         let dev = dev_numbers(md.rdev());
         out.extend(device_and_partition_uses(&sys, dev, Some(md.rdev()), "it"));
         // A loop device shares its bytes with every other loop device over the same file.
-        let loops = loop_devices();
+        let loops = loop_devices(&sys);
         if let Some(me) = loops.iter().find(|l| l.dev == dev) {
             let (start, end) = (
                 me.offset.saturating_add(range.0),
@@ -365,12 +373,90 @@ mod tests {
 
     #[test]
     fn dev_numbers_match_glibc() {
-        // makedev(7, 3) and makedev(259, 65536 + 5)
         assert_eq!(dev_numbers(0x0703), (7, 3));
-        let rdev: u64 = (((259u64 & 0xffff_f000) << 32) | ((259 & 0xfff) << 8))
-            | (((65541u64) & 0xffff_ff00) << 12)
-            | (65541 & 0xff);
-        assert_eq!(dev_numbers(rdev), (259, 65541));
+        for (major, minor) in [(7, 3), (259, 65541), (4095, 1 << 20)] {
+            assert_eq!(dev_numbers(libc::makedev(major, minor)), (major, minor));
+        }
+    }
+
+    /// A fake sysfs: loop3 with partition loop3p1 (259:0) and holder dm-0; loop4 and loop5
+    /// over the same backing file, loop5 from byte 1 MiB.
+    fn fake_system(dir: &Path, backing: &Path) -> System {
+        let sys = dir.join("sys");
+        let loop3 = sys.join("devices/virtual/block/loop3");
+        fs::create_dir_all(loop3.join("holders/dm-0/dm")).unwrap();
+        fs::write(loop3.join("holders/dm-0/dm/name"), "vg-root\n").unwrap();
+        fs::write(loop3.join("dev"), "7:3\n").unwrap();
+        fs::create_dir_all(loop3.join("loop3p1")).unwrap();
+        fs::write(loop3.join("loop3p1/partition"), "1\n").unwrap();
+        fs::write(loop3.join("loop3p1/dev"), "259:0\n").unwrap();
+        fs::create_dir_all(sys.join("dev/block")).unwrap();
+        std::os::unix::fs::symlink(&loop3, sys.join("dev/block/7:3")).unwrap();
+        std::os::unix::fs::symlink(loop3.join("loop3p1"), sys.join("dev/block/259:0")).unwrap();
+        for (name, dev, offset) in [("loop4", "7:4", 0u64), ("loop5", "7:5", 1 << 20)] {
+            let d = sys.join("block").join(name);
+            fs::create_dir_all(d.join("loop")).unwrap();
+            fs::write(d.join("dev"), format!("{dev}\n")).unwrap();
+            fs::write(
+                d.join("loop/backing_file"),
+                format!("{}\n", backing.display()),
+            )
+            .unwrap();
+            fs::write(d.join("loop/offset"), format!("{offset}\n")).unwrap();
+            fs::write(d.join("loop/sizelimit"), "0\n").unwrap();
+        }
+        let mountinfo = "\
+            22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw\n\
+            36 22 259:0 / /mnt/a\\040b rw,relatime shared:2 - ext4 /dev/loop3p1 rw\n\
+            37 22 7:5 / /mnt/p ro,relatime shared:3 - ext4 /dev/loop5 ro\n";
+        System {
+            mounts: parse_mountinfo(mountinfo),
+            unreadable: Vec::new(),
+            swap_files: Vec::new(),
+            swap_devices: Vec::new(),
+            sys,
+        }
+    }
+
+    #[test]
+    fn holders_and_mounted_partitions_are_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let backing = dir.path().join("disk.img");
+        fs::write(&backing, b"x").unwrap();
+        let sys = fake_system(dir.path(), &backing);
+        let uses: Vec<String> = device_and_partition_uses(&sys, (7, 3), None, "it")
+            .into_iter()
+            .map(|u| u.what)
+            .collect();
+        assert_eq!(
+            uses,
+            [
+                "it is held by dm-0 (vg-root)",
+                "its partition loop3p1 is mounted read-write at /mnt/a b"
+            ]
+        );
+        assert!(device_and_partition_uses(&sys, (7, 9), None, "it").is_empty());
+    }
+
+    #[test]
+    fn loop_devices_over_the_same_file_share_its_uses() {
+        let dir = tempfile::tempdir().unwrap();
+        let backing = dir.path().join("disk.img");
+        fs::write(&backing, b"x").unwrap();
+        let sys = fake_system(dir.path(), &backing);
+        let md = fs::metadata(&backing).unwrap();
+        let id = (md.dev(), md.ino());
+        // Writing loop4's first 10 MiB overlaps loop5 (from 1 MiB), which is mounted.
+        let uses = file_range_uses(&sys, id, 0, 10 << 20, Some("loop4"));
+        assert_eq!(uses.len(), 1, "{uses:?}");
+        assert!(uses[0].what.starts_with("/dev/loop5 (over "), "{uses:?}");
+        assert!(
+            uses[0].what.ends_with("is mounted read-only at /mnt/p"),
+            "{uses:?}"
+        );
+        assert!(!uses[0].writable);
+        // The first MiB does not overlap loop5.
+        assert!(file_range_uses(&sys, id, 0, 1 << 20, Some("loop4")).is_empty());
     }
 
     #[test]

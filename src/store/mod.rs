@@ -522,6 +522,30 @@ fn cf_handle<'a>(db: &'a DB, name: &str) -> Result<&'a ColumnFamily> {
     })
 }
 
+/// What a flush or compaction of the writer changes: the CURRENT file, the MANIFEST files
+/// (names and sizes: edits are appended) and the set of WAL files.
+fn layout_stamp(db: &Path) -> Vec<(String, u64)> {
+    let mut s: Vec<(String, u64)> = std::fs::read_dir(db)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    if name == "CURRENT" || name.starts_with("MANIFEST-") {
+                        let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+                        Some((name, len))
+                    } else if name.ends_with(".log") {
+                        Some((name, 0))
+                    } else {
+                        None
+                    }
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    s.sort();
+    s
+}
+
 /// The block cache shared by every column family of every store this process opens.
 fn block_cache() -> Cache {
     static CACHE: std::sync::OnceLock<Arc<Cache>> = std::sync::OnceLock::new();
@@ -598,15 +622,44 @@ fn open_db(path: &Path, mode: DbMode) -> Result<DB> {
         }
         DbMode::ReadOnly => {
             // RocksDB secondary instances do not support BlobDB (rocksdb#13296), so readers
-            // are read-only opens. The writer may delete a file between the listing and the
-            // open; a retry sees the new file set.
-            let mut attempt = 0;
+            // are read-only opens, which race with the writer in two ways:
+            // * a table file the MANIFEST names may be deleted by a compaction before it is
+            //   opened ("IO error" or "Corruption: ... No such file"): retry;
+            // * a flush that ends during the open may record its new table files in a part
+            //   of the MANIFEST the open did not read, and delete the WAL that held the same
+            //   records before the open replays it: the snapshot silently misses committed
+            //   records (an image vanishes, or its record is seen without its extents). So
+            //   a snapshot counts only if the MANIFEST and the set of WAL files were the
+            //   same before and after the open.
+            let mut attempt = 0u32;
             loop {
-                match DB::open_cf_descriptors_read_only(&opts, &dir, cfs(), false) {
-                    Ok(db) => return Ok(db),
-                    Err(e) if attempt < 5 && e.kind() == rocksdb::ErrorKind::IOError => {
+                let before = layout_stamp(&dir);
+                let opened = DB::open_cf_descriptors_read_only(&opts, &dir, cfs(), false);
+                match opened {
+                    Ok(db) if layout_stamp(&dir) == before => return Ok(db),
+                    Ok(db) if attempt >= 200 => {
+                        // The writer flushes continuously; take what we have rather than
+                        // fail (it is consistent unless a flush ended within the open).
+                        tracing::warn!(
+                            "store {} changed during every snapshot attempt",
+                            path.display()
+                        );
+                        return Ok(db);
+                    }
+                    Ok(_) => {
                         attempt += 1;
-                        std::thread::sleep(std::time::Duration::from_millis(20 << attempt));
+                        tracing::debug!("snapshot raced a flush of the writer; retrying");
+                        std::thread::sleep(std::time::Duration::from_millis(2));
+                    }
+                    Err(e)
+                        if attempt < 200
+                            && (e.kind() == rocksdb::ErrorKind::IOError
+                                || e.to_string().contains("No such file or directory")) =>
+                    {
+                        attempt += 1;
+                        std::thread::sleep(std::time::Duration::from_millis(
+                            (2u64 << attempt.min(4)).min(20),
+                        ));
                     }
                     Err(e) => return Err(db_err(path, e)),
                 }

@@ -249,3 +249,18 @@ mod tests {
         assert_eq!(parse_name(&format!("0-{id}.pin")), None);
     }
 }
+
+/// Pins the chunks of the image `reader` reads, so that a `delete` + `gc` while it reads
+/// cannot free them. Best effort: a store directory the reader may not write to only loses
+/// that protection (with a warning), not the read.
+pub fn pin_reader(reader: &crate::read::ImageReader) -> Option<Pin> {
+    let image = reader.image();
+    let chunks = reader.extents().iter().filter_map(|e| e.chunk);
+    match write(reader.store().path(), &image.id, chunks) {
+        Ok(pin) => Some(pin),
+        Err(e) => {
+            tracing::warn!("cannot pin image {}/{} against gc: {e}", image.owner, image.name);
+            None
+        }
+    }
+}
