@@ -46,7 +46,7 @@ pub struct Batch {
 }
 
 /// Finalized chunk bytes per batch before it is handed on.
-const BATCH_TARGET: usize = 4 << 20;
+const BATCH_TARGET: usize = 2 << 20;
 
 /// Turns a stream of [`Piece`]s into [`Batch`]es.
 pub struct Segmenter<F: FnMut(Batch) -> Result<()>> {

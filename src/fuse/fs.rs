@@ -422,11 +422,12 @@ impl ImgvaultFs {
             return;
         }
         let ahead = h.ahead.load(Ordering::Relaxed);
-        if ahead >= end + window / 2 {
+        // Saturating: `--prefetch-mb` may be as large as u64 allows.
+        if ahead >= end.saturating_add(window / 2) {
             return;
         }
         let start = ahead.max(end);
-        let until = (end + window).min(h.reader.size());
+        let until = end.saturating_add(window).min(h.reader.size());
         if until <= start || self.prefetching.load(Ordering::Relaxed) >= MAX_PREFETCH_TASKS {
             return;
         }

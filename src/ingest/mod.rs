@@ -104,6 +104,9 @@ pub fn import_path_as(
     import(store, source, record_source, opts, progress)
 }
 
+/// Most hash/compress worker threads an ingest may ask for.
+pub const MAX_THREADS: usize = 256;
+
 /// Imports any [`ImageSource`].
 pub fn import(
     store: &Store,
@@ -125,6 +128,17 @@ pub fn import(
         return Err(Error::invalid(
             "zstd level",
             format!("{level} is outside 1..=22"),
+        ));
+    }
+    if opts.threads > MAX_THREADS {
+        // Each worker is an OS thread with a compressor: millions of them exhaust the
+        // process (or make thread creation panic) long before they could help.
+        return Err(Error::invalid(
+            "threads",
+            format!(
+                "{} is more than {MAX_THREADS} (0 means one per CPU)",
+                opts.threads
+            ),
         ));
     }
     crate::catalog::Catalog::new(store).check_create(&opts.owner, &opts.name, opts.visibility)?;

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 
 /// Size of one read from a source.
-pub const READ_SIZE: usize = 4 << 20;
+pub const READ_SIZE: usize = 2 << 20;
 
 /// What a source produced next.
 #[derive(Debug, PartialEq, Eq)]

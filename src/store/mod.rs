@@ -550,7 +550,7 @@ fn layout_stamp(db: &Path) -> Vec<(String, u64)> {
 fn block_cache() -> Cache {
     static CACHE: std::sync::OnceLock<Arc<Cache>> = std::sync::OnceLock::new();
     CACHE
-        .get_or_init(|| Arc::new(Cache::new_lru_cache(32 << 20)))
+        .get_or_init(|| Arc::new(Cache::new_lru_cache(16 << 20)))
         .as_ref()
         .clone()
 }

@@ -259,7 +259,11 @@ pub fn pin_reader(reader: &crate::read::ImageReader) -> Option<Pin> {
     match write(reader.store().path(), &image.id, chunks) {
         Ok(pin) => Some(pin),
         Err(e) => {
-            tracing::warn!("cannot pin image {}/{} against gc: {e}", image.owner, image.name);
+            tracing::warn!(
+                "cannot pin image {}/{} against gc: {e}",
+                image.owner,
+                image.name
+            );
             None
         }
     }
