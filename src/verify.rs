@@ -30,7 +30,7 @@ use crate::chunk::{hash_zeros, ChunkId, Piece, Segment, Segmenter};
 use crate::error::{Error, Result};
 use crate::ingest::source::{ImageSource, RawSource, SourcePiece};
 use crate::progress::Progress;
-use crate::store::codec::{decode_chunk, encode_chunk, Extent, RefEntry};
+use crate::store::codec::{decode_chunk, decode_extent, encode_chunk, Extent, RefEntry};
 use crate::store::{cf, OpenMode, Store};
 
 /// One damaged place.
@@ -113,9 +113,9 @@ pub fn verify(
     progress: &dyn Progress,
 ) -> Result<VerifyReport> {
     let mut report = VerifyReport::default();
-    let counts = check_images(store, images, &mut report, progress)?;
+    check_images(store, images, &mut report, progress)?;
     if whole_store {
-        check_refs(store, &counts, &mut report)?;
+        check_refs(store, &mut report)?;
     }
     recheck_against_latest(store, images, &mut report)?;
     Ok(report)
@@ -129,8 +129,8 @@ pub fn verify_store(store: &Arc<Store>, progress: &dyn Progress) -> Result<Verif
     let (images, damaged_ids) = scan_records(store, &mut report)?;
     check_names(store, &images, &mut report)?;
     check_orphan_rows(store, &images, &damaged_ids, &mut report)?;
-    let counts = check_images(store, &images, &mut report, progress)?;
-    check_refs(store, &counts, &mut report)?;
+    check_images(store, &images, &mut report, progress)?;
+    check_refs(store, &mut report)?;
     recheck_against_latest(store, &images, &mut report)?;
     Ok(report)
 }
@@ -155,7 +155,20 @@ fn scan_records(
             continue;
         };
         match ImageRecord::decode(&id, &v) {
-            Ok(rec) => images.push(rec),
+            Ok(rec) => {
+                // Names become file names under a mount: a stored one must still be valid.
+                for check in [
+                    crate::catalog::validate_name(&rec.name),
+                    crate::catalog::validate_tenant(&rec.owner),
+                ] {
+                    if let Err(e) = check {
+                        report
+                            .problems
+                            .push(format!("image {id}: stored record: {e}"));
+                    }
+                }
+                images.push(rec)
+            }
             Err(e) => {
                 report.problems.push(format!("image {id}: {e}"));
                 damaged.insert(k.to_vec());
@@ -255,16 +268,15 @@ fn check_orphan_rows(
 type Uses = HashMap<ChunkId, Vec<(usize, u64, u64)>>;
 
 /// Loads the extent maps, re-hashes every distinct chunk once, then recomputes each intact
-/// image's whole-disk checksum. Returns how many extents name each chunk.
+/// image's whole-disk checksum.
 fn check_images(
     store: &Arc<Store>,
     images: &[ImageRecord],
     report: &mut VerifyReport,
     progress: &dyn Progress,
-) -> Result<HashMap<ChunkId, i64>> {
+) -> Result<()> {
     let catalog = Catalog::new(store);
     let mut uses: Uses = HashMap::new();
-    let mut counts: HashMap<ChunkId, i64> = HashMap::new();
     let mut maps: Vec<Option<Vec<Extent>>> = Vec::with_capacity(images.len());
     let mut total = 0u64;
     for (i, image) in images.iter().enumerate() {
@@ -285,7 +297,6 @@ fn check_images(
                     total += e.len;
                 }
                 places.push((i, e.offset, e.len));
-                *counts.entry(id).or_default() += 1;
                 nonzero += e.len;
                 data += 1;
             }
@@ -366,7 +377,7 @@ fn check_images(
     report
         .damage
         .sort_by(|a, b| (&a.image, a.offset).cmp(&(&b.image, b.offset)));
-    Ok(counts)
+    Ok(())
 }
 
 /// Data bytes decoded per parallel window of the checksum pass.
@@ -426,12 +437,23 @@ fn image_checksum(
     Ok(hasher.finalize().to_hex().to_string())
 }
 
-/// Every reference entry must decode and equal the number of extents naming its chunk.
-fn check_refs(
-    store: &Store,
-    counts: &HashMap<ChunkId, i64>,
-    report: &mut VerifyReport,
-) -> Result<()> {
+/// Every reference entry must decode and equal the number of extent rows naming its chunk
+/// (counted over the whole `extents` column family, so an image whose record or map is
+/// damaged, reported elsewhere, does not make every count it shares look wrong).
+fn check_refs(store: &Store, report: &mut VerifyReport) -> Result<()> {
+    let mut counts: HashMap<ChunkId, i64> = HashMap::new();
+    for item in store
+        .db()
+        .iterator_cf(store.cf(cf::EXTENTS), IteratorMode::Start)
+    {
+        let (k, v) = item.map_err(|e| store.db_err(e))?;
+        if let Ok(Extent {
+            chunk: Some(id), ..
+        }) = decode_extent(&k, &v)
+        {
+            *counts.entry(id).or_default() += 1;
+        }
+    }
     let mut seen: HashSet<ChunkId> = HashSet::new();
     for item in store
         .db()
@@ -468,7 +490,7 @@ fn check_refs(
             ));
         }
     }
-    for (id, want) in counts {
+    for (id, want) in &counts {
         if !seen.contains(id) {
             report.problems.push(format!(
                 "chunk {id}: no reference entry, extent maps use it {want} times (gc could free it)"

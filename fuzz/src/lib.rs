@@ -48,9 +48,9 @@ pub mod codec;
 use formats::disk::{open_disk, probe, Format, OpenCtx, Run};
 
 /// Most guest data bytes read per input (a tiny file may describe a 64 TiB disk).
-const DATA_BUDGET: u64 = 32 << 20;
+const DATA_BUDGET: u64 = 4 << 20;
 /// Most runs walked per input.
-const RUN_BUDGET: u32 = 4096;
+const RUN_BUDGET: u32 = 1024;
 
 /// Opens `data` as `format` and reads the disk the way ingest does, within budgets.
 pub fn drive(format: Format, data: &[u8]) {

@@ -52,14 +52,39 @@ fn validate_label(what: &str, s: &str, max: usize) -> Result<()> {
         Some("must not contain '/'".to_string())
     } else if s.chars().any(|c| c.is_control()) {
         Some("must not contain control characters".to_string())
+    } else if s.chars().any(is_invisible) {
+        Some(
+            "must not contain invisible or bidirectional formatting characters (they make one \
+             name look like another)"
+                .to_string(),
+        )
     } else if s == "." || s == ".." {
         Some("must not be '.' or '..'".to_string())
     } else {
         None
     };
     match reason {
-        Some(r) => Err(Error::invalid(what, format!("{s:?} {r}"))),
+        Some(r) => Err(Error::invalid(what, format!("{} {r}", shown(s)))),
         None => Ok(()),
+    }
+}
+
+/// Zero-width and bidirectional formatting characters (Unicode Cf that render as nothing
+/// or reorder the text around them), so `admin` and `adm\u{200b}in` cannot both exist and
+/// `x\u{202e}gnp.exe` cannot pose as `xexe.png`.
+fn is_invisible(c: char) -> bool {
+    matches!(c,
+        '\u{00ad}' | '\u{061c}' | '\u{180e}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}'
+        | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206f}' | '\u{feff}')
+}
+
+/// A label for messages: quoted, at most 80 characters of it.
+fn shown(s: &str) -> String {
+    if s.chars().count() <= 80 {
+        format!("{s:?}")
+    } else {
+        let head: String = s.chars().take(80).collect();
+        format!("{head:?}... ({} bytes)", s.len())
     }
 }
 

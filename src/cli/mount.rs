@@ -37,10 +37,10 @@ pub struct MountArgs {
     #[arg(long)]
     pub allow_other: bool,
     /// Kernel read-ahead window of the mount in KiB (0: the kernel's default)
-    #[arg(long, default_value_t = 4096, value_name = "KIB")]
+    #[arg(long, default_value_t = 1024, value_name = "KIB")]
     pub read_ahead_kb: u32,
     /// MiB decoded ahead of a sequential reader (0: off)
-    #[arg(long, default_value_t = 16, value_name = "MIB")]
+    #[arg(long, default_value_t = 8, value_name = "MIB")]
     pub prefetch_mb: u64,
     /// Where a detached mount writes its log [default: nowhere; use --foreground to watch]
     #[arg(long, value_name = "FILE")]

@@ -2,6 +2,9 @@
 //! [`Host`] page cache, zero and unallocated clusters as holes, zlib and zstd compressed
 //! clusters, and backing files opened recursively (see docs/FORMATS.md).
 
+use std::cell::RefCell;
+
+use rayon::prelude::*;
 use zstd::zstd_safe::{DCtx, DParameter, InBuffer, OutBuffer, ResetDirective};
 
 use super::disk::{
@@ -363,13 +366,11 @@ pub struct Qcow2 {
     csize_shift: u32,
     csize_mask: u64,
     coffset_mask: u64,
-    zlib: flate2::Decompress,
-    zstd: Option<DCtx<'static>>,
     window_start: u64,
     window: Vec<u8>,
-    /// Guest cluster index whose decompressed bytes are in `cluster`.
-    decoded: Option<u64>,
-    cluster: Vec<u8>,
+    batch_start: u64,
+    /// Decompressed clusters from `batch_start` on (`None`: it did not decompress).
+    batch: Vec<Option<Vec<u8>>>,
 }
 
 impl Qcow2 {
@@ -390,12 +391,10 @@ impl Qcow2 {
             csize_shift,
             csize_mask: (1u64 << (h.cluster_bits - 8)) - 1,
             coffset_mask: (1u64 << csize_shift) - 1,
-            zlib: flate2::Decompress::new(false),
-            zstd: None,
             window_start: 0,
             window: Vec::new(),
-            decoded: None,
-            cluster: Vec::new(),
+            batch_start: 0,
+            batch: Vec::new(),
         })
     }
 
@@ -491,61 +490,106 @@ impl Mapper for Qcow2 {
     fn read_special(&mut self, pos: u64, buf: &mut [u8]) -> FResult<()> {
         let cs = self.cs();
         let cluster = pos >> self.cluster_bits;
-        if self.decoded != Some(cluster) {
-            self.decoded = None;
-            let l2e = match self.l2_entry(pos)? {
-                Ok((e, _)) if e & COMPRESSED != 0 => e,
-                _ => return Err(corrupt(F, "compressed cluster changed under the reader")),
-            };
-            let coff = l2e & self.coffset_mask;
-            let sectors = ((l2e >> self.csize_shift) & self.csize_mask) + 1;
-            let csize = sectors * 512 - (coff & 511);
-            if coff >= self.host.size() {
-                return Err(corrupt(F, format!(
-                    "compressed cluster for guest offset {pos} at byte offset {coff} lies outside the file of {} bytes (truncated?)",
-                    self.host.size()
-                )));
-            }
-            // The size may be an overestimate reaching past the end of the file.
-            let csize = csize.min(self.host.size() - coff);
-            let in_window = coff >= self.window_start
-                && coff + csize <= self.window_start + self.window.len() as u64;
-            if !in_window {
-                let n = csize.max(COMPRESSED_WINDOW).min(self.host.size() - coff);
-                self.window.resize(n as usize, 0);
-                self.host
-                    .read_exact("compressed cluster", coff, &mut self.window)?;
-                self.window_start = coff;
-            }
-            let start = (coff - self.window_start) as usize;
-            let input = &self.window[start..start + csize as usize];
-            self.cluster.resize(cs as usize, 0);
-            let ok = match self.compression {
-                Compression::Zlib => inflate_exact(&mut self.zlib, input, &mut self.cluster, false),
-                Compression::Zstd => {
-                    let dctx = self.zstd.get_or_insert_with(|| {
-                        let mut d = DCtx::create();
-                        // A cluster is at most 2 MiB: refuse frames that want larger windows.
-                        let _ = d.set_parameter(DParameter::WindowLogMax(22));
-                        d
-                    });
-                    zstd_exact(dctx, input, &mut self.cluster)
-                }
-            };
-            if !ok {
-                return Err(corrupt(F, format!(
-                    "compressed cluster for guest offset {} (byte offset {coff}) does not decompress to {cs} bytes",
-                    cluster << self.cluster_bits
-                )));
-            }
-            self.decoded = Some(cluster);
+        let have = cluster >= self.batch_start
+            && cluster - self.batch_start < self.batch.len() as u64;
+        if !have {
+            self.decode_batch(cluster)?;
         }
+        let idx = (cluster - self.batch_start) as usize;
+        let Some(Some(bytes)) = self.batch.get(idx) else {
+            return Err(corrupt(F, format!(
+                "compressed cluster for guest offset {} does not decompress to {cs} bytes",
+                cluster << self.cluster_bits
+            )));
+        };
         let within = (pos & (cs - 1)) as usize;
         let n = buf.len().min(cs as usize - within);
-        buf[..n].copy_from_slice(&self.cluster[within..within + n]);
+        buf[..n].copy_from_slice(&bytes[within..within + n]);
         buf[n..].fill(0);
         Ok(())
     }
+}
+
+impl Qcow2 {
+    /// Decompresses the compressed cluster `first` and the compressed clusters that follow
+    /// it (up to [`COMPRESSED_WINDOW`] of output, their data inside one read window) on all
+    /// cores: a sequential reader asks for them next. A cluster that fails to decompress
+    /// is an error only when it is read.
+    fn decode_batch(&mut self, first: u64) -> FResult<()> {
+        let cs = self.cs();
+        self.batch.clear();
+        self.batch_start = first;
+        let last_cluster = (self.size - 1) >> self.cluster_bits;
+        let max = (COMPRESSED_WINDOW / cs).max(1);
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        for c in first..=(first + max - 1).min(last_cluster) {
+            let l2e = match self.l2_entry(c << self.cluster_bits)? {
+                Ok((e, _)) if e & COMPRESSED != 0 => e,
+                _ if c == first => {
+                    return Err(corrupt(F, "compressed cluster changed under the reader"))
+                }
+                _ => break,
+            };
+            let coff = l2e & self.coffset_mask;
+            let sectors = ((l2e >> self.csize_shift) & self.csize_mask) + 1;
+            if coff >= self.host.size() {
+                if c == first {
+                    return Err(corrupt(F, format!(
+                        "compressed cluster for guest offset {} at byte offset {coff} lies outside the file of {} bytes (truncated?)",
+                        c << self.cluster_bits,
+                        self.host.size()
+                    )));
+                }
+                break;
+            }
+            // The size may be an overestimate reaching past the end of the file.
+            let csize = (sectors * 512 - (coff & 511)).min(self.host.size() - coff);
+            if c == first {
+                let in_window = coff >= self.window_start
+                    && coff + csize <= self.window_start + self.window.len() as u64;
+                if !in_window {
+                    let n = csize.max(COMPRESSED_WINDOW).min(self.host.size() - coff);
+                    self.window.resize(n as usize, 0);
+                    self.host
+                        .read_exact("compressed cluster", coff, &mut self.window)?;
+                    self.window_start = coff;
+                }
+            } else if coff < self.window_start
+                || coff + csize > self.window_start + self.window.len() as u64
+            {
+                break;
+            }
+            ranges.push((coff - self.window_start, csize));
+        }
+        let window = &self.window;
+        let zstd = self.compression == Compression::Zstd;
+        let decode = |&(start, len): &(u64, u64)| -> Option<Vec<u8>> {
+            let input = &window[start as usize..(start + len) as usize];
+            let mut out = vec![0u8; cs as usize];
+            let ok = if zstd {
+                ZSTD.with(|d| zstd_exact(&mut d.borrow_mut(), input, &mut out))
+            } else {
+                ZLIB.with(|z| inflate_exact(&mut z.borrow_mut(), input, &mut out, false))
+            };
+            ok.then_some(out)
+        };
+        self.batch = if ranges.len() > 1 {
+            ranges.par_iter().map(decode).collect()
+        } else {
+            ranges.iter().map(decode).collect()
+        };
+        Ok(())
+    }
+}
+
+thread_local! {
+    static ZLIB: RefCell<flate2::Decompress> = RefCell::new(flate2::Decompress::new(false));
+    static ZSTD: RefCell<DCtx<'static>> = RefCell::new({
+        let mut d = DCtx::create();
+        // A cluster is at most 2 MiB: refuse frames that want larger windows.
+        let _ = d.set_parameter(DParameter::WindowLogMax(22));
+        d
+    });
 }
 
 /// Decompresses one zstd frame into exactly `out.len()` bytes (trailing input ignored).

@@ -12,7 +12,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -118,10 +118,14 @@ pub fn export_qcow2(
     let started = Instant::now();
     if let Ok(md) = std::fs::metadata(out) {
         let ft = md.file_type();
-        if ft.is_dir() || ft.is_block_device() {
+        // Anything but a regular file: the partial file renamed over it would replace a
+        // directory entry such as /dev/null with a regular file.
+        if !ft.is_file() {
             return Err(Error::BadSource {
                 path: out.to_path_buf(),
-                reason: "is a directory or a device; give a file name to export to".into(),
+                reason:
+                    "is a directory, a device, a FIFO or a socket; give a file name to export to"
+                        .into(),
             });
         }
     }

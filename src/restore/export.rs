@@ -58,6 +58,16 @@ pub fn export_raw(
                 reason: "is a block device; use `imgvault restore` to write devices".into(),
             });
         }
+        // The file is written beside the target and renamed over it: a character device,
+        // FIFO or socket (`/dev/null`, `/dev/stdout`) would be replaced by a regular file.
+        if !ft.is_file() {
+            return Err(Error::BadSource {
+                path: out.to_path_buf(),
+                reason: "is not a regular file (a device, FIFO or socket); export writes a new \
+                         file and renames it into place, so give a file name"
+                    .into(),
+            });
+        }
     }
     let partial = partial_path(out);
     let _pin = crate::store::pins::pin_reader(reader);

@@ -1,0 +1,211 @@
+//! Disk full: an import into a store on a small filesystem fails with a clear "no space"
+//! error (exit 7), whatever stage runs out (opening the database, writing chunk values,
+//! flushing, committing), and the store stays usable and consistent: `verify` is clean,
+//! committed images are intact, gc reclaims what the failed import wrote, and an import
+//! afterwards works.
+//!
+//! Needs root (a 40 MiB tmpfs is mounted per test); without it the tests print SKIP.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+
+const MIB: usize = 1 << 20;
+
+/// A tmpfs of `mib` MiB mounted on a fresh directory, unmounted when dropped.
+struct SmallFs {
+    dir: tempfile::TempDir,
+}
+
+impl SmallFs {
+    fn new(mib: u64) -> Option<SmallFs> {
+        if !is_root() {
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            eprintln!(
+                "cannot mount a tmpfs: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return None;
+        }
+        Some(SmallFs { dir })
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Free bytes.
+    fn free(&self) -> u64 {
+        // SAFETY: statvfs fills a plain struct from a NUL-terminated path.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        let p = std::ffi::CString::new(self.path().to_str().unwrap()).unwrap();
+        assert_eq!(unsafe { libc::statvfs(p.as_ptr(), &mut st) }, 0);
+        st.f_bavail * st.f_frsize
+    }
+
+    /// Fills the filesystem until `leave` bytes are free; returns the filler file.
+    fn fill_leaving(&self, leave: u64) -> PathBuf {
+        let filler = self.path().join("filler");
+        let n = self.free().saturating_sub(leave);
+        let f = std::fs::File::create(&filler).unwrap();
+        // SAFETY: fallocate on an open fd.
+        let rc =
+            unsafe { libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 0, n as libc::off_t) };
+        assert_eq!(rc, 0, "fallocate {n}");
+        filler
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).output();
+    }
+}
+
+/// Runs imgvault on `store`; returns (exit code, stdout, stderr).
+fn run(store: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(bin())
+        .arg("--store")
+        .arg(store)
+        .args(args)
+        .output()
+        .unwrap();
+    let code = out.status.code().unwrap_or(-1);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_ne!(code, 101, "{args:?} panicked: {stderr}");
+    (
+        code,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr,
+    )
+}
+
+fn ok(store: &Path, args: &[&str]) -> String {
+    let (code, out, err) = run(store, args);
+    assert_eq!(code, 0, "{args:?}: {err}");
+    out
+}
+
+fn json(store: &Path, args: &[&str]) -> serde_json::Value {
+    let mut a = vec!["--json"];
+    a.extend_from_slice(args);
+    serde_json::from_str(&ok(store, &a)).unwrap()
+}
+
+fn names(store: &Path) -> Vec<String> {
+    json(store, &["list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// The failed import stored nothing visible, the committed image is intact, verify is
+/// clean.
+fn assert_consistent(store: &Path, keep: &Path, scratch: &Path) {
+    assert_eq!(names(store), vec!["keep".to_string()]);
+    let report = json(store, &["verify"]);
+    assert_eq!(report["damage"], serde_json::json!([]), "{report}");
+    assert_eq!(report["problems"], serde_json::json!([]), "{report}");
+    let out = scratch.join("keep.out");
+    ok(store, &["export", "keep", out.to_str().unwrap()]);
+    assert_files_equal(keep, &out);
+    std::fs::remove_file(&out).unwrap();
+}
+
+#[test]
+fn an_import_larger_than_the_disk_fails_with_enospc_and_gc_reclaims_it() {
+    let Some(fs) = SmallFs::new(40) else {
+        eprintln!("SKIP an_import_larger_than_the_disk_fails_with_enospc_and_gc_reclaims_it: needs root to mount a tmpfs");
+        return;
+    };
+    let scratch = tempfile::tempdir().unwrap();
+    let store = fs.path().join("store");
+    ok(&store, &["init"]);
+    let keep = scratch.path().join("keep.img");
+    std::fs::write(&keep, random_bytes(2 * MIB, 1)).unwrap();
+    ok(
+        &store,
+        &["import", keep.to_str().unwrap(), "--name", "keep"],
+    );
+    let baseline = json(&store, &["gc"])["disk_after"].as_u64().unwrap();
+
+    let big = scratch.path().join("big.img");
+    std::fs::write(&big, random_bytes(64 * MIB, 2)).unwrap();
+    let (code, _, err) = run(&store, &["import", big.to_str().unwrap(), "--name", "big"]);
+    assert_eq!(code, 7, "{err}");
+    assert!(err.contains("no space left"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one-line error: {err}");
+    eprintln!("disk full: {}", err.trim());
+
+    assert_consistent(&store, &keep, scratch.path());
+    // The failed import could not even delete its chunk values (the database refuses
+    // writes after a failed flush); gc removes them.
+    let gc = json(&store, &["gc"]);
+    eprintln!("gc after the failed import: {gc}");
+    let again = json(&store, &["gc"]);
+    assert_eq!(again["orphan_chunks"], 0, "{again}");
+    let after = again["disk_after"].as_u64().unwrap();
+    assert!(
+        after <= baseline + 2 * MIB as u64,
+        "store uses {after} bytes after gc, {baseline} before the failed import"
+    );
+    let small = scratch.path().join("small.img");
+    std::fs::write(&small, random_bytes(4 * MIB, 3)).unwrap();
+    ok(
+        &store,
+        &["import", small.to_str().unwrap(), "--name", "small"],
+    );
+    ok(&store, &["verify"]);
+}
+
+#[test]
+fn running_out_of_space_at_any_stage_leaves_the_store_consistent() {
+    let Some(fs) = SmallFs::new(40) else {
+        eprintln!("SKIP running_out_of_space_at_any_stage_leaves_the_store_consistent: needs root to mount a tmpfs");
+        return;
+    };
+    let scratch = tempfile::tempdir().unwrap();
+    let store = fs.path().join("store");
+    ok(&store, &["init"]);
+    let keep = scratch.path().join("keep.img");
+    std::fs::write(&keep, random_bytes(2 * MIB, 11)).unwrap();
+    ok(
+        &store,
+        &["import", keep.to_str().unwrap(), "--name", "keep"],
+    );
+    let src = scratch.path().join("src.img");
+    std::fs::write(&src, random_bytes(24 * MIB, 12)).unwrap();
+    // From "cannot even open the database" to "fails while flushing chunk values".
+    for leave_kib in [16u64, 256, 1024, 4096, 12 * 1024, 20 * 1024] {
+        let filler = fs.fill_leaving(leave_kib << 10);
+        let (code, _, err) = run(&store, &["import", src.to_str().unwrap(), "--name", "big"]);
+        eprintln!("{leave_kib} KiB free: exit {code}: {}", err.trim());
+        assert_eq!(code, 7, "{leave_kib} KiB free: {err}");
+        assert!(err.contains("no space left"), "{err}");
+        // Readers need no space.
+        assert_consistent(&store, &keep, scratch.path());
+        std::fs::remove_file(&filler).unwrap();
+        let gc = json(&store, &["gc"]);
+        assert_eq!(json(&store, &["gc"])["orphan_chunks"], 0, "{gc}");
+        assert_consistent(&store, &keep, scratch.path());
+    }
+    // With room again, the same import works.
+    ok(&store, &["import", src.to_str().unwrap(), "--name", "big"]);
+    let out = scratch.path().join("big.out");
+    ok(&store, &["export", "big", out.to_str().unwrap()]);
+    assert_files_equal(&src, &out);
+    ok(&store, &["verify"]);
+}
