@@ -24,30 +24,37 @@ conv disk.vmdk -O vmdk
 conv disk-stream.vmdk -O vmdk -o subformat=streamOptimized
 conv disk.vhd -O vpc
 conv disk.vhdx -O vhdx
-now() { date +%s.%N; }
 list="$disk"
 for k in ${ONLY:-disk.qcow2 disk-zlib.qcow2 disk.vmdk disk-stream.vmdk disk.vhd disk.vhdx}; do list="$list $f/$k"; done
-# best-of-N seconds of: import FILE into a new store, then again into the same store (dedup).
-declare -A first dup
+# best-of-N wall seconds (and CPU seconds, user + sys: steadier on a shared machine) of:
+# import FILE into a new store, then again into the same store (dedup).
+declare -A first dup cpu_first cpu_dup
+best() { # best ARRAY KEY VALUE
+  local -n a=$1
+  if [ -z "${a[$2]:-}" ] || [ "$(echo "$3 < ${a[$2]}" | bc)" = 1 ]; then a[$2]=$3; fi
+}
+timed() { # timed NAME FILE -> "wall cpu"
+  /usr/bin/time -f "%e %U %S" -o "$work/time.txt" "$bin" -q --store "$work/fstore" import "$2" --name "$1" >/dev/null
+  awk '{printf "%s %.2f\n", $1, $2 + $3}' "$work/time.txt"
+}
 for i in $(seq 1 "$runs"); do
   for img in $list; do
     cat "$img" >/dev/null   # page cache warm: this measures CPU work, not the disk
     rm -rf "$work/fstore"; "$bin" --store "$work/fstore" init >/dev/null
-    s=$(now); "$bin" -q --store "$work/fstore" import "$img" --name a >/dev/null; e=$(now)
-    t=$(echo "$e - $s" | bc); k=$(basename "$img")
-    if [ -z "${first[$k]:-}" ] || [ "$(echo "$t < ${first[$k]}" | bc)" = 1 ]; then first[$k]=$t; fi
-    s=$(now); "$bin" -q --store "$work/fstore" import "$img" --name b >/dev/null; e=$(now)
-    t=$(echo "$e - $s" | bc)
-    if [ -z "${dup[$k]:-}" ] || [ "$(echo "$t < ${dup[$k]}" | bc)" = 1 ]; then dup[$k]=$t; fi
+    k=$(basename "$img")
+    read -r w c < <(timed a "$img"); best first "$k" "$w"; best cpu_first "$k" "$c"
+    read -r w c < <(timed b "$img"); best dup "$k" "$w"; best cpu_dup "$k" "$c"
   done
 done
 size=$(stat -c %s "$disk")
 raw=$(basename "$disk")
 echo "disk: $disk, $((size / 1000000)) MB virtual; best of $runs; new store = first import (chunks compressed and written), dedup = same file again"
-printf '%-22s %10s %10s %9s %10s %9s %9s\n' file "file MB" "new s" "vs raw" "dedup s" "vs raw" "MB/s new"
+printf '%-20s %8s | %7s %7s %7s %7s | %7s %7s %7s %7s\n' file "file MB" "new s" "vs raw" "cpu s" "vs raw" "dedup s" "vs raw" "cpu s" "vs raw"
+ratio() { echo "scale=2; $1 / $2" | bc; }
 for img in $list; do
   k=$(basename "$img")
-  printf '%-22s %10s %10.2f %8.2fx %10.2f %8.2fx %9s\n' "$k" "$(( $(stat -c %s "$img") / 1000000 ))" "${first[$k]}" \
-    "$(echo "scale=3; ${first[$k]} / ${first[$raw]}" | bc)" "${dup[$k]}" "$(echo "scale=3; ${dup[$k]} / ${dup[$raw]}" | bc)" \
-    "$(echo "scale=0; $size / ${first[$k]} / 1000000" | bc)"
+  printf '%-20s %8s | %7.2f %6.2fx %7.2f %6.2fx | %7.2f %6.2fx %7.2f %6.2fx\n' "$k" "$(( $(stat -c %s "$img") / 1000000 ))" \
+    "${first[$k]}" "$(ratio "${first[$k]}" "${first[$raw]}")" "${cpu_first[$k]}" "$(ratio "${cpu_first[$k]}" "${cpu_first[$raw]}")" \
+    "${dup[$k]}" "$(ratio "${dup[$k]}" "${dup[$raw]}")" "${cpu_dup[$k]}" "$(ratio "${cpu_dup[$k]}" "${cpu_dup[$raw]}")"
 done
+echo "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"

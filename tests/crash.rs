@@ -352,7 +352,14 @@ impl Harness {
         let started = Instant::now();
         let child: Child = bin_cmd(&self.a.path(), &op.args).spawn().unwrap();
         if kill {
-            let delay = usual.mul_f64(rng.below(1000) as f64 / 1000.0);
+            // Writers that store chunks are killed mostly in their second part, where
+            // flushed but uncommitted chunk values (orphans) exist on disk.
+            let u = rng.below(1000) as f64 / 1000.0;
+            let at = match op.kind {
+                Kind::Import | Kind::Backup | Kind::Copy => 0.3 + 0.8 * u,
+                _ => u,
+            };
+            let delay = usual.mul_f64(at);
             std::thread::sleep(delay);
             // SAFETY: kill on our own child's pid.
             unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };

@@ -215,6 +215,57 @@ fn mounted_files_are_byte_identical_and_described() {
 }
 
 #[test]
+fn random_reads_are_exact_and_fill_the_page_cache_with_whole_chunks() {
+    require_mount!("random_reads_are_exact_and_fill_the_page_cache_with_whole_chunks");
+    let (base, _) = disk_images();
+    let s = TestStore::new();
+    s.import(base, "base");
+    let m = mount_as(&s, "admin", "mnt", &[]);
+    let mounted = File::open(m.file("private/base.raw")).unwrap();
+    let original = File::open(base).unwrap();
+    let size = original.metadata().unwrap().len();
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let (mut a, mut b) = (vec![0u8; 1 << 17], vec![0u8; 1 << 17]);
+    // Page-aligned 4 KiB reads, as a VM or fio does.
+    let reads = 300;
+    for _ in 0..reads {
+        let off = next() % (size / 4096) * 4096;
+        mounted.read_exact_at(&mut a[..4096], off).unwrap();
+        original.read_exact_at(&mut b[..4096], off).unwrap();
+        assert!(a[..4096] == b[..4096], "4 KiB at {off} differs");
+    }
+    // Each miss stored its whole chunk in the page cache, not just the page read.
+    let cached: u64 = sh(&format!(
+        "fincore --bytes --noheadings -o RES '{}'",
+        m.file("private/base.raw").display()
+    ))
+    .trim()
+    .parse()
+    .unwrap();
+    eprintln!("{reads} random 4 KiB reads left {cached} bytes in the page cache");
+    assert!(
+        cached > 4 * 4096 * reads,
+        "page cache holds only {cached} bytes after {reads} random reads"
+    );
+    // Unaligned reads of odd sizes, across chunk and page boundaries.
+    for _ in 0..2000 {
+        let len = (next() % (1 << 17)) as usize + 1;
+        let off = next() % (size - len as u64);
+        mounted.read_exact_at(&mut a[..len], off).unwrap();
+        original.read_exact_at(&mut b[..len], off).unwrap();
+        assert!(a[..len] == b[..len], "{len} bytes at {off} differ");
+    }
+    // And everything the page cache now holds is right.
+    assert_files_equal(base, &m.file("private/base.raw"));
+}
+
+#[test]
 fn ext4_partition_read_through_the_mount_checks_clean_and_matches_the_original() {
     require_mount!("ext4_partition_read_through_the_mount_checks_clean_and_matches_the_original");
     let (base, derived) = disk_images();

@@ -47,10 +47,10 @@ pub struct MountArgs {
     pub log_file: Option<PathBuf>,
 }
 
-/// Signals that unmount.
 /// How often the mount looks for commits of the writer.
 const REFRESH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
 
+/// Signals that unmount.
 const STOP_SIGNALS: [i32; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
 
 pub fn mount(ctx: &Context, args: MountArgs) -> anyhow::Result<i32> {
@@ -63,6 +63,8 @@ pub fn mount(ctx: &Context, args: MountArgs) -> anyhow::Result<i32> {
         .into());
     }
     if args.foreground {
+        // SAFETY: setting a signal disposition before any thread starts (see `child`).
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
         let signals = block_stop_signals()?;
         let mounted = open_and_mount(ctx, &args)?;
         report_ready(ctx, &mounted, std::process::id())?;
@@ -92,22 +94,24 @@ fn open_and_mount(ctx: &Context, args: &MountArgs) -> anyhow::Result<Mounted> {
 }
 
 fn report_ready(ctx: &Context, mounted: &Mounted, pid: u32) -> anyhow::Result<()> {
-    if ctx.json {
-        output::json(&serde_json::json!({
+    let text = if ctx.json {
+        serde_json::to_string_pretty(&serde_json::json!({
             "mountpoint": mounted.mountpoint(),
             "store": ctx.store_path,
             "tenant": ctx.tenant,
             "pid": pid,
-        }))?;
+        }))?
     } else {
-        println!(
+        format!(
             "mounted {} at {} as tenant {} (pid {pid})",
             ctx.store_path.display(),
             mounted.mountpoint().display(),
             ctx.tenant
-        );
-    }
-    std::io::stdout().flush()?;
+        )
+    };
+    // A closed stdout must not stop the mount (SIGPIPE is ignored here).
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{text}").and_then(|_| out.flush());
     Ok(())
 }
 
@@ -232,6 +236,11 @@ fn parent(args: &MountArgs, pid: i32, mut rd: std::fs::File) -> anyhow::Result<i
 fn child(ctx: &Context, args: &MountArgs, mut wr: std::fs::File) -> i32 {
     // SAFETY: setsid has no preconditions; the child of fork is never a group leader.
     unsafe { libc::setsid() };
+    // A daemon must not die of SIGPIPE: if the parent is gone before we report, or a
+    // consumer closes early, the write fails with EPIPE instead (main sets SIG_DFL for
+    // `imgvault list | head`).
+    // SAFETY: setting a signal disposition before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
     if let Err(e) = redirect_stdio(args.log_file.as_deref()) {
         let _ = writeln!(wr, "err 1 {}", one_line(&format!("{e:#}")));
         return imgvault::error::exit::FAILURE;

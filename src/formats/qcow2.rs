@@ -490,17 +490,20 @@ impl Mapper for Qcow2 {
     fn read_special(&mut self, pos: u64, buf: &mut [u8]) -> FResult<()> {
         let cs = self.cs();
         let cluster = pos >> self.cluster_bits;
-        let have = cluster >= self.batch_start
-            && cluster - self.batch_start < self.batch.len() as u64;
+        let have =
+            cluster >= self.batch_start && cluster - self.batch_start < self.batch.len() as u64;
         if !have {
             self.decode_batch(cluster)?;
         }
         let idx = (cluster - self.batch_start) as usize;
         let Some(Some(bytes)) = self.batch.get(idx) else {
-            return Err(corrupt(F, format!(
-                "compressed cluster for guest offset {} does not decompress to {cs} bytes",
-                cluster << self.cluster_bits
-            )));
+            return Err(corrupt(
+                F,
+                format!(
+                    "compressed cluster for guest offset {} does not decompress to {cs} bytes",
+                    cluster << self.cluster_bits
+                ),
+            ));
         };
         let within = (pos & (cs - 1)) as usize;
         let n = buf.len().min(cs as usize - within);

@@ -326,7 +326,7 @@ impl Mapper for Vhdx {
             NOT_PRESENT | UNDEFINED | ZERO | UNMAPPED => Ok((Map::Zero, end)),
             FULLY_PRESENT => {
                 let start = e & !(MIB - 1);
-                let host_off = start + pos % self.block_size;
+                let host_off = start.saturating_add(pos % self.block_size);
                 if start < MIB || host_off >= self.host.size() {
                     return Err(corrupt(F, format!(
                         "payload block {block} at byte offset {start} lies outside the file of {} bytes (truncated?)",

@@ -41,6 +41,42 @@ const SEQUENTIAL_TRIGGER: u32 = 2;
 /// Read-ahead decode tasks running at once, over all open files.
 const MAX_PREFETCH_TASKS: usize = 4;
 
+/// Chunks waiting to be stored into the page cache; more are dropped (an optimisation only).
+pub(crate) const PAGE_FEED_QUEUE: usize = 64;
+
+/// Page size of the kernel's page cache.
+const PAGE: u64 = 4096;
+
+/// A decoded chunk to store into the kernel's page cache (FUSE_NOTIFY_STORE): the part
+/// `range` of `data`, which holds the image's bytes from `chunk_offset`.
+pub(crate) struct PageFeed {
+    ino: u64,
+    chunk_offset: u64,
+    range: std::ops::Range<usize>,
+    data: Arc<[u8]>,
+}
+
+/// Stores decoded chunks into the page cache, on its own thread: a store waits for page
+/// locks that pending reads hold, and only the request threads can complete those reads, so
+/// they must never wait here. Ends when the filesystem (the sender) is dropped.
+pub(crate) fn spawn_page_feeder(
+    notifier: fuser::Notifier,
+    rx: crossbeam_channel::Receiver<PageFeed>,
+) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("imgvault-pages".into())
+        .spawn(move || {
+            for job in rx {
+                let offset = job.chunk_offset + job.range.start as u64;
+                if let Some(bytes) = job.data.get(job.range) {
+                    // ENOENT (inode evicted) and ENODEV (unmounted) only cost the optimisation.
+                    let _ = notifier.store(INodeNo(job.ino), offset, bytes);
+                }
+            }
+        })
+        .map(|_| ())
+}
+
 thread_local! {
     /// Per-thread read buffer, reused across requests.
     static READ_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
@@ -100,6 +136,8 @@ struct Handle {
     streak: AtomicU32,
     /// Read-ahead has been requested up to here.
     ahead: AtomicU64,
+    /// Opened with O_DIRECT: the page cache is not used, nothing to feed it.
+    direct: bool,
 }
 
 /// A directory listing taken at opendir, so readdir offsets stay stable.
@@ -121,6 +159,7 @@ pub struct ImgvaultFs {
     listings: Mutex<HashMap<u64, Arc<Listing>>>,
     next_fh: AtomicU64,
     prefetching: Arc<AtomicUsize>,
+    pages: Option<crossbeam_channel::Sender<PageFeed>>,
     uid: u32,
     gid: u32,
     mounted_at: SystemTime,
@@ -129,6 +168,16 @@ pub struct ImgvaultFs {
 impl ImgvaultFs {
     /// A filesystem over `store` as `opts.tenant` sees it.
     pub fn new(store: LiveStore, opts: &MountOptions) -> Result<Self> {
+        Self::with_page_feed(store, opts, None)
+    }
+
+    /// Like [`ImgvaultFs::new`]; random reads also send the whole decoded chunks they touch
+    /// to `pages` (see [`spawn_page_feeder`]).
+    pub(crate) fn with_page_feed(
+        store: LiveStore,
+        opts: &MountOptions,
+        pages: Option<crossbeam_channel::Sender<PageFeed>>,
+    ) -> Result<Self> {
         let snapshot = store.get();
         let view = View::build(&Catalog::new(&snapshot), &opts.tenant)?;
         Ok(ImgvaultFs {
@@ -143,6 +192,7 @@ impl ImgvaultFs {
             listings: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             prefetching: Arc::new(AtomicUsize::new(0)),
+            pages,
             // SAFETY: getuid/getgid have no preconditions.
             uid: unsafe { libc::getuid() },
             gid: unsafe { libc::getgid() },
@@ -285,6 +335,7 @@ impl ImgvaultFs {
             last_end: AtomicU64::new(0),
             streak: AtomicU32::new(0),
             ahead: AtomicU64::new(0),
+            direct: flags.0 & libc::O_DIRECT != 0,
         });
         self.handles
             .write()
@@ -401,7 +452,54 @@ impl ImgvaultFs {
             };
             reply(&buf[..n]);
             Ok(())
-        })
+        })?;
+        self.feed_pages(&h, offset, len as u64);
+        Ok(())
+    }
+
+    /// After a random (not sequential) buffered read: hands the decoded chunks it touched to
+    /// the page feeder, so the kernel's page cache gets the whole chunk and later reads of its
+    /// other pages never reach the daemon. A 4 KiB miss costs the decode of a ~64 KiB chunk;
+    /// this keeps all of it instead of one page. Only whole pages inside the chunk are stored
+    /// (the kernel leaves a partial page not up to date).
+    fn feed_pages(&self, h: &Handle, offset: u64, len: u64) {
+        let Some(tx) = &self.pages else { return };
+        if h.direct || h.streak.load(Ordering::Relaxed) != 0 {
+            return;
+        }
+        let size = h.reader.size();
+        let extents = h.reader.extents();
+        let mut idx = h.reader.extent_index(offset);
+        while let Some(e) = extents.get(idx) {
+            if e.offset >= offset + len {
+                break;
+            }
+            idx += 1;
+            if e.chunk.is_none() {
+                continue; // zeros: cheap to serve, nothing decoded
+            }
+            let start = e.offset.next_multiple_of(PAGE);
+            let end = if e.end() >= size {
+                e.end()
+            } else {
+                e.end() / PAGE * PAGE
+            };
+            if end <= start {
+                continue;
+            }
+            let Ok(data) = h.reader.chunk(e) else {
+                continue;
+            };
+            let job = PageFeed {
+                ino: h.ino,
+                chunk_offset: e.offset,
+                range: (start - e.offset) as usize..(end - e.offset) as usize,
+                data,
+            };
+            if tx.try_send(job).is_err() {
+                return; // feeder busy: skip, the reads still work
+            }
+        }
     }
 
     /// Detects sequential reads on a handle and decodes the chunks ahead of them in the

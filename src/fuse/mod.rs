@@ -12,8 +12,10 @@
 //!
 //! Reads are answered inline on fuser's threads (one `/dev/fuse` fd each) from the shared
 //! [`ChunkCache`](crate::read::ChunkCache); sequential readers get their next chunks decoded
-//! ahead in parallel; `SEEK_DATA`/`SEEK_HOLE` come from the zero extents; the page cache is
-//! kept across opens (the bytes of an image never change).
+//! ahead in parallel; a random buffered read hands the whole decoded chunk to a feeder thread
+//! that stores it in the kernel's page cache (FUSE_NOTIFY_STORE), so the chunk's other pages
+//! never need the daemon; `SEEK_DATA`/`SEEK_HOLE` come from the zero extents; the page cache
+//! is kept across opens (the bytes of an image never change).
 //!
 //! Clones without copies: a qcow2 overlay whose backing file is the mounted raw file
 //! (`imgvault clone-overlay IMAGE OVERLAY.qcow2 --mount MNT`, which runs
@@ -104,7 +106,8 @@ impl Mounted {
             ));
         }
         let mp = check_mountpoint(mountpoint)?;
-        let fs = ImgvaultFs::new(store, opts)?;
+        let (pages_tx, pages_rx) = crossbeam_channel::bounded(fs::PAGE_FEED_QUEUE);
+        let fs = ImgvaultFs::with_page_feed(store, opts, Some(pages_tx))?;
         let mut config = Config::default();
         config.mount_options = vec![
             MountOption::RO,
@@ -139,6 +142,9 @@ impl Mounted {
                 reason: format!("mount failed: {e}{hint}"),
             }
         })?;
+        if let Err(e) = fs::spawn_page_feeder(session.notifier(), pages_rx) {
+            tracing::warn!("no page-cache feeding (random reads decode more): {e}");
+        }
         if opts.read_ahead_kb > 0 {
             match sys::set_read_ahead_kb(&mp, opts.read_ahead_kb) {
                 Ok(kb) => tracing::debug!("{}: read_ahead_kb = {kb}", mp.display()),
