@@ -582,6 +582,20 @@ fn sigkill_at_random_moments_loses_nothing_committed() {
             ops < kills_wanted * 10 + 50,
             "only {total_kills} of {kills_wanted} kills landed in {ops} commands"
         );
+        // Keep room for new images: a full store would only see (killed) deletes.
+        while h.model.len() >= 6 {
+            let names: Vec<String> = h.model.keys().cloned().collect();
+            let name = rng.pick(&names).cloned().unwrap();
+            let op = Op {
+                kind: Kind::Delete,
+                args: vec!["delete".into(), name.clone()],
+                adds: None,
+                deletes: Some(name),
+                adds_b: None,
+            };
+            let killed = h.run(&op, &mut rng, false);
+            h.reconcile(&op, killed);
+        }
         let op = h.choose(&mut rng);
         let killed = h.run(&op, &mut rng, true);
         h.reconcile(&op, killed);

@@ -187,6 +187,48 @@ fn deflate(cluster: &[u8]) -> Option<Vec<u8>> {
     })
 }
 
+/// A cluster ready to write: (guest cluster, bytes, compressed).
+type Prepared = (u64, Vec<u8>, bool);
+
+/// Decodes the data extents of the window `w0..w1` in parallel and returns its non-zero
+/// clusters, deflated when `compress` and worthwhile.
+fn prepare_window(reader: &ImageReader, w0: u64, w1: u64, compress: bool) -> Result<Vec<Prepared>> {
+    let first = reader.extent_index(w0);
+    let extents: Vec<_> = reader.extents()[first..]
+        .iter()
+        .take_while(|e| e.offset < w1)
+        .filter(|e| e.chunk.is_some())
+        .copied()
+        .collect();
+    let decoded: Vec<Vec<u8>> = extents
+        .par_iter()
+        .map(|e| reader.load(e))
+        .collect::<Result<_>>()?;
+    let mut buf = vec![0u8; (w1 - w0).next_multiple_of(CS) as usize];
+    for (e, bytes) in extents.iter().zip(&decoded) {
+        let s = e.offset.max(w0);
+        let t = e.end().min(w1);
+        buf[(s - w0) as usize..(t - w0) as usize]
+            .copy_from_slice(&bytes[(s - e.offset) as usize..(t - e.offset) as usize]);
+    }
+    drop(decoded);
+    let clusters: Vec<(u64, &[u8])> = buf
+        .chunks(CS as usize)
+        .enumerate()
+        .map(|(i, c)| (w0 / CS + i as u64, c))
+        .filter(|(_, c)| c.iter().any(|&b| b != 0))
+        .collect();
+    Ok(clusters
+        .par_iter()
+        .map(
+            |&(gc, raw)| match compress.then(|| deflate(raw)).flatten() {
+                Some(z) => (gc, z, true),
+                None => (gc, raw.to_vec(), false),
+            },
+        )
+        .collect())
+}
+
 /// Writes everything; returns the guest bytes of the allocated clusters.
 fn write_image(
     reader: &ImageReader,
@@ -211,62 +253,43 @@ fn write_image(
     };
     // Cluster 0 (the header) is written last, in place.
     w.cluster(&vec![0u8; CS as usize])?;
-    let mut data_bytes = 0u64;
-    let mut buf = Vec::new();
+    // The windows holding data, then: prepare window N+1 (decode, find non-zero clusters,
+    // compress) on all cores while window N is written.
+    let mut windows = Vec::new();
     let mut pos = 0u64;
-    let mut done = 0u64;
-    while pos < size {
-        let Some(d) = reader.next_data(pos) else {
-            break;
-        };
-        if d >= size {
-            break;
-        }
+    while let Some(d) = reader.next_data(pos).filter(|&d| d < size) {
         let w0 = d / WINDOW * WINDOW;
         let w1 = (w0 + WINDOW).min(size);
-        // Decode the data extents overlapping the window, in parallel.
-        let first = reader.extent_index(w0);
-        let extents: Vec<_> = reader.extents()[first..]
-            .iter()
-            .take_while(|e| e.offset < w1)
-            .filter(|e| e.chunk.is_some())
-            .copied()
-            .collect();
-        let decoded: Vec<Vec<u8>> = extents
-            .par_iter()
-            .map(|e| reader.load(e))
-            .collect::<Result<_>>()?;
-        buf.clear();
-        buf.resize((w1 - w0).next_multiple_of(CS) as usize, 0);
-        for (e, bytes) in extents.iter().zip(&decoded) {
-            let s = e.offset.max(w0);
-            let t = e.end().min(w1);
-            buf[(s - w0) as usize..(t - w0) as usize]
-                .copy_from_slice(&bytes[(s - e.offset) as usize..(t - e.offset) as usize]);
-        }
-        drop(decoded);
-        let clusters: Vec<(u64, &[u8])> = buf
-            .chunks(CS as usize)
-            .enumerate()
-            .map(|(i, c)| (w0 / CS + i as u64, c))
-            .filter(|(_, c)| c.iter().any(|&b| b != 0))
-            .collect();
-        let packed: Vec<Option<Vec<u8>>> = if opts.compress {
-            clusters.par_iter().map(|(_, c)| deflate(c)).collect()
-        } else {
-            vec![None; clusters.len()]
-        };
-        for ((gc, raw), z) in clusters.iter().zip(packed) {
-            let entry = match z {
-                Some(z) => w.compressed(&z)?,
-                None => w.cluster(raw)? | COPIED,
-            };
-            w.l2.push((*gc, entry));
-            data_bytes += CS.min(size - gc * CS);
-        }
-        progress.advance(w1 - done);
-        done = w1;
+        windows.push((w0, w1));
         pos = w1;
+    }
+    let prepare = |&(w0, w1): &(u64, u64)| prepare_window(reader, w0, w1, opts.compress);
+    let mut data_bytes = 0u64;
+    let mut done = 0u64;
+    let mut pending: Option<(u64, Vec<Prepared>)> = None;
+    for win in windows.iter().map(Some).chain(std::iter::once(None)) {
+        let (next, wrote) = rayon::join(
+            || win.map(prepare).transpose(),
+            || -> Result<()> {
+                let Some((w1, clusters)) = pending.take() else {
+                    return Ok(());
+                };
+                for (gc, bytes, compressed) in clusters {
+                    let entry = if compressed {
+                        w.compressed(&bytes)?
+                    } else {
+                        w.cluster(&bytes)? | COPIED
+                    };
+                    w.l2.push((gc, entry));
+                    data_bytes += CS.min(size - gc * CS);
+                }
+                progress.advance(w1 - done);
+                done = w1;
+                Ok(())
+            },
+        );
+        wrote?;
+        pending = next?.map(|clusters| (win.map_or(size, |x| x.1), clusters));
     }
 
     // L2 tables, then the L1 table.
@@ -334,7 +357,8 @@ fn write_image(
     h[0..4].copy_from_slice(b"QFI\xfb");
     h[4..8].copy_from_slice(&3u32.to_be_bytes());
     h[20..24].copy_from_slice(&CLUSTER_BITS.to_be_bytes());
-    h[24..32].copy_from_slice(&size.to_be_bytes());
+    // qemu counts whole 512-byte sectors (it would drop a partial one): round up with zeros.
+    h[24..32].copy_from_slice(&size.next_multiple_of(512).to_be_bytes());
     h[36..40].copy_from_slice(&(l1_size as u32).to_be_bytes());
     h[40..48].copy_from_slice(&l1_offset.to_be_bytes());
     h[48..56].copy_from_slice(&table_offset.to_be_bytes());
