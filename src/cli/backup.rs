@@ -127,8 +127,9 @@ pub fn restore(ctx: &Context, args: RestoreArgs) -> anyhow::Result<i32> {
         discard: args.discard,
         hw_model,
     };
-    // restore() decodes with ImageReader::load, bypassing the cache.
-    let reader = ImageReader::open(store, rec, Arc::new(ChunkCache::new(1 << 20)))?;
+    // restore() decodes with ImageReader::load, bypassing the cache. Pinned: a delete + gc
+    // while it runs cannot free the chunks it still has to write.
+    let reader = ImageReader::open_pinned(store, rec, Arc::new(ChunkCache::new(1 << 20)))?;
     let bar = Bar::new("restore", ctx.progress);
     let vbar = Bar::new("verify", ctx.progress);
     let report = match restore::restore(&reader, &args.target, &opts, &bar, &vbar) {

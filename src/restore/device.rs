@@ -136,7 +136,6 @@ pub fn restore(
     let started = Instant::now();
     let image = reader.image();
     let label = format!("{}/{}", image.owner, image.name);
-    let _pin = crate::store::pins::pin_reader(reader);
     let size = image.virtual_size;
     let mut overridden = Vec::new();
 

@@ -70,7 +70,6 @@ pub fn export_raw(
         }
     }
     let partial = partial_path(out);
-    let _pin = crate::store::pins::pin_reader(reader);
     let target_err = |e| Error::Target {
         path: partial.clone(),
         source: e,

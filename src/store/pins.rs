@@ -95,7 +95,7 @@ pub fn write(
 /// store. The ordering is the mount's: a delete this check does not see happens after the
 /// pin, so any gc that could free the chunks reads the pin. `None` for the writer itself
 /// (gc cannot run beside it). Fails with [`Error::ImageNotFound`] when the image is gone.
-/// Best effort like [`pin_reader`]: where the pin cannot be written (a full disk, a store
+/// Best effort: where the pin cannot be written (a full disk, a store
 /// directory the reader may not write to) the read goes on unprotected, with a warning.
 pub fn hold(
     store: &super::Store,
@@ -219,25 +219,6 @@ pub fn collect(store: &Path, remove_stale: bool) -> Result<Pinned> {
         out.live_pins += 1;
     }
     Ok(out)
-}
-
-/// Pins the chunks of the image `reader` reads, so that a `delete` + `gc` while it reads
-/// cannot free them. Best effort: a store directory the reader may not write to only loses
-/// that protection (with a warning), not the read.
-pub fn pin_reader(reader: &crate::read::ImageReader) -> Option<Pin> {
-    let image = reader.image();
-    let chunks = reader.extents().iter().filter_map(|e| e.chunk);
-    match write(reader.store().path(), &image.id, chunks) {
-        Ok(pin) => Some(pin),
-        Err(e) => {
-            tracing::warn!(
-                "cannot pin image {}/{} against gc: {e}",
-                image.owner,
-                image.name
-            );
-            None
-        }
-    }
 }
 
 #[cfg(test)]
