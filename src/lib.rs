@@ -31,6 +31,7 @@ pub mod error;
 pub mod formats;
 pub mod fuse;
 pub mod ingest;
+pub mod procfs;
 pub mod progress;
 pub mod read;
 pub mod replicate;

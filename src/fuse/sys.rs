@@ -27,31 +27,6 @@ impl MountInfo {
     }
 }
 
-/// Decodes the octal escapes (`\040` for a space, ...) of mountinfo fields.
-fn unescape(s: &str) -> Vec<u8> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') as u32 * 64
-                + (b[i + 2] - b'0') as u32 * 8
-                + (b[i + 3] - b'0') as u32;
-            if let Ok(v) = u8::try_from(v) {
-                out.push(v);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    out
-}
-
 /// Parses mountinfo text.
 pub fn parse_mountinfo(text: &str) -> Vec<MountInfo> {
     use std::os::unix::ffi::OsStringExt;
@@ -66,9 +41,11 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountInfo> {
         }
         out.push(MountInfo {
             dev: fields[2].to_string(),
-            mountpoint: PathBuf::from(std::ffi::OsString::from_vec(unescape(fields[4]))),
+            mountpoint: PathBuf::from(std::ffi::OsString::from_vec(crate::procfs::unescape(
+                fields[4],
+            ))),
             fstype: fields[sep + 1].to_string(),
-            source: String::from_utf8_lossy(&unescape(fields[sep + 2])).into_owned(),
+            source: String::from_utf8_lossy(&crate::procfs::unescape(fields[sep + 2])).into_owned(),
         });
     }
     out

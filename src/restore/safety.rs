@@ -48,27 +48,9 @@ struct System {
     sys: PathBuf,
 }
 
-/// Undoes the octal escapes of /proc tables (`\040` for a space).
+/// Undoes the octal escapes of /proc tables (`\040` for a space), as text.
 fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') as u32 * 64
-                + (b[i + 2] - b'0') as u32 * 8
-                + (b[i + 3] - b'0') as u32;
-            out.push(v as u8);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    String::from_utf8_lossy(&crate::procfs::unescape(s)).into_owned()
 }
 
 fn parse_dev(s: &str) -> Option<(u32, u32)> {
