@@ -10,11 +10,10 @@
 //! The file is written under a temporary name and renamed into place when complete, so
 //! a damaged image never leaves a half-written file under the target name.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use rayon::prelude::*;
 
@@ -115,56 +114,8 @@ pub fn export_qcow2(
     opts: &Qcow2ExportOptions,
     progress: &dyn Progress,
 ) -> Result<ExportReport> {
-    let started = Instant::now();
-    if let Ok(md) = std::fs::metadata(out) {
-        let ft = md.file_type();
-        // Anything but a regular file: the partial file renamed over it would replace a
-        // directory entry such as /dev/null with a regular file.
-        if !ft.is_file() {
-            return Err(Error::BadSource {
-                path: out.to_path_buf(),
-                reason:
-                    "is a directory, a device, a FIFO or a socket; give a file name to export to"
-                        .into(),
-            });
-        }
-    }
-    let mut name = out
-        .file_name()
-        .map(|n| n.to_os_string())
-        .unwrap_or_default();
-    name.push(".imgvault-partial");
-    let partial = out.with_file_name(name);
-    let file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&partial)
-        .map_err(|e| Error::Target {
-            path: partial.clone(),
-            source: e,
-        })?;
-    progress.start(reader.size());
-    let result = write_image(reader, &file, &partial, opts, progress);
-    progress.finish();
-    let data = match result {
-        Ok(d) => d,
-        Err(e) => {
-            let _ = std::fs::remove_file(&partial);
-            return Err(e);
-        }
-    };
-    std::fs::rename(&partial, out).map_err(|e| Error::Target {
-        path: out.to_path_buf(),
-        source: e,
-    })?;
-    Ok(ExportReport {
-        image: reader.image().name.clone(),
-        path: out.display().to_string(),
-        size: reader.size(),
-        bytes_written: data,
-        bytes_sparse: reader.size() - data,
-        seconds: started.elapsed().as_secs_f64(),
+    crate::restore::write_export(reader, out, progress, |file, partial| {
+        write_image(reader, file, partial, opts, progress)
     })
 }
 

@@ -43,49 +43,61 @@ pub fn export_raw(
     out: &Path,
     progress: &dyn Progress,
 ) -> Result<ExportReport> {
+    write_export(reader, out, progress, |file, partial| {
+        let written = write_all(reader, file, progress)?;
+        file.set_len(reader.size()).map_err(|e| Error::Target {
+            path: partial.to_path_buf(),
+            source: e,
+        })?;
+        Ok(written)
+    })
+}
+
+/// The common frame of every export format: refuses a target that is not a regular file
+/// (the rename below would replace a device node, FIFO or socket such as `/dev/null`), lets
+/// `write` fill a new file beside the target, and renames it into place only on success, so
+/// a failed export never leaves a file with missing or wrong bytes under the target name.
+/// `write` returns the data bytes it wrote. No fsync (like cp and qemu-img convert).
+pub(crate) fn write_export(
+    reader: &ImageReader,
+    out: &Path,
+    progress: &dyn Progress,
+    write: impl FnOnce(&File, &Path) -> Result<u64>,
+) -> Result<ExportReport> {
     let started = Instant::now();
     if let Ok(md) = std::fs::metadata(out) {
         let ft = md.file_type();
-        if ft.is_dir() {
-            return Err(Error::BadSource {
+        let refuse = |reason: &str| {
+            Err(Error::BadSource {
                 path: out.to_path_buf(),
-                reason: "is a directory; give a file name to export to".into(),
-            });
+                reason: reason.to_string(),
+            })
+        };
+        if ft.is_dir() {
+            return refuse("is a directory; give a file name to export to");
         }
         if ft.is_block_device() {
-            return Err(Error::BadSource {
-                path: out.to_path_buf(),
-                reason: "is a block device; use `imgvault restore` to write devices".into(),
-            });
+            return refuse("is a block device; use `imgvault restore` to write devices");
         }
-        // The file is written beside the target and renamed over it: a character device,
-        // FIFO or socket (`/dev/null`, `/dev/stdout`) would be replaced by a regular file.
         if !ft.is_file() {
-            return Err(Error::BadSource {
-                path: out.to_path_buf(),
-                reason: "is not a regular file (a device, FIFO or socket); export writes a new \
-                         file and renames it into place, so give a file name"
-                    .into(),
-            });
+            return refuse(
+                "is not a regular file (a device, FIFO or socket); export writes a new file \
+                 and renames it into place, so give a file name",
+            );
         }
     }
     let partial = partial_path(out);
-    let target_err = |e| Error::Target {
-        path: partial.clone(),
-        source: e,
-    };
     let file = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .open(&partial)
-        .map_err(target_err)?;
-    // No fsync (like cp and qemu-img convert): the rename only guarantees that no file
-    // with missing or wrong bytes appears under the target name; `sync` makes it durable.
-    let result = write_all(reader, &file, progress).and_then(|written| {
-        file.set_len(reader.size()).map_err(target_err)?;
-        Ok(written)
-    });
+        .map_err(|e| Error::Target {
+            path: partial.clone(),
+            source: e,
+        })?;
+    progress.start(reader.size());
+    let result = write(&file, &partial);
     progress.finish();
     let written = match result {
         Ok(w) => w,
@@ -103,7 +115,7 @@ pub fn export_raw(
         path: out.display().to_string(),
         size: reader.size(),
         bytes_written: written,
-        bytes_sparse: reader.size() - written,
+        bytes_sparse: reader.size().saturating_sub(written),
         seconds: started.elapsed().as_secs_f64(),
     })
 }
@@ -138,7 +150,6 @@ pub(crate) fn data_windows(extents: &[Extent]) -> Vec<Vec<Extent>> {
 
 /// Decodes window N+1 while window N is written.
 fn write_all(reader: &ImageReader, file: &File, progress: &dyn Progress) -> Result<u64> {
-    progress.start(reader.size());
     let decode = |w: &Vec<Extent>| -> Result<Vec<Vec<u8>>> {
         w.par_iter().map(|e| reader.load(e)).collect()
     };

@@ -13,5 +13,6 @@ pub mod safety;
 
 pub use backup::{backup, lineage, source_warnings, BackupOptions, BackupReport, LineageEntry};
 pub use device::{restore, RestoreOptions, RestoreReport, TargetKind};
+pub(crate) use export::write_export;
 pub use export::{export_raw, ExportReport};
 pub use safety::host_hw_model;
