@@ -41,6 +41,13 @@ const SEQUENTIAL_TRIGGER: u32 = 2;
 /// Read-ahead decode tasks running at once, over all open files.
 const MAX_PREFETCH_TASKS: usize = 4;
 
+/// Stored chunk values are read into the page cache this many decode-ahead windows ahead of
+/// a sequential reader (see [`ImgvaultFs::read_ahead`]).
+const WARM_WINDOWS: u64 = 4;
+
+/// Warm-up threads running at once, over all open files.
+const MAX_WARM_TASKS: usize = 2;
+
 /// Chunks waiting to be stored into the page cache; more are dropped (an optimisation only).
 pub(crate) const PAGE_FEED_QUEUE: usize = 64;
 
@@ -53,7 +60,7 @@ pub(crate) struct PageFeed {
     ino: u64,
     chunk_offset: u64,
     range: std::ops::Range<usize>,
-    data: Arc<[u8]>,
+    data: crate::read::Decoded,
 }
 
 /// Stores decoded chunks into the page cache, on its own thread: a store waits for page
@@ -136,6 +143,8 @@ struct Handle {
     streak: AtomicU32,
     /// Read-ahead has been requested up to here.
     ahead: AtomicU64,
+    /// Stored values have been read into the page cache up to here.
+    warmed: AtomicU64,
     /// Opened with O_DIRECT: the page cache is not used, nothing to feed it.
     direct: bool,
 }
@@ -159,6 +168,7 @@ pub struct ImgvaultFs {
     listings: Mutex<HashMap<u64, Arc<Listing>>>,
     next_fh: AtomicU64,
     prefetching: Arc<AtomicUsize>,
+    warming: Arc<AtomicUsize>,
     pages: Option<crossbeam_channel::Sender<PageFeed>>,
     uid: u32,
     gid: u32,
@@ -192,6 +202,7 @@ impl ImgvaultFs {
             listings: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             prefetching: Arc::new(AtomicUsize::new(0)),
+            warming: Arc::new(AtomicUsize::new(0)),
             pages,
             // SAFETY: getuid/getgid have no preconditions.
             uid: unsafe { libc::getuid() },
@@ -335,6 +346,7 @@ impl ImgvaultFs {
             last_end: AtomicU64::new(0),
             streak: AtomicU32::new(0),
             ahead: AtomicU64::new(0),
+            warmed: AtomicU64::new(0),
             direct: flags.0 & libc::O_DIRECT != 0,
         });
         self.handles
@@ -514,6 +526,7 @@ impl ImgvaultFs {
         if offset.abs_diff(prev) > SEQUENTIAL_SLACK {
             h.streak.store(0, Ordering::Relaxed);
             h.ahead.store(0, Ordering::Relaxed);
+            h.warmed.store(0, Ordering::Relaxed);
             return;
         }
         if h.streak.fetch_add(1, Ordering::Relaxed) + 1 < SEQUENTIAL_TRIGGER {
@@ -526,6 +539,7 @@ impl ImgvaultFs {
         }
         let start = ahead.max(end);
         let until = end.saturating_add(window).min(h.reader.size());
+        self.warm_ahead(h, until);
         if until <= start || self.prefetching.load(Ordering::Relaxed) >= MAX_PREFETCH_TASKS {
             return;
         }
@@ -542,6 +556,47 @@ impl ImgvaultFs {
             reader.prefetch(start, until - start);
             running.fetch_sub(1, Ordering::Relaxed);
         });
+    }
+
+    /// Reads the stored values beyond the decode-ahead window into the page cache, on a
+    /// thread of its own: on a cold store the decoders then find their input in memory
+    /// instead of each waiting for its own small disk read.
+    fn warm_ahead(&self, h: &Handle, from: u64) {
+        let window = self.prefetch_bytes;
+        let size = h.reader.size();
+        let warmed = h.warmed.load(Ordering::Relaxed);
+        if warmed
+            >= from
+                .saturating_add(window.saturating_mul(WARM_WINDOWS) / 2)
+                .min(size)
+        {
+            return;
+        }
+        let start = warmed.max(from);
+        let until = from
+            .saturating_add(window.saturating_mul(WARM_WINDOWS))
+            .min(size);
+        if until <= start || self.warming.load(Ordering::Relaxed) >= MAX_WARM_TASKS {
+            return;
+        }
+        if h.warmed
+            .compare_exchange(warmed, until, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
+            return;
+        }
+        self.warming.fetch_add(1, Ordering::Relaxed);
+        let reader = h.reader.clone();
+        let running = self.warming.clone();
+        let spawned = std::thread::Builder::new()
+            .name("imgvault-warm".into())
+            .spawn(move || {
+                reader.warm(start, until - start);
+                running.fetch_sub(1, Ordering::Relaxed);
+            });
+        if spawned.is_err() {
+            self.warming.fetch_sub(1, Ordering::Relaxed); // an optimisation only
+        }
     }
 
     fn do_lseek(&self, fh: u64, offset: i64, whence: i32) -> Result<i64> {

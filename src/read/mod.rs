@@ -18,15 +18,19 @@ use crate::store::Store;
 #[derive(Clone)]
 struct ByLength;
 
-impl quick_cache::Weighter<ChunkId, Arc<[u8]>> for ByLength {
-    fn weight(&self, _key: &ChunkId, val: &Arc<[u8]>) -> u64 {
+impl quick_cache::Weighter<ChunkId, Decoded> for ByLength {
+    fn weight(&self, _key: &ChunkId, val: &Decoded) -> u64 {
         val.len() as u64
     }
 }
 
+/// A decoded chunk, shared. (`Arc<Vec>` rather than `Arc<[u8]>`: the decoder's buffer moves
+/// in without a copy; `Arc::<[u8]>::from(Vec)` copied every chunk, 8% of a mount's CPU.)
+pub type Decoded = Arc<Vec<u8>>;
+
 /// A bounded cache of decoded chunks, weighed in bytes.
 pub struct ChunkCache {
-    inner: quick_cache::sync::Cache<ChunkId, Arc<[u8]>, ByLength>,
+    inner: quick_cache::sync::Cache<ChunkId, Decoded, ByLength>,
 }
 
 impl ChunkCache {
@@ -125,13 +129,13 @@ impl ImageReader {
     }
 
     /// A data extent's chunk, through the cache.
-    pub fn chunk(&self, extent: &Extent) -> Result<Arc<[u8]>> {
+    pub fn chunk(&self, extent: &Extent) -> Result<Decoded> {
         let Some(id) = extent.chunk else {
-            return Ok(Arc::from(vec![0u8; extent.len as usize]));
+            return Ok(Arc::new(vec![0u8; extent.len as usize]));
         };
         self.cache
             .inner
-            .get_or_insert_with(&id, || self.load(extent).map(Arc::from))
+            .get_or_insert_with(&id, || self.load(extent).map(Arc::new))
     }
 
     fn corrupt(&self, extent: &Extent, reason: String) -> Error {
@@ -190,6 +194,24 @@ impl ImageReader {
         wanted.par_iter().for_each(|e| {
             let _ = self.chunk(e);
         });
+    }
+
+    /// Reads the stored (compressed) values of the chunks overlapping `offset..offset+len`
+    /// that are not decoded yet, so that their later decode finds them in the page cache.
+    /// Cheap in CPU; it takes the disk waits off the decoding threads.
+    pub fn warm(&self, offset: u64, len: u64) {
+        let first = self.extent_index(offset);
+        let last = self
+            .extent_index(offset.saturating_add(len))
+            .min(self.extents.len());
+        let ids: Vec<ChunkId> = self.extents[first..last.max(first)]
+            .iter()
+            .filter_map(|e| e.chunk)
+            .filter(|id| self.cache.inner.get(id).is_none())
+            .collect();
+        if !ids.is_empty() {
+            self.store.warm_chunks(&ids);
+        }
     }
 
     /// The start of the first data at or after `offset` (SEEK_DATA), `None` if only zeros follow.

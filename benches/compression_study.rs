@@ -1,0 +1,121 @@
+//! Store-size study (issue 7): how small could the chunk store get on a series of disk images,
+//! and at what cost in compression time, if chunks were compressed differently?
+//!
+//! Usage (as in docs/PERFORMANCE.md, "Store size: where the bytes go"):
+//!
+//!     cargo bench --profile dev --bench compression_study -- a.img b.img c.img d.img
+//!
+//! The images are cut as imgvault cuts them (FastCDC v2020 16/64/256 KiB; all-zero chunks
+//! dropped, approximating zero extents), deduplicated by BLAKE3 across the images in order, and
+//! the unique chunks, in first-seen order, are compressed:
+//! * one zstd frame per chunk (what format v1 stores) at levels 1, 3 and 6;
+//! * "packs": runs of consecutive unique chunks compressed as one frame of >= 256 KiB, 1 MiB or
+//!   4 MiB, at levels 1 and 3 (what a pack-based format would store; decode time is shown
+//!   because a random 4 KiB read would decode a whole pack).
+//!
+//! Times are wall seconds on all cores (rayon), for comparing rows of one run only.
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use rayon::prelude::*;
+
+fn main() {
+    let paths: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    if paths.is_empty() {
+        eprintln!("usage: cargo bench --profile dev --bench compression_study -- IMAGE...");
+        return;
+    }
+    let mut seen = HashSet::new();
+    let mut unique: Vec<Vec<u8>> = Vec::new();
+    for path in &paths {
+        let data = match std::fs::read(path) {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("compression_study: {path}: {e}");
+                std::process::exit(1);
+            }
+        };
+        for c in fastcdc::v2020::FastCDC::new(&data, 16 << 10, 64 << 10, 256 << 10) {
+            let bytes = &data[c.offset..c.offset + c.length];
+            if bytes.iter().all(|&b| b == 0) {
+                continue;
+            }
+            if seen.insert(*blake3::hash(bytes).as_bytes()) {
+                unique.push(bytes.to_vec());
+            }
+        }
+        let total: usize = unique.iter().map(Vec::len).sum();
+        println!(
+            "after {path}: {} unique chunks, {:.0} MB",
+            unique.len(),
+            total as f64 / 1e6
+        );
+    }
+    let total: usize = unique.iter().map(Vec::len).sum();
+    println!();
+    println!("| layout | zstd level | stored MB | stored / unique | compress s | decode s |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for level in [1, 3, 6] {
+        report("one frame per chunk", level, &unique, total);
+    }
+    for pack in [256usize << 10, 1 << 20, 4 << 20] {
+        let mut packs: Vec<Vec<u8>> = Vec::new();
+        let mut current = Vec::new();
+        for chunk in &unique {
+            current.extend_from_slice(chunk);
+            if current.len() >= pack {
+                packs.push(std::mem::take(&mut current));
+            }
+        }
+        if !current.is_empty() {
+            packs.push(current);
+        }
+        for level in [1, 3] {
+            report(
+                &format!("packs of >= {} KiB", pack >> 10),
+                level,
+                &packs,
+                total,
+            );
+        }
+    }
+}
+
+/// Compresses every frame of `frames` at `level`, decodes them again, prints a table row.
+fn report(layout: &str, level: i32, frames: &[Vec<u8>], total: usize) {
+    let started = Instant::now();
+    let compressed: Vec<Vec<u8>> = frames
+        .par_iter()
+        .map_init(
+            || zstd::bulk::Compressor::new(level).expect("zstd level"),
+            |c, f| c.compress(f).expect("zstd compress"),
+        )
+        .collect();
+    let compress_s = started.elapsed().as_secs_f64();
+    // A frame zstd cannot shrink is stored raw, as imgvault does.
+    let stored: usize = compressed
+        .iter()
+        .zip(frames)
+        .map(|(c, f)| c.len().min(f.len()))
+        .sum();
+    let started = Instant::now();
+    let decoded: usize = compressed
+        .par_iter()
+        .zip(frames)
+        .map_init(
+            || zstd::bulk::Decompressor::new().expect("zstd context"),
+            |d, (c, f)| d.decompress(c, f.len()).expect("zstd decode").len(),
+        )
+        .sum();
+    assert_eq!(decoded, total);
+    println!(
+        "| {layout} | {level} | {:.0} | {:.3} | {compress_s:.2} | {:.2} |",
+        stored as f64 / 1e6,
+        stored as f64 / total as f64,
+        started.elapsed().as_secs_f64()
+    );
+}
