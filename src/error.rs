@@ -68,6 +68,14 @@ pub enum Error {
     #[error("store {} is busy: held by pid {pid} (retry later, or pass --wait)", path.display())]
     StoreBusy { path: PathBuf, pid: String },
 
+    /// `gc --repack` needs the store without readers, and some are reading it.
+    #[error("store {} has active readers (a mount, export, restore or verify); `gc --repack` rewrites the blob files they read: stop them first, or run `imgvault gc` without --repack", path.display())]
+    ReadersActive { path: PathBuf },
+
+    /// A reader cannot start while `gc --repack` rewrites the store.
+    #[error("store {} is being repacked by `imgvault gc --repack`; retry when it has finished", path.display())]
+    Repacking { path: PathBuf },
+
     /// The store was written by another format version than this binary understands.
     #[error("store {} has format version {found}, this imgvault reads version {expected}", path.display())]
     FormatVersion {
@@ -252,7 +260,7 @@ impl Error {
             | TargetTooSmall { .. }
             | UnsupportedImage { .. }
             | FormatVersion { .. } => exit::REFUSED,
-            StoreBusy { .. } => exit::BUSY,
+            StoreBusy { .. } | ReadersActive { .. } | Repacking { .. } => exit::BUSY,
             CorruptRecord { .. } | CorruptChunk { .. } | VerifyFailed { .. } => exit::CORRUPT,
             NoSpace { .. } => exit::NO_SPACE,
             Interrupted => exit::INTERRUPTED,
@@ -275,6 +283,7 @@ impl Error {
             PermissionDenied { .. } => libc::EACCES,
             InvalidArgument { .. } => libc::EINVAL,
             NoSpace { .. } => libc::ENOSPC,
+            Repacking { .. } => libc::EBUSY,
             Interrupted => libc::EINTR,
             Source { source, .. } | Target { source, .. } | Io { source, .. } => {
                 source.raw_os_error().unwrap_or(libc::EIO)

@@ -134,7 +134,13 @@ pub enum Command {
         max_private: Option<u64>,
     },
     /// Remove chunks no image uses and reclaim their disk space
-    Gc,
+    Gc {
+        /// Also rewrite the live chunks into new blob files, so files that hold some garbage
+        /// give it back (reads and writes all live data; refused while the store is mounted
+        /// or read)
+        #[arg(long)]
+        repack: bool,
+    },
     /// Re-read and re-hash every chunk of an image (or of every image)
     Verify {
         /// Image name, OWNER/NAME or id [default: all images]
@@ -434,7 +440,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             tenant,
             max_private,
         } => store_cmds::quota(&ctx, &tenant, max_private),
-        Command::Gc => store_cmds::gc(&ctx),
+        Command::Gc { repack } => store_cmds::gc(&ctx, repack),
         Command::Verify {
             image,
             repair: true,

@@ -75,13 +75,18 @@ pub fn quota(ctx: &Context, tenant: &str, max_private: Option<u64>) -> anyhow::R
     Ok(0)
 }
 
-pub fn gc(ctx: &Context) -> anyhow::Result<i32> {
+pub fn gc(ctx: &Context, repack: bool) -> anyhow::Result<i32> {
     let store = ctx.open(true)?;
     // Chunks of images that live mounts hold open (even deleted ones) are kept.
     let pinned = imgvault::store::pins::collect(store.path(), true)?;
     let report = store.gc(&pinned.chunks)?;
+    let repacked = if repack { Some(store.repack()?) } else { None };
     if ctx.json {
-        output::json(&report)?;
+        let mut value = serde_json::to_value(&report)?;
+        if let Some(r) = &repacked {
+            value["repack"] = serde_json::to_value(r)?;
+        }
+        output::json(&value)?;
     } else {
         println!(
             "removed {} unreferenced and {} orphan chunks ({}); store {} -> {}",
@@ -93,6 +98,16 @@ pub fn gc(ctx: &Context) -> anyhow::Result<i32> {
         );
         if report.pinned_chunks > 0 {
             println!("kept {} chunks held open by mounts", report.pinned_chunks);
+        }
+        if let Some(r) = &repacked {
+            println!(
+                "repacked live chunks into new blob files ({} -> {} files) in {:.1} s; store {} -> {}",
+                r.blob_files_before,
+                r.blob_files_after,
+                r.seconds,
+                output::bytes(r.disk_before),
+                output::bytes(r.disk_after)
+            );
         }
     }
     Ok(0)

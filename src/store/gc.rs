@@ -1,5 +1,6 @@
 //! Garbage collection: delete chunks no image references, then compact so their blob files
-//! are freed on disk.
+//! are freed on disk; and repacking, which rewrites live chunk values so that blob files
+//! holding only some garbage give its space back too.
 //!
 //! Two kinds of garbage exist: chunks whose reference count fell to zero (their images were
 //! deleted), and orphans written by an ingest that never committed (crash, error, kill).
@@ -32,6 +33,21 @@ pub struct GcReport {
     pub disk_before: u64,
     /// Store size on disk after compaction.
     pub disk_after: u64,
+}
+
+/// What a repack did.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct RepackReport {
+    /// Blob files before and after.
+    pub blob_files_before: u64,
+    /// Blob files after.
+    pub blob_files_after: u64,
+    /// Store size on disk before.
+    pub disk_before: u64,
+    /// Store size on disk after.
+    pub disk_after: u64,
+    /// Wall time.
+    pub seconds: f64,
 }
 
 const DELETE_BATCH: usize = 4096;
@@ -118,4 +134,75 @@ pub(super) fn run(store: &Store, pinned: &HashSet<ChunkId>) -> Result<GcReport> 
     }
     report.disk_after = store.disk_usage();
     Ok(report)
+}
+
+/// Rewrites every live chunk value into new blob files and drops the old ones.
+///
+/// Blob files are written once per ingest and never changed, so deleting an image whose chunks
+/// share blob files with images that remain (old backups of a server whose later backups are
+/// kept) frees keys but no disk space: gc drops only blob files that hold no live chunk. A
+/// repack turns on RocksDB's blob garbage collection for one forced compaction of the chunk
+/// keys, with every blob file eligible, so each live value is copied into a new file and the
+/// old files go. It costs one read and one write of the live data.
+///
+/// Readers open blob files lazily, so one that opened its snapshot before the repack would
+/// find its files gone: the repack takes the readers file exclusively (readers hold it shared
+/// for as long as they are open) and is refused while any reader is open.
+pub(super) fn repack(store: &Store) -> Result<RepackReport> {
+    store.require_writer()?;
+    let _exclusive = super::lock::ReadersLock::exclusive(store.path())?;
+    // Pins too: a reader of a store made before the readers file existed holds no lock, but
+    // every reader that has an image open (mount, export, restore) has a pin.
+    if super::pins::collect(store.path(), false)?.live_pins > 0 {
+        return Err(crate::error::Error::ReadersActive {
+            path: store.path().to_path_buf(),
+        });
+    }
+    let started = std::time::Instant::now();
+    let db = store.db();
+    let chunks = store.cf(cf::CHUNKS);
+    let mut report = RepackReport {
+        blob_files_before: blob_files(store),
+        disk_before: store.disk_usage(),
+        ..Default::default()
+    };
+    db.flush_cf(chunks).map_err(|e| store.db_err(e))?;
+    let set = |on: bool| {
+        db.set_options_cf(
+            chunks,
+            &[
+                (
+                    "enable_blob_garbage_collection",
+                    if on { "true" } else { "false" },
+                ),
+                (
+                    "blob_garbage_collection_age_cutoff",
+                    if on { "1.0" } else { "0.25" },
+                ),
+            ],
+        )
+        .map_err(|e| store.db_err(e))
+    };
+    set(true)?;
+    let mut co = CompactOptions::default();
+    co.set_bottommost_level_compaction(BottommostLevelCompaction::Force);
+    db.compact_range_cf_opt(chunks, None::<&[u8]>, None::<&[u8]>, &co);
+    // Back to normal whatever happened: automatic blob GC would move live chunks at every
+    // compaction (see docs/ARCHITECTURE.md).
+    set(false)?;
+    report.blob_files_after = blob_files(store);
+    report.disk_after = store.disk_usage();
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// Blob files in the store's database directory.
+fn blob_files(store: &Store) -> u64 {
+    std::fs::read_dir(store.path().join("db"))
+        .map(|dir| {
+            dir.filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".blob"))
+                .count() as u64
+        })
+        .unwrap_or(0)
 }

@@ -15,7 +15,7 @@ mod live;
 mod lock;
 pub mod pins;
 
-pub use gc::GcReport;
+pub use gc::{GcReport, RepackReport};
 pub use live::LiveStore;
 
 use std::path::{Path, PathBuf};
@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use crate::chunk::{ChunkId, ChunkerParams, CHUNKER_ALGORITHM, FASTCDC_CRATE_VERSION};
 use crate::error::{Error, Result};
 use codec::RefEntry;
-use lock::WriterLock;
+use lock::{ReadersLock, WriterLock};
 
 /// Version of the on-disk format this build reads and writes (docs/FORMAT.md).
 pub const FORMAT_VERSION: u32 = 1;
@@ -150,6 +150,8 @@ pub struct Store {
     config: StoreConfig,
     mode: OpenMode,
     _lock: Option<WriterLock>,
+    /// A reader's shared hold on the readers file (see [`gc::repack`]).
+    _readers: Option<ReadersLock>,
 }
 
 impl std::fmt::Debug for Store {
@@ -197,6 +199,7 @@ impl Store {
         std::fs::create_dir_all(path)
             .map_err(|e| Error::io(format!("create store directory {}", path.display()), e))?;
         let lock = WriterLock::acquire(path, &lock::lock_path(path), false)?;
+        lock::ensure_readers_file(path)?;
         let db = open_db(path, DbMode::Writer { create: true })?;
         let config = StoreConfig {
             format_version: FORMAT_VERSION,
@@ -212,6 +215,7 @@ impl Store {
             config: config.clone(),
             mode: OpenMode::Writer { wait: false },
             _lock: Some(lock),
+            _readers: None,
         };
         let json =
             serde_json::to_vec(&config).map_err(|e| Error::invalid("config", e.to_string()))?;
@@ -228,12 +232,21 @@ impl Store {
                 path: path.to_path_buf(),
             });
         }
-        let (db, lock) = match mode {
+        let (db, lock, readers) = match mode {
             OpenMode::Writer { wait } => {
                 let lock = WriterLock::acquire(path, &lock::lock_path(path), wait)?;
-                (open_db(path, DbMode::Writer { create: false })?, Some(lock))
+                lock::ensure_readers_file(path)?;
+                (
+                    open_db(path, DbMode::Writer { create: false })?,
+                    Some(lock),
+                    None,
+                )
             }
-            OpenMode::Reader => (open_db(path, DbMode::ReadOnly)?, None),
+            OpenMode::Reader => {
+                // Before the snapshot: a repack cannot start under it, nor it under a repack.
+                let readers = ReadersLock::shared(path)?;
+                (open_db(path, DbMode::ReadOnly)?, None, readers)
+            }
         };
         let raw = db
             .get_cf(cf_handle(&db, cf::META)?, CONFIG_KEY)
@@ -262,6 +275,7 @@ impl Store {
             config,
             mode,
             _lock: lock,
+            _readers: readers,
         })
     }
 
@@ -467,6 +481,12 @@ impl Store {
     /// Reclaims chunks nothing references; see [`gc`].
     pub fn gc(&self, pinned: &std::collections::HashSet<ChunkId>) -> Result<GcReport> {
         gc::run(self, pinned)
+    }
+
+    /// Rewrites the live chunk values into new blob files, so blob files that hold some
+    /// garbage give their space back. Refused while any reader has the store open.
+    pub fn repack(&self) -> Result<RepackReport> {
+        gc::repack(self)
     }
 }
 
