@@ -161,3 +161,33 @@ fn repack_is_refused_while_a_reader_has_the_store_open_and_readers_wait_for_it()
     drop(file);
     s.assert_round_trip("v1", &v1);
 }
+
+#[test]
+fn gc_finds_orphan_chunks_by_their_keys_and_removes_exactly_them() {
+    use imgvault::store::{cf, OpenMode, Store};
+    let (base, _) = disk_images();
+    let s = TestStore::new();
+    s.import(base, "base");
+    // Chunk values nothing references, as a killed import leaves them: some in blob files
+    // (>= 512 bytes), one small enough to stay inline.
+    let sizes = [600usize, 4096, 70_000, 100];
+    {
+        let w = Store::open(&s.path(), OpenMode::Writer { wait: false }).unwrap();
+        for (i, len) in sizes.iter().enumerate() {
+            let mut value = vec![0u8; 5];
+            value.extend(random_bytes(*len, 500 + i as u64));
+            let key = *blake3::hash(&value).as_bytes();
+            w.debug_put_raw(cf::CHUNKS, &key, &value).unwrap();
+        }
+        w.flush_chunks().unwrap();
+    }
+    let gc = s.json(&["gc"]);
+    assert_eq!(gc["orphan_chunks"], sizes.len() as u64, "{gc}");
+    assert_eq!(gc["unreferenced_chunks"], 0, "{gc}");
+    let expected: u64 = sizes.iter().map(|n| *n as u64 + 5).sum();
+    assert_eq!(gc["removed_bytes"], expected, "{gc}");
+    let again = s.json(&["gc"]);
+    assert_eq!(again["orphan_chunks"], 0, "{again}");
+    s.assert_round_trip("base", base);
+    s.ok(&["verify"]);
+}

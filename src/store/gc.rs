@@ -97,28 +97,33 @@ pub(super) fn run(store: &Store, pinned: &HashSet<ChunkId>) -> Result<GcReport> 
     }
     flush(&mut batch, &mut pending)?;
 
-    // 2. Orphans: chunk values with no reference entry at all.
-    for item in db.iterator_cf(chunks, IteratorMode::Start) {
-        let (key, value) = item.map_err(|e| store.db_err(e))?;
+    // 2. Orphans: chunk values with no reference entry at all. Keys only: the values stay in
+    // their blob files (only an orphan's is read, for its size).
+    super::keys::for_each_key(store, cf::CHUNKS, |key| {
         let has_entry = db
-            .get_pinned_cf(refs, &key)
+            .get_pinned_cf(refs, key)
             .map_err(|e| store.db_err(e))?
             .is_some();
         if has_entry {
-            continue;
+            return Ok(());
         }
-        if ChunkId::from_slice(&key).is_some_and(|id| pinned.contains(&id)) {
+        if ChunkId::from_slice(key).is_some_and(|id| pinned.contains(&id)) {
             report.pinned_chunks += 1;
-            continue;
+            return Ok(());
         }
-        batch.delete_cf(chunks, &key);
+        let stored = db
+            .get_pinned_cf(chunks, key)
+            .map_err(|e| store.db_err(e))?
+            .map_or(0, |v| v.len() as u64);
+        batch.delete_cf(chunks, key);
         report.orphan_chunks += 1;
-        report.removed_bytes += value.len() as u64;
+        report.removed_bytes += stored;
         pending += 1;
         if pending >= DELETE_BATCH {
             flush(&mut batch, &mut pending)?;
         }
-    }
+        Ok(())
+    })?;
     flush(&mut batch, &mut pending)?;
 
     // 3. Compact: drops the deleted keys, and blob files whose blobs are all garbage.
