@@ -347,6 +347,42 @@ fn a_source_that_shrinks_while_being_read_is_refused_and_nothing_is_stored() {
     assert_nothing_stored(&s);
 }
 
+#[test]
+fn a_source_written_in_place_while_being_read_is_refused_and_nothing_is_stored() {
+    let s = TestStore::new();
+    let src = s.scratch("changing.img");
+    std::fs::write(&src, compressible(256 * MIB, 6)).unwrap();
+    let child = Command::new(bin())
+        .arg("--store")
+        .arg(s.path())
+        .args(["import", src.to_str().unwrap(), "--name", "changing"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until_reading(child.id(), &src, 32 * MIB as u64);
+    // Same size, new bytes, in a part the import has already read: only the file's times
+    // tell that the image would mix old and new content.
+    File::options()
+        .write(true)
+        .open(&src)
+        .unwrap()
+        .write_all_at(&random_bytes(MIB, 7), 0)
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("source changed while being read"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("changing.img"), "{stderr}");
+    assert_nothing_stored(&s);
+    // Left alone, the same file imports.
+    s.import(&src, "changing");
+    s.assert_round_trip("changing", &src);
+}
+
 /// Replaces the value of the chunk at `offset` of `image` with bytes that do not decode, so
 /// that reading it through a mount fails with EIO.
 fn poison_chunk_at(s: &TestStore, image: &str, offset: u64) {

@@ -8,7 +8,7 @@ use crossbeam_channel::{bounded, Receiver};
 use rocksdb::WriteBatch;
 use serde::Serialize;
 
-use super::source::{ImageSource, SourcePiece, READ_SIZE};
+use super::source::{ImageSource, SourcePiece, SourceStamp, READ_SIZE};
 use super::IngestOptions;
 use crate::catalog::{Catalog, ImageId, ImageRecord, Source};
 use crate::chunk::{hash_zeros, Batch, ChunkId, ChunkerParams, Piece, Segment, Segmenter};
@@ -64,6 +64,7 @@ pub(super) fn run(
         n => n,
     };
     let format = source.format().to_string();
+    let stamp = SourceStamp::of(source.path());
     progress.start(source.virtual_size());
     let claimed: Mutex<HashSet<ChunkId>> = Mutex::new(HashSet::new());
     let mut written: Vec<ChunkId> = Vec::new();
@@ -85,6 +86,9 @@ pub(super) fn run(
                     .try_recv()
                     .unwrap_or_else(|_| Vec::with_capacity(READ_SIZE));
                 let Some(piece) = source.next_piece(&mut buf)? else {
+                    if let Some(stamp) = &stamp {
+                        stamp.check_unchanged()?;
+                    }
                     return Ok((bytes, whole.finalize()));
                 };
                 match piece {

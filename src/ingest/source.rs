@@ -230,3 +230,44 @@ impl ImageSource for RawSource {
         Ok(Some(SourcePiece::Data))
     }
 }
+
+/// What a regular file looked like when an import started: size, modification and change
+/// times. A file written while being read would give an image that is neither the old nor
+/// the new content; the import compares the stamp again after its last read and refuses.
+/// (Block devices carry no such times: a disk written during a backup gives a
+/// crash-consistent image, as `dd` would; back up a snapshot for a consistent one.)
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceStamp {
+    path: PathBuf,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl SourceStamp {
+    /// The stamp of `path` if it is a regular file (`None` for devices and on stat errors:
+    /// the read itself reports those).
+    pub fn of(path: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let md = std::fs::metadata(path).ok()?;
+        md.is_file().then(|| SourceStamp {
+            path: path.to_path_buf(),
+            size: md.len(),
+            mtime: (md.mtime(), md.mtime_nsec()),
+            ctime: (md.ctime(), md.ctime_nsec()),
+        })
+    }
+
+    /// Fails when the file was written (or replaced, or resized) since the stamp was taken.
+    pub fn check_unchanged(&self) -> Result<()> {
+        match SourceStamp::of(&self.path) {
+            Some(now) if now == *self => Ok(()),
+            _ => Err(Error::BadSource {
+                path: self.path.clone(),
+                reason: "source changed while being read (it was written during the import); \
+                         import a snapshot or a copy that nothing writes to"
+                    .into(),
+            }),
+        }
+    }
+}
