@@ -264,14 +264,7 @@ fn wait_until_reading(pid: u32, src: &Path, bytes: u64) {
 
 /// Imports `src` and truncates it to `to` bytes once the import has read `after` bytes.
 fn import_while_truncating(s: &TestStore, src: &Path, to: u64, after: u64) -> Output {
-    let child = Command::new(bin())
-        .arg("--store")
-        .arg(s.path())
-        .args(["import", src.to_str().unwrap(), "--name", "shrinking"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_import(s, src, "shrinking");
     wait_until_reading(child.id(), src, after);
     File::options()
         .write(true)
@@ -280,6 +273,18 @@ fn import_while_truncating(s: &TestStore, src: &Path, to: u64, after: u64) -> Ou
         .set_len(to)
         .unwrap();
     child.wait_with_output().unwrap()
+}
+
+/// Starts `imgvault import SRC --name NAME` with its output captured.
+fn spawn_import(s: &TestStore, src: &Path, name: &str) -> std::process::Child {
+    Command::new(bin())
+        .arg("--store")
+        .arg(s.path())
+        .args(["import", src.to_str().unwrap(), "--name", name])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
 }
 
 /// Text-like bytes (zstd compresses them, slowly enough to race with).
@@ -352,14 +357,7 @@ fn a_source_written_in_place_while_being_read_is_refused_and_nothing_is_stored()
     let s = TestStore::new();
     let src = s.scratch("changing.img");
     std::fs::write(&src, compressible(256 * MIB, 6)).unwrap();
-    let child = Command::new(bin())
-        .arg("--store")
-        .arg(s.path())
-        .args(["import", src.to_str().unwrap(), "--name", "changing"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_import(&s, &src, "changing");
     wait_until_reading(child.id(), &src, 32 * MIB as u64);
     // Same size, new bytes, in a part the import has already read: only the file's times
     // tell that the image would mix old and new content.
