@@ -118,8 +118,18 @@ fn repack_returns_the_space_of_partly_dead_blob_files() {
         "gc alone gave the space back ({after_gc} vs {v2_alone}): the test no longer builds partly-dead blob files"
     );
 
+    // stats names what a repack can return.
+    let garbage = s.json(&["stats"])["blob_garbage_bytes"].as_u64().unwrap();
+    assert!(garbage > 0, "stats shows no blob garbage after deleting v1");
+
     let report = s.json(&["gc", "--repack"]);
     let after_repack = du(&s.path());
+    let freed = after_gc - after_repack;
+    assert!(
+        (garbage as f64 - freed as f64).abs() <= garbage as f64 * 0.2,
+        "stats said {garbage} bytes of blob garbage, the repack freed {freed}"
+    );
+    assert_eq!(s.json(&["stats"])["blob_garbage_bytes"], 0);
     eprintln!("v2 alone {v2_alone}, after gc {after_gc}, after repack {after_repack}: {report}");
     assert!(report["repack"]["seconds"].as_f64().is_some(), "{report}");
     assert!(

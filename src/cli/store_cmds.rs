@@ -99,6 +99,13 @@ pub fn gc(ctx: &Context, repack: bool) -> anyhow::Result<i32> {
         if report.pinned_chunks > 0 {
             println!("kept {} chunks held open by mounts", report.pinned_chunks);
         }
+        let garbage = store.blob_garbage_bytes()?;
+        if repacked.is_none() && garbage > 0 {
+            println!(
+                "{} of blob files hold deleted chunks next to live ones; `imgvault gc --repack` frees it (not while mounted)",
+                output::bytes(garbage)
+            );
+        }
         if let Some(r) = &repacked {
             println!(
                 "repacked live chunks into new blob files ({} -> {} files) in {:.1} s; store {} -> {}",
@@ -200,6 +207,8 @@ struct Stats {
     compression_ratio: f64,
     reduction_ratio: f64,
     disk_bytes: u64,
+    /// Bytes of deleted chunks in blob files that also hold live ones (`gc --repack`).
+    blob_garbage_bytes: u64,
 }
 
 pub fn stats(ctx: &Context) -> anyhow::Result<i32> {
@@ -225,6 +234,7 @@ pub fn stats(ctx: &Context) -> anyhow::Result<i32> {
         compression_ratio: div(totals.raw_bytes, totals.stored_bytes),
         reduction_ratio: div(nonzero, totals.stored_bytes),
         disk_bytes: store.disk_usage(),
+        blob_garbage_bytes: store.blob_garbage_bytes()?,
     };
     if ctx.json {
         return output::json(&s).map(|_| 0);
@@ -250,6 +260,13 @@ pub fn stats(ctx: &Context) -> anyhow::Result<i32> {
             output::ratio(s.nonzero_bytes, s.stored_bytes),
         ),
         ("disk use", output::bytes(s.disk_bytes)),
+        (
+            "blob garbage",
+            format!(
+                "{} (deleted chunks in files shared with live ones; `gc --repack` frees it)",
+                output::bytes(s.blob_garbage_bytes)
+            ),
+        ),
     ];
     for (k, v) in lines {
         println!("{k:>15}: {v}");

@@ -474,6 +474,15 @@ impl Store {
         Ok(t)
     }
 
+    /// Bytes of blob files that belong to deleted chunks but share their files with live ones
+    /// (RocksDB counts them when compactions drop the keys): what `gc --repack` can return.
+    pub fn blob_garbage_bytes(&self) -> Result<u64> {
+        self.db
+            .property_int_value_cf(self.cf(cf::CHUNKS), "rocksdb.live-blob-file-garbage-size")
+            .map(|v| v.unwrap_or(0))
+            .map_err(|e| self.db_err(e))
+    }
+
     /// Bytes the store directory occupies on disk (allocated blocks, like `du`).
     pub fn disk_usage(&self) -> u64 {
         dir_usage(&self.path)
