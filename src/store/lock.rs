@@ -1,4 +1,5 @@
-//! The writer lock: one writing process per store, named in the error when busy.
+//! Store locks: the writer lock (one writing process per store, named in the error when
+//! busy) and the readers file that keeps `gc --repack` and readers apart.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -17,35 +18,14 @@ pub struct WriterLock {
 impl WriterLock {
     /// Takes the lock; with `wait`, blocks until the holder releases it.
     pub fn acquire(store: &Path, lock_path: &Path, wait: bool) -> Result<Self> {
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(lock_path)
-            .map_err(|e| Error::io(format!("open lock file {}", lock_path.display()), e))?;
-        let mode = if wait {
-            libc::LOCK_EX
-        } else {
-            libc::LOCK_EX | libc::LOCK_NB
-        };
-        loop {
-            // SAFETY-free: flock takes a plain fd and flags.
-            let rc = unsafe { libc::flock(file.as_raw_fd(), mode) };
-            if rc == 0 {
-                break;
-            }
-            let err = std::io::Error::last_os_error();
-            match err.raw_os_error() {
-                Some(libc::EINTR) => continue,
-                Some(libc::EWOULDBLOCK) => {
-                    return Err(Error::StoreBusy {
-                        path: store.to_path_buf(),
-                        pid: holder_pid(&mut file),
-                    })
-                }
-                _ => return Err(Error::io(format!("lock {}", lock_path.display()), err)),
-            }
+        let mut file = open_rw(lock_path)?;
+        let locked = flock(&file, libc::LOCK_EX, wait)
+            .map_err(|e| Error::io(format!("lock {}", lock_path.display()), e))?;
+        if !locked {
+            return Err(Error::StoreBusy {
+                path: store.to_path_buf(),
+                pid: holder_pid(&mut file),
+            });
         }
         let pid = std::process::id().to_string();
         file.set_len(0)
@@ -84,26 +64,26 @@ impl ReadersLock {
         let Ok(file) = File::open(readers_path(store)) else {
             return Ok(None);
         };
-        match try_flock(&file, libc::LOCK_SH) {
-            Ok(true) => Ok(Some(ReadersLock { _file: file })),
-            Ok(false) => Err(Error::Repacking {
-                path: store.to_path_buf(),
-            }),
-            Err(e) => Err(Error::io(
-                format!("lock {}", readers_path(store).display()),
-                e,
-            )),
-        }
+        let busy = Error::Repacking {
+            path: store.to_path_buf(),
+        };
+        ReadersLock::take(store, file, libc::LOCK_SH, busy).map(Some)
     }
 
     /// The writer's exclusive hold for a repack; fails when any reader holds the store.
     pub fn exclusive(store: &Path) -> Result<Self> {
         let file = ensure_readers_file(store)?;
-        match try_flock(&file, libc::LOCK_EX) {
+        let busy = Error::ReadersActive {
+            path: store.to_path_buf(),
+        };
+        ReadersLock::take(store, file, libc::LOCK_EX, busy)
+    }
+
+    /// `op` on `file` without waiting; `busy` when another process holds a conflicting lock.
+    fn take(store: &Path, file: File, op: i32, busy: Error) -> Result<Self> {
+        match flock(&file, op, false) {
             Ok(true) => Ok(ReadersLock { _file: file }),
-            Ok(false) => Err(Error::ReadersActive {
-                path: store.to_path_buf(),
-            }),
+            Ok(false) => Err(busy),
             Err(e) => Err(Error::io(
                 format!("lock {}", readers_path(store).display()),
                 e,
@@ -115,21 +95,28 @@ impl ReadersLock {
 /// Creates the readers file if missing (the writer does this at every open, so readers of
 /// stores made by older versions find it once any writer has run).
 pub fn ensure_readers_file(store: &Path) -> Result<File> {
-    let path = readers_path(store);
+    open_rw(&readers_path(store))
+}
+
+/// Opens (creating if missing) a lock file for reading and writing.
+fn open_rw(path: &Path) -> Result<File> {
     OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
-        .open(&path)
-        .map_err(|e| Error::io(format!("open {}", path.display()), e))
+        .open(path)
+        .map_err(|e| Error::io(format!("open lock file {}", path.display()), e))
 }
 
-/// `flock(op | LOCK_NB)`: `Ok(false)` when another process holds a conflicting lock.
-fn try_flock(file: &File, op: i32) -> std::io::Result<bool> {
+/// `flock(op)`, waiting for a conflicting holder only with `wait`: `Ok(false)` when it would
+/// have to wait and may not. (The kernel releases flocks when a process dies, so a crashed
+/// holder never leaves a store locked.)
+fn flock(file: &File, op: i32, wait: bool) -> std::io::Result<bool> {
+    let op = if wait { op } else { op | libc::LOCK_NB };
     loop {
         // SAFETY-free: flock takes a plain fd and flags.
-        if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } == 0 {
+        if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
             return Ok(true);
         }
         let err = std::io::Error::last_os_error();
