@@ -90,6 +90,34 @@ thread_local! {
 }
 
 /// The errno a failed request returns: the one place FUSE maps errors.
+/// Claims the next stretch of a look-ahead whose requests reach `mark`: once less than half of
+/// `span` lies requested ahead of `from`, the stretch `mark.max(from)..from + span` (within
+/// `size`), if fewer than `max` tasks of its kind run. On success `running` is counted up for
+/// the task, which counts it down; `None` also when another thread claimed first.
+fn claim(
+    mark: &AtomicU64,
+    from: u64,
+    span: u64,
+    size: u64,
+    running: &AtomicUsize,
+    max: usize,
+) -> Option<(u64, u64)> {
+    let at = mark.load(Ordering::Relaxed);
+    // Saturating: `--prefetch-mb` may be as large as u64 allows.
+    if at >= from.saturating_add(span / 2).min(size) {
+        return None;
+    }
+    let start = at.max(from);
+    let until = from.saturating_add(span).min(size);
+    if until <= start || running.load(Ordering::Relaxed) >= max {
+        return None;
+    }
+    mark.compare_exchange(at, until, Ordering::Relaxed, Ordering::Relaxed)
+        .ok()?;
+    running.fetch_add(1, Ordering::Relaxed);
+    Some((start, until))
+}
+
 fn errno(op: &str, e: &Error) -> Errno {
     let n = e.errno();
     match e {
@@ -532,24 +560,18 @@ impl ImgvaultFs {
         if h.streak.fetch_add(1, Ordering::Relaxed) + 1 < SEQUENTIAL_TRIGGER {
             return;
         }
-        let ahead = h.ahead.load(Ordering::Relaxed);
-        // Saturating: `--prefetch-mb` may be as large as u64 allows.
-        if ahead >= end.saturating_add(window / 2) {
+        let size = h.reader.size();
+        let Some((start, until)) = claim(
+            &h.ahead,
+            end,
+            window,
+            size,
+            &self.prefetching,
+            MAX_PREFETCH_TASKS,
+        ) else {
             return;
-        }
-        let start = ahead.max(end);
-        let until = end.saturating_add(window).min(h.reader.size());
+        };
         self.warm_ahead(h, until);
-        if until <= start || self.prefetching.load(Ordering::Relaxed) >= MAX_PREFETCH_TASKS {
-            return;
-        }
-        if h.ahead
-            .compare_exchange(ahead, until, Ordering::Relaxed, Ordering::Relaxed)
-            .is_err()
-        {
-            return; // another thread extended it
-        }
-        self.prefetching.fetch_add(1, Ordering::Relaxed);
         let reader = h.reader.clone();
         let running = self.prefetching.clone();
         rayon::spawn(move || {
@@ -562,30 +584,13 @@ impl ImgvaultFs {
     /// thread of its own: on a cold store the decoders then find their input in memory
     /// instead of each waiting for its own small disk read.
     fn warm_ahead(&self, h: &Handle, from: u64) {
-        let window = self.prefetch_bytes;
+        let span = self.prefetch_bytes.saturating_mul(WARM_WINDOWS);
         let size = h.reader.size();
-        let warmed = h.warmed.load(Ordering::Relaxed);
-        if warmed
-            >= from
-                .saturating_add(window.saturating_mul(WARM_WINDOWS) / 2)
-                .min(size)
-        {
+        let Some((start, until)) =
+            claim(&h.warmed, from, span, size, &self.warming, MAX_WARM_TASKS)
+        else {
             return;
-        }
-        let start = warmed.max(from);
-        let until = from
-            .saturating_add(window.saturating_mul(WARM_WINDOWS))
-            .min(size);
-        if until <= start || self.warming.load(Ordering::Relaxed) >= MAX_WARM_TASKS {
-            return;
-        }
-        if h.warmed
-            .compare_exchange(warmed, until, Ordering::Relaxed, Ordering::Relaxed)
-            .is_err()
-        {
-            return;
-        }
-        self.warming.fetch_add(1, Ordering::Relaxed);
+        };
         let reader = h.reader.clone();
         let running = self.warming.clone();
         let spawned = std::thread::Builder::new()
