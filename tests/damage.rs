@@ -54,15 +54,7 @@ fn flip(path: &Path, at: u64) {
 }
 
 fn code(s: &TestStore, args: &[&str]) -> (i32, String, String) {
-    let out = s.run(args);
-    let code = out.status.code().unwrap_or(-1);
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_ne!(code, 101, "{args:?} panicked: {stderr}");
-    (
-        code,
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr,
-    )
+    outcome(s.run(args), args)
 }
 
 fn verify_json(s: &TestStore, args: &[&str]) -> (i32, serde_json::Value) {

@@ -81,14 +81,7 @@ fn run(store: &Path, args: &[&str]) -> (i32, String, String) {
         .args(args)
         .output()
         .unwrap();
-    let code = out.status.code().unwrap_or(-1);
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_ne!(code, 101, "{args:?} panicked: {stderr}");
-    (
-        code,
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr,
-    )
+    outcome(out, args)
 }
 
 fn ok(store: &Path, args: &[&str]) -> String {

@@ -295,6 +295,21 @@ fn compressible(n: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// An import refused because of its source: exit 3, `reason` in its one error, nothing stored.
+/// Returns stderr.
+fn assert_refused_source(s: &TestStore, out: Output, reason: &str) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{stderr} {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(stderr.contains(reason), "{stderr}");
+    assert_nothing_stored(s);
+    stderr
+}
+
 fn assert_nothing_stored(s: &TestStore) {
     assert_eq!(s.json(&["list"]), serde_json::json!([]));
     let gc = s.json(&["gc"]);
@@ -313,18 +328,7 @@ fn a_source_that_shrinks_while_being_read_is_refused_and_nothing_is_stored() {
     let src = s.scratch("shrink1.img");
     std::fs::write(&src, compressible(256 * MIB, 2)).unwrap();
     let out = import_while_truncating(&s, &src, 8 * MIB as u64, 32 * MIB as u64);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(3),
-        "{stderr} {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    assert!(
-        stderr.contains("source shrank while being read"),
-        "{stderr}"
-    );
-    assert_nothing_stored(&s);
+    assert_refused_source(&s, out, "source shrank while being read");
 
     // 2. Cut exactly at the end of a data region followed by a hole, while the region is
     // being read: SEEK_DATA past the new end answers "no more data", which must not pass
@@ -338,18 +342,7 @@ fn a_source_that_shrinks_while_being_read_is_refused_and_nothing_is_stored() {
         .unwrap();
     drop(f);
     let out = import_while_truncating(&s, &src, 192 * MIB as u64, 32 * MIB as u64);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(3),
-        "{stderr} {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    assert!(
-        stderr.contains("source shrank while being read"),
-        "{stderr}"
-    );
-    assert_nothing_stored(&s);
+    assert_refused_source(&s, out, "source shrank while being read");
 }
 
 #[test]
@@ -368,14 +361,8 @@ fn a_source_written_in_place_while_being_read_is_refused_and_nothing_is_stored()
         .write_all_at(&random_bytes(MIB, 7), 0)
         .unwrap();
     let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(3), "{stderr}");
-    assert!(
-        stderr.contains("source changed while being read"),
-        "{stderr}"
-    );
+    let stderr = assert_refused_source(&s, out, "source changed while being read");
     assert!(stderr.contains("changing.img"), "{stderr}");
-    assert_nothing_stored(&s);
     // Left alone, the same file imports.
     s.import(&src, "changing");
     s.assert_round_trip("changing", &src);

@@ -139,6 +139,18 @@ fn assert_success(out: &Output, args: &[&str]) {
     );
 }
 
+/// Splits a finished run into (exit code, stdout, stderr), asserting it did not panic.
+pub fn outcome(out: Output, args: &[&str]) -> (i32, String, String) {
+    let code = out.status.code().unwrap_or(-1);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_ne!(code, 101, "imgvault {args:?} panicked: {stderr}");
+    (
+        code,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr,
+    )
+}
+
 fn fail_output(out: Output, args: &[&str]) -> (i32, String) {
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(
