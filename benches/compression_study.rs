@@ -9,11 +9,15 @@
 //! dropped, approximating zero extents), deduplicated by BLAKE3 across the images in order, and
 //! the unique chunks, in first-seen order, are compressed:
 //! * one zstd frame per chunk (what format v1 stores) at levels 1, 3 and 6;
+//! * one frame per chunk with a 112 KiB dictionary trained (ZDICT) on every 20th unique chunk,
+//!   at levels 1 and 3;
 //! * "packs": runs of consecutive unique chunks compressed as one frame of >= 256 KiB, 1 MiB or
 //!   4 MiB, at levels 1 and 3 (what a pack-based format would store; decode time is shown
 //!   because a random 4 KiB read would decode a whole pack).
 //!
-//! Times are wall seconds on all cores (rayon), for comparing rows of one run only.
+//! Times are wall seconds on all cores (rayon), for comparing rows of one run only. It also
+//! prints the time of FastCDC's cut points alone over each image (`fastcdc::v2020::cut` on
+//! one core, the image in memory): the floor of the ingest's segmenter.
 
 use std::collections::HashSet;
 use std::time::Instant;
@@ -39,6 +43,13 @@ fn main() {
                 std::process::exit(1);
             }
         };
+        let cutting = Instant::now();
+        let cuts = fastcdc::v2020::FastCDC::new(&data, 16 << 10, 64 << 10, 256 << 10).count();
+        let cut_s = cutting.elapsed().as_secs_f64();
+        println!(
+            "{path}: FastCDC cut points alone: {cuts} chunks of {:.0} MB in {cut_s:.2} s",
+            data.len() as f64 / 1e6
+        );
         for c in fastcdc::v2020::FastCDC::new(&data, 16 << 10, 64 << 10, 256 << 10) {
             let bytes = &data[c.offset..c.offset + c.length];
             if bytes.iter().all(|&b| b == 0) {
@@ -61,6 +72,22 @@ fn main() {
     println!("|---|---:|---:|---:|---:|---:|");
     for level in [1, 3, 6] {
         report("one frame per chunk", level, &unique, total);
+    }
+    let samples: Vec<&[u8]> = unique.iter().step_by(20).map(Vec::as_slice).collect();
+    let sizes: Vec<usize> = samples.iter().map(|s| s.len()).collect();
+    match zstd::dict::from_continuous(&samples.concat(), &sizes, 112 << 10) {
+        Ok(dict) => {
+            for level in [1, 3] {
+                report_with(
+                    "one frame per chunk, 112 KiB dictionary",
+                    level,
+                    &unique,
+                    total,
+                    &dict,
+                );
+            }
+        }
+        Err(e) => eprintln!("compression_study: dictionary training failed: {e}"),
     }
     for pack in [256usize << 10, 1 << 20, 4 << 20] {
         let mut packs: Vec<Vec<u8>> = Vec::new();
@@ -87,11 +114,16 @@ fn main() {
 
 /// Compresses every frame of `frames` at `level`, decodes them again, prints a table row.
 fn report(layout: &str, level: i32, frames: &[Vec<u8>], total: usize) {
+    report_with(layout, level, frames, total, &[]);
+}
+
+/// As [`report`], with a zstd dictionary (none when empty).
+fn report_with(layout: &str, level: i32, frames: &[Vec<u8>], total: usize, dict: &[u8]) {
     let started = Instant::now();
     let compressed: Vec<Vec<u8>> = frames
         .par_iter()
         .map_init(
-            || zstd::bulk::Compressor::new(level).expect("zstd level"),
+            || zstd::bulk::Compressor::with_dictionary(level, dict).expect("zstd level"),
             |c, f| c.compress(f).expect("zstd compress"),
         )
         .collect();
@@ -107,7 +139,7 @@ fn report(layout: &str, level: i32, frames: &[Vec<u8>], total: usize) {
         .par_iter()
         .zip(frames)
         .map_init(
-            || zstd::bulk::Decompressor::new().expect("zstd context"),
+            || zstd::bulk::Decompressor::with_dictionary(dict).expect("zstd context"),
             |d, (c, f)| d.decompress(c, f.len()).expect("zstd decode").len(),
         )
         .sum();

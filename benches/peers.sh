@@ -70,7 +70,11 @@ RESTIC_PID="" SAMPLER_PID="" MOUNTED=""
 now() { date +%s.%N; }
 sub() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", a - b }'; }
 put() { echo "$1 $2" >>"$RES"; }
-get() { awk -v k="$1" '$1 == k { v = $2 } END { print v }' "$RES"; }
+# put_best KEY: KEY.s = the least of the KEY.<run>.s results so far (FAIL when none).
+put_best() {
+    put "$1.s" "$(awk -v k="$1" '$1 ~ "^" k "\\.[0-9]+\\.s$" && $2 != "FAIL" && (b == "" || $2 + 0 < b + 0) { b = $2 }
+        END { print (b == "" ? "FAIL" : b) }' "$RES")"
+}
 drop() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 load1() { cut -d' ' -f1 /proc/loadavg; }
 warm() { find "$@" -type f -exec cat {} + >/dev/null; }   # page-cache a file or a whole store
@@ -194,19 +198,17 @@ ORIG=$IMGS/$E.img
 # extract TOOL STOREPATH OUTFILE CMD...: best of EXTRACT_RUNS, each into a fresh directory
 # with the tool's store (only) in the page cache; every output is cmp'd.
 extract() {
-    local tool=$1 store=$2 file=$3 run best=""; shift 3
+    local tool=$1 store=$2 file=$3 run; shift 3
     for run in $(seq "$EXTRACT_RUNS"); do
         rm -rf -- "$OUT"; mkdir -p "$OUT"
         drop; warm "$store"
         if timed "extract.$tool.$run" "$@"; then
             if cmp -- "$ORIG" "$file" >>"$LOG" 2>&1; then put "cmp.$tool" ok
             else put "cmp.$tool" DIFFERENT; log "extract.$tool: output differs from $ORIG"; fi
-            best=$(awk -v b="$best" -v s="$(get "extract.$tool.$run.s")" \
-                'BEGIN { if (b == "" || s + 0 < b + 0) print s; else print b }')
         fi
         rm -rf -- "$OUT"
     done
-    put "extract.$tool.s" "${best:-FAIL}"
+    put_best "extract.$tool"
 }
 log "extract $E.img"
 put load.extract "$(load1)"
@@ -239,7 +241,7 @@ mount_tool() {
     log "mount $1: $MFILE did not appear"; return 1
 }
 mount_seq() {
-    local tool=$1 t0 t1 run best=""
+    local tool=$1 t0 t1 run
     log "mount $tool: sequential read"
     put "load.mountseq.$tool" "$(load1)"
     for run in $(seq "$SEQ_RUNS"); do
@@ -248,13 +250,11 @@ mount_seq() {
             t0=$(now)
             if dd if="$MFILE" of=/dev/null bs=1M status=none 2>>"$LOG"; then
                 t1=$(now); put "mountseq.$tool.$run.s" "$(sub "$t1" "$t0")"
-                best=$(awk -v b="$best" -v s="$(sub "$t1" "$t0")" \
-                    'BEGIN { if (b == "" || s + 0 < b + 0) print s; else print b }')
             fi
         fi
         unmount_all
     done
-    put "mountseq.$tool.s" "${best:-FAIL}"
+    put_best "mountseq.$tool"
 }
 mount_rand() {
     local tool=$1 iops
