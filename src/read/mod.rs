@@ -180,18 +180,7 @@ impl ImageReader {
     /// Decodes the data chunks overlapping `offset..offset+len` in parallel into the cache,
     /// so that a sequential reader finds them ready.
     pub fn prefetch(&self, offset: u64, len: u64) {
-        let first = self.extent_index(offset);
-        let last = self
-            .extent_index(offset.saturating_add(len))
-            .min(self.extents.len());
-        let wanted: Vec<&Extent> = self.extents[first..last.max(first)]
-            .iter()
-            .filter(|e| {
-                e.chunk
-                    .is_some_and(|id| self.cache.inner.get(&id).is_none())
-            })
-            .collect();
-        wanted.par_iter().for_each(|e| {
+        self.uncached(offset, len).par_iter().for_each(|e| {
             let _ = self.chunk(e);
         });
     }
@@ -200,18 +189,30 @@ impl ImageReader {
     /// that are not decoded yet, so that their later decode finds them in the page cache.
     /// Cheap in CPU; it takes the disk waits off the decoding threads.
     pub fn warm(&self, offset: u64, len: u64) {
-        let first = self.extent_index(offset);
-        let last = self
-            .extent_index(offset.saturating_add(len))
-            .min(self.extents.len());
-        let ids: Vec<ChunkId> = self.extents[first..last.max(first)]
+        let ids: Vec<ChunkId> = self
+            .uncached(offset, len)
             .iter()
             .filter_map(|e| e.chunk)
-            .filter(|id| self.cache.inner.get(id).is_none())
             .collect();
         if !ids.is_empty() {
             self.store.warm_chunks(&ids);
         }
+    }
+
+    /// The data extents overlapping `offset..offset+len` whose chunk is not in the cache
+    /// (checked without counting as a use, so look-aheads do not keep chunks hot).
+    fn uncached(&self, offset: u64, len: u64) -> Vec<&Extent> {
+        let first = self.extent_index(offset);
+        let last = self
+            .extent_index(offset.saturating_add(len))
+            .min(self.extents.len());
+        self.extents[first..last.max(first)]
+            .iter()
+            .filter(|e| {
+                e.chunk
+                    .is_some_and(|id| !self.cache.inner.contains_key(&id))
+            })
+            .collect()
     }
 
     /// The start of the first data at or after `offset` (SEEK_DATA), `None` if only zeros follow.

@@ -38,7 +38,7 @@ pub struct GcReport {
 /// What a repack did.
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct RepackReport {
-    /// Blob files before and after.
+    /// Blob files before.
     pub blob_files_before: u64,
     /// Blob files after.
     pub blob_files_after: u64,
