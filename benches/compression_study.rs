@@ -15,6 +15,9 @@
 //!   4 MiB, at levels 1 and 3 (what a pack-based format would store; decode time is shown
 //!   because a random 4 KiB read would decode a whole pack).
 //!
+//! Options: `--levels=1,2,3` sets the per-chunk levels (default 1,3,6); `--per-chunk-only`
+//! skips the dictionary and pack rows (a quick level comparison).
+//!
 //! Times are wall seconds on all cores (rayon), for comparing rows of one run only. It also
 //! prints the time of FastCDC's cut points alone over each image (`fastcdc::v2020::cut` on
 //! one core, the image in memory): the floor of the ingest's segmenter.
@@ -25,14 +28,29 @@ use std::time::Instant;
 use rayon::prelude::*;
 
 fn main() {
-    let paths: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with("--"))
-        .collect();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let paths: Vec<&String> = args.iter().filter(|a| !a.starts_with("--")).collect();
+    let usage = "usage: cargo bench --profile dev --bench compression_study -- \
+                 [--levels=L,L,...] [--per-chunk-only] IMAGE...";
     if paths.is_empty() {
-        eprintln!("usage: cargo bench --profile dev --bench compression_study -- IMAGE...");
+        eprintln!("{usage}");
         return;
     }
+    let mut levels = vec![1, 3, 6];
+    if let Some(list) = args.iter().find_map(|a| a.strip_prefix("--levels=")) {
+        match list
+            .split(',')
+            .map(str::parse::<i32>)
+            .collect::<Result<Vec<_>, _>>()
+        {
+            Ok(l) if !l.is_empty() => levels = l,
+            _ => {
+                eprintln!("compression_study: --levels={list}: not a list of zstd levels\n{usage}");
+                std::process::exit(2);
+            }
+        }
+    }
+    let per_chunk_only = args.iter().any(|a| a == "--per-chunk-only");
     let mut seen = HashSet::new();
     let mut unique: Vec<Vec<u8>> = Vec::new();
     for path in &paths {
@@ -70,8 +88,11 @@ fn main() {
     println!();
     println!("| layout | zstd level | stored MB | stored / unique | compress s | decode s |");
     println!("|---|---:|---:|---:|---:|---:|");
-    for level in [1, 3, 6] {
+    for &level in &levels {
         report("one frame per chunk", level, &unique, total);
+    }
+    if per_chunk_only {
+        return;
     }
     let samples: Vec<&[u8]> = unique.iter().step_by(20).map(Vec::as_slice).collect();
     let sizes: Vec<usize> = samples.iter().map(|s| s.len()).collect();
