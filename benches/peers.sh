@@ -294,10 +294,11 @@ if [ "$SKIP_EXTRAS" != 1 ]; then
     # Each image cold into one store (a, then b on a, ...), between two cold cats of it; the
     # faster cat counts (the VM's disk may be cached by its host, so "cold" varies run to run).
     rm -rf -- "$W/iv-cold"; "$IV" --store "$W/iv-cold" init >>"$LOG" 2>&1
+    cold_cat() { drop; t0=$(now); cat "$IMGS/$1.img" >/dev/null; t1=$(now); put "cold.cat.$1.$2.s" "$(sub "$t1" "$t0")"; }
     for i in "${SERIES[@]}"; do
-        drop; t0=$(now); cat "$IMGS/$i.img" >/dev/null; t1=$(now); put "cold.cat.$i.1.s" "$(sub "$t1" "$t0")"
+        cold_cat "$i" 1
         drop; timed "cold.imgvault.$i" "$IV" --store "$W/iv-cold" -q import "$IMGS/$i.img" --name "$i" || true
-        drop; t0=$(now); cat "$IMGS/$i.img" >/dev/null; t1=$(now); put "cold.cat.$i.2.s" "$(sub "$t1" "$t0")"
+        cold_cat "$i" 2
         put_best "cold.cat.$i"
     done
     rm -rf -- "$W/iv-cold"
