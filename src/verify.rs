@@ -30,6 +30,7 @@ use crate::chunk::{hash_zeros, ChunkId, Piece, Segment, Segmenter};
 use crate::error::{Error, Result};
 use crate::ingest::source::{ImageSource, RawSource, SourcePiece};
 use crate::progress::Progress;
+use crate::read::{pair_fetched, with_fetch_ahead, Fetched, FETCH_AHEAD};
 use crate::store::codec::{decode_chunk, decode_extent, encode_chunk, Extent, RefEntry};
 use crate::store::{cf, OpenMode, Store};
 
@@ -277,6 +278,9 @@ fn check_images(
 ) -> Result<()> {
     let catalog = Catalog::new(store);
     let mut uses: Uses = HashMap::new();
+    // Distinct chunks in the order the images first use them: about the order they were
+    // written, so a cold store is read front to back instead of in hash-map order.
+    let mut order: Vec<(ChunkId, u64)> = Vec::new();
     let mut maps: Vec<Option<Vec<Extent>>> = Vec::with_capacity(images.len());
     let mut total = 0u64;
     for (i, image) in images.iter().enumerate() {
@@ -295,6 +299,7 @@ fn check_images(
                 let places = uses.entry(id).or_default();
                 if places.is_empty() {
                     total += e.len;
+                    order.push((id, e.len));
                 }
                 places.push((i, e.offset, e.len));
                 nonzero += e.len;
@@ -314,18 +319,40 @@ fn check_images(
     }
     progress.start(total);
 
-    // 1. Every distinct chunk, once.
-    let ids: Vec<ChunkId> = uses.keys().copied().collect();
-    let results: Vec<(ChunkId, std::result::Result<usize, String>)> = ids
-        .par_iter()
-        .map(|id| {
-            let r = store.read_chunk(id).map(|raw| raw.len());
-            if let Ok(n) = &r {
-                progress.advance(*n as u64);
+    // 1. Every distinct chunk, once, in batches of about WINDOW bytes fetched ahead.
+    let mut batches: Vec<Vec<ChunkId>> = Vec::new();
+    let mut batch_bytes = 0;
+    for &(id, len) in &order {
+        if batches.is_empty() || batch_bytes >= WINDOW {
+            batches.push(Vec::new());
+            batch_bytes = 0;
+        }
+        if let Some(b) = batches.last_mut() {
+            b.push(id);
+        }
+        batch_bytes += len;
+    }
+    let results: Vec<(ChunkId, std::result::Result<usize, String>)> =
+        with_fetch_ahead(store, &batches, FETCH_AHEAD, |fetch| {
+            let mut results = Vec::with_capacity(order.len());
+            for ids in &batches {
+                let values = fetch.next_batch();
+                results.par_extend(
+                    pair_fetched(ids, values)
+                        .into_par_iter()
+                        .map(|(id, value)| {
+                            let r = value
+                                .and_then(|v| Store::decode_checked(id, v.as_ref()))
+                                .map(|raw| raw.len());
+                            if let Ok(n) = &r {
+                                progress.advance(*n as u64);
+                            }
+                            (*id, r)
+                        }),
+                );
             }
-            (*id, r)
-        })
-        .collect();
+            results
+        });
     let mut damaged_images: HashSet<usize> = HashSet::new();
     for (id, r) in results {
         report.chunks += 1;
@@ -390,7 +417,8 @@ fn image_checksum(
     extents: &[Extent],
     progress: &dyn Progress,
 ) -> std::result::Result<String, Damage> {
-    let mut hasher = blake3::Hasher::new();
+    // Windows of about WINDOW data bytes; their data chunks' values are fetched ahead.
+    let mut windows: Vec<&[Extent]> = Vec::new();
     let mut start = 0;
     while start < extents.len() {
         let mut end = start;
@@ -401,40 +429,72 @@ fn image_checksum(
             }
             end += 1;
         }
-        let window = &extents[start..end];
-        let decoded: Vec<std::result::Result<Option<Vec<u8>>, Damage>> = window
-            .par_iter()
-            .map(|e| match e.chunk {
-                None => Ok(None),
-                Some(id) => match store.read_chunk(&id) {
-                    Ok(raw) if raw.len() as u64 == e.len => Ok(Some(raw)),
-                    Ok(raw) => Err(damage(
-                        image,
-                        e.offset,
-                        e.len,
-                        &id,
-                        format!(
-                            "chunk holds {} bytes, the extent needs {}",
-                            raw.len(),
-                            e.len
-                        ),
-                    )),
-                    Err(reason) => Err(damage(image, e.offset, e.len, &id, reason)),
-                },
-            })
-            .collect();
-        for (e, d) in window.iter().zip(decoded) {
-            match d? {
-                Some(raw) => {
-                    hasher.update(&raw);
-                    progress.advance(e.len);
-                }
-                None => hash_zeros(&mut hasher, e.len),
-            }
-        }
+        windows.push(&extents[start..end]);
         start = end;
     }
-    Ok(hasher.finalize().to_hex().to_string())
+    let ids: Vec<Vec<ChunkId>> = windows
+        .iter()
+        .map(|w| w.iter().filter_map(|e| e.chunk).collect())
+        .collect();
+    with_fetch_ahead(store, &ids, FETCH_AHEAD, |fetch| {
+        let mut hasher = blake3::Hasher::new();
+        for window in &windows {
+            hash_window(image, window, fetch.next_batch(), &mut hasher, progress)?;
+        }
+        Ok(hasher.finalize().to_hex().to_string())
+    })
+}
+
+/// Feeds one window of extents to `hasher`, data chunks decoded (in parallel) from `values`.
+fn hash_window(
+    image: &ImageRecord,
+    window: &[Extent],
+    values: Vec<Fetched<'_>>,
+    hasher: &mut blake3::Hasher,
+    progress: &dyn Progress,
+) -> std::result::Result<(), Damage> {
+    let data: Vec<&Extent> = window.iter().filter(|e| e.chunk.is_some()).collect();
+    let mut decoded: Vec<std::result::Result<Vec<u8>, Damage>> = pair_fetched(&data, values)
+        .into_par_iter()
+        .map(|(e, value)| {
+            let id = e.chunk.unwrap_or(ChunkId([0; 32]));
+            match value.and_then(|v| Store::decode_checked(&id, v.as_ref())) {
+                Ok(raw) if raw.len() as u64 == e.len => Ok(raw),
+                Ok(raw) => Err(damage(
+                    image,
+                    e.offset,
+                    e.len,
+                    &id,
+                    format!(
+                        "chunk holds {} bytes, the extent needs {}",
+                        raw.len(),
+                        e.len
+                    ),
+                )),
+                Err(reason) => Err(damage(image, e.offset, e.len, &id, reason)),
+            }
+        })
+        .collect();
+    // The data extents' results in order; zero extents are hashed as zeros between them.
+    decoded.reverse();
+    for e in window {
+        if e.chunk.is_none() {
+            hash_zeros(hasher, e.len);
+            continue;
+        }
+        let raw = decoded.pop().unwrap_or_else(|| {
+            Err(damage(
+                image,
+                e.offset,
+                e.len,
+                &ChunkId([0; 32]),
+                "not decoded".into(),
+            ))
+        })?;
+        hasher.update(&raw);
+        progress.advance(e.len);
+    }
+    Ok(())
 }
 
 /// Every reference entry must decode and equal the number of extent rows naming its chunk

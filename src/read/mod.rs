@@ -13,7 +13,7 @@ use crate::catalog::{Catalog, ImageRecord};
 use crate::chunk::ChunkId;
 use crate::error::{Error, Result};
 use crate::store::codec::Extent;
-use crate::store::Store;
+use crate::store::{Store, StoredValue};
 
 #[derive(Clone)]
 struct ByLength;
@@ -111,10 +111,27 @@ impl ImageReader {
         let Some(id) = extent.chunk else {
             return Ok(vec![0; extent.len as usize]);
         };
-        let raw = self
-            .store
-            .read_chunk(&id)
-            .map_err(|reason| self.corrupt(extent, reason))?;
+        self.checked(extent, self.store.read_chunk(&id))
+    }
+
+    /// As [`ImageReader::load`], from a value [`with_fetch_ahead`] fetched for the extent.
+    pub fn load_fetched(&self, extent: &Extent, value: Fetched<'_>) -> Result<Vec<u8>> {
+        let Some(id) = extent.chunk else {
+            return Ok(vec![0; extent.len as usize]);
+        };
+        self.checked(
+            extent,
+            value.and_then(|v| Store::decode_checked(&id, v.as_ref())),
+        )
+    }
+
+    /// A decoded chunk for `extent`, or the error naming the image and offset.
+    fn checked(
+        &self,
+        extent: &Extent,
+        decoded: std::result::Result<Vec<u8>, String>,
+    ) -> Result<Vec<u8>> {
+        let raw = decoded.map_err(|reason| self.corrupt(extent, reason))?;
         if raw.len() as u64 != extent.len {
             return Err(self.corrupt(
                 extent,
@@ -232,5 +249,87 @@ impl ImageReader {
             .iter()
             .find(|e| e.chunk.is_none())
             .map_or(self.size(), |e| e.offset.max(offset))
+    }
+}
+
+/// Batches (of about 16 MiB of data) a one-pass reader fetches ahead of its decoding.
+pub const FETCH_AHEAD: usize = 2;
+
+/// A stored chunk value fetched ahead, or why it could not be read.
+pub type Fetched<'a> = std::result::Result<StoredValue<'a>, String>;
+
+/// Runs `body` while a thread of its own reads the stored values of `batches` of chunks, in
+/// order, at most `lead` batches ahead of `body` ([`FetchAhead::next_batch`] hands over the next
+/// batch). For one-pass readers (export, verify): on a cold store the disk reads stream from
+/// one batched `MultiGet` per batch and overlap the decoding of the batch before, instead of
+/// each decoding thread waiting for its own small read; on a warm one they cost what the
+/// decoders' own reads would.
+pub fn with_fetch_ahead<'a, T>(
+    store: &'a Store,
+    batches: &'a [Vec<ChunkId>],
+    lead: usize,
+    body: impl FnOnce(&mut FetchAhead<'a>) -> T,
+) -> T {
+    std::thread::scope(|s| {
+        let (tx, rx) = crossbeam_channel::bounded::<Vec<Fetched<'a>>>(lead.max(1));
+        let spawned = std::thread::Builder::new()
+            .name("imgvault-fetch".into())
+            .spawn_scoped(s, move || {
+                for ids in batches {
+                    if tx.send(store.fetch_chunks(ids)).is_err() {
+                        return; // the body is done
+                    }
+                }
+            });
+        let mut fetch = FetchAhead {
+            store,
+            batches,
+            next: 0,
+            fetched: spawned.is_ok().then_some(rx),
+        };
+        body(&mut fetch)
+    })
+}
+
+/// Pairs each of `items` with its fetched value, in order; an item without one gets an error
+/// (so a short batch fails those items instead of silently skipping them).
+pub fn pair_fetched<'i, 'v, T>(
+    items: &'i [T],
+    values: Vec<Fetched<'v>>,
+) -> Vec<(&'i T, Fetched<'v>)> {
+    let mut values = values.into_iter();
+    items
+        .iter()
+        .map(|item| {
+            (
+                item,
+                values.next().unwrap_or_else(|| Err("not fetched".into())),
+            )
+        })
+        .collect()
+}
+
+/// The body's side of [`with_fetch_ahead`].
+pub struct FetchAhead<'a> {
+    store: &'a Store,
+    batches: &'a [Vec<ChunkId>],
+    next: usize,
+    fetched: Option<crossbeam_channel::Receiver<Vec<Fetched<'a>>>>,
+}
+
+impl<'a> FetchAhead<'a> {
+    /// The values of the next batch, in the order of its ids (empty past the last batch).
+    pub fn next_batch(&mut self) -> Vec<Fetched<'a>> {
+        let Some(ids) = self.batches.get(self.next) else {
+            return Vec::new();
+        };
+        self.next += 1;
+        if let Some(rx) = &self.fetched {
+            if let Ok(values) = rx.recv() {
+                return values;
+            }
+            self.fetched = None; // no thread (it could not start): read here
+        }
+        self.store.fetch_chunks(ids)
     }
 }

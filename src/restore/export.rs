@@ -12,9 +12,10 @@ use std::time::Instant;
 use rayon::prelude::*;
 use serde::Serialize;
 
+use crate::chunk::ChunkId;
 use crate::error::{Error, Result};
 use crate::progress::Progress;
-use crate::read::ImageReader;
+use crate::read::{pair_fetched, with_fetch_ahead, Fetched, ImageReader, FETCH_AHEAD};
 use crate::store::codec::Extent;
 
 /// What an export did.
@@ -148,10 +149,21 @@ pub(crate) fn data_windows(extents: &[Extent]) -> Vec<Vec<Extent>> {
     windows
 }
 
-/// Decodes window N+1 while window N is written.
+/// The chunk ids of each window of [`data_windows`].
+pub(crate) fn window_ids(windows: &[Vec<Extent>]) -> Vec<Vec<ChunkId>> {
+    windows
+        .iter()
+        .map(|w| w.iter().filter_map(|e| e.chunk).collect())
+        .collect()
+}
+
+/// Decodes window N+1 while window N is written, its stored values fetched ahead.
 fn write_all(reader: &ImageReader, file: &File, progress: &dyn Progress) -> Result<u64> {
-    let decode = |w: &Vec<Extent>| -> Result<Vec<Vec<u8>>> {
-        w.par_iter().map(|e| reader.load(e)).collect()
+    let decode = |w: &Vec<Extent>, values: Vec<Fetched<'_>>| -> Result<Vec<Vec<u8>>> {
+        pair_fetched(w, values)
+            .into_par_iter()
+            .map(|(e, v)| reader.load_fetched(e, v))
+            .collect()
     };
     let write = |w: &Vec<Extent>, data: Vec<Vec<u8>>| -> Result<u64> {
         let mut n = 0;
@@ -167,18 +179,22 @@ fn write_all(reader: &ImageReader, file: &File, progress: &dyn Progress) -> Resu
         Ok(n)
     };
     let windows = data_windows(reader.extents());
-    let mut written = 0;
-    let mut pending: Option<(&Vec<Extent>, Vec<Vec<u8>>)> = None;
-    for w in &windows {
-        let (decoded, wrote) = rayon::join(
-            || decode(w),
-            || pending.take().map(|(pw, data)| write(pw, data)).transpose(),
-        );
-        written += wrote?.unwrap_or(0);
-        pending = Some((w, decoded?));
-    }
-    if let Some((pw, data)) = pending {
-        written += write(pw, data)?;
-    }
-    Ok(written)
+    let ids = window_ids(&windows);
+    with_fetch_ahead(reader.store(), &ids, FETCH_AHEAD, |fetch| {
+        let mut written = 0;
+        let mut pending: Option<(&Vec<Extent>, Vec<Vec<u8>>)> = None;
+        for w in &windows {
+            let values = fetch.next_batch();
+            let (decoded, wrote) = rayon::join(
+                || decode(w, values),
+                || pending.take().map(|(pw, data)| write(pw, data)).transpose(),
+            );
+            written += wrote?.unwrap_or(0);
+            pending = Some((w, decoded?));
+        }
+        if let Some((pw, data)) = pending {
+            written += write(pw, data)?;
+        }
+        Ok(written)
+    })
 }
