@@ -30,7 +30,9 @@ use crate::chunk::{hash_zeros, ChunkId, Piece, Segment, Segmenter};
 use crate::error::{Error, Result};
 use crate::ingest::source::{ImageSource, RawSource, SourcePiece};
 use crate::progress::Progress;
-use crate::read::{pair_fetched, with_fetch_ahead, Fetched, FETCH_AHEAD};
+use crate::read::{
+    chunk_ids, pair_fetched, split_by_bytes, with_fetch_ahead, Fetched, FETCH_AHEAD, WINDOW,
+};
 use crate::store::codec::{decode_chunk, decode_extent, encode_chunk, Extent, RefEntry};
 use crate::store::{cf, OpenMode, Store};
 
@@ -320,18 +322,10 @@ fn check_images(
     progress.start(total);
 
     // 1. Every distinct chunk, once, in batches of about WINDOW bytes fetched ahead.
-    let mut batches: Vec<Vec<ChunkId>> = Vec::new();
-    let mut batch_bytes = 0;
-    for &(id, len) in &order {
-        if batches.is_empty() || batch_bytes >= WINDOW {
-            batches.push(Vec::new());
-            batch_bytes = 0;
-        }
-        if let Some(b) = batches.last_mut() {
-            b.push(id);
-        }
-        batch_bytes += len;
-    }
+    let batches: Vec<Vec<ChunkId>> = split_by_bytes(&order, |&(_, len)| len, WINDOW)
+        .iter()
+        .map(|run| run.iter().map(|&(id, _)| id).collect())
+        .collect();
     let results: Vec<(ChunkId, std::result::Result<usize, String>)> =
         with_fetch_ahead(store, &batches, FETCH_AHEAD, |fetch| {
             let mut results = Vec::with_capacity(order.len());
@@ -407,9 +401,6 @@ fn check_images(
     Ok(())
 }
 
-/// Data bytes decoded per parallel window of the checksum pass.
-const WINDOW: u64 = 16 << 20;
-
 /// BLAKE3 of an image's raw disk, from its extents (zero extents hashed as zeros).
 fn image_checksum(
     store: &Store,
@@ -417,25 +408,11 @@ fn image_checksum(
     extents: &[Extent],
     progress: &dyn Progress,
 ) -> std::result::Result<String, Damage> {
-    // Windows of about WINDOW data bytes; their data chunks' values are fetched ahead.
-    let mut windows: Vec<&[Extent]> = Vec::new();
-    let mut start = 0;
-    while start < extents.len() {
-        let mut end = start;
-        let mut bytes = 0;
-        while end < extents.len() && (end == start || bytes < WINDOW) {
-            if extents[end].chunk.is_some() {
-                bytes += extents[end].len;
-            }
-            end += 1;
-        }
-        windows.push(&extents[start..end]);
-        start = end;
-    }
-    let ids: Vec<Vec<ChunkId>> = windows
-        .iter()
-        .map(|w| w.iter().filter_map(|e| e.chunk).collect())
-        .collect();
+    // Windows of about WINDOW data bytes (zero extents ride along); their data chunks'
+    // values are fetched ahead.
+    let data_len = |e: &Extent| if e.chunk.is_some() { e.len } else { 0 };
+    let windows = split_by_bytes(extents, data_len, WINDOW);
+    let ids: Vec<Vec<ChunkId>> = windows.iter().map(|w| chunk_ids(w)).collect();
     with_fetch_ahead(store, &ids, FETCH_AHEAD, |fetch| {
         let mut hasher = blake3::Hasher::new();
         for window in &windows {
@@ -454,7 +431,7 @@ fn hash_window(
     progress: &dyn Progress,
 ) -> std::result::Result<(), Damage> {
     let data: Vec<&Extent> = window.iter().filter(|e| e.chunk.is_some()).collect();
-    let mut decoded: Vec<std::result::Result<Vec<u8>, Damage>> = pair_fetched(&data, values)
+    let decoded: Vec<std::result::Result<Vec<u8>, Damage>> = pair_fetched(&data, values)
         .into_par_iter()
         .map(|(e, value)| {
             let id = e.chunk.unwrap_or(ChunkId([0; 32]));
@@ -475,22 +452,16 @@ fn hash_window(
             }
         })
         .collect();
-    // The data extents' results in order; zero extents are hashed as zeros between them.
-    decoded.reverse();
+    // One result per data extent, in order; zero extents are hashed as zeros between them.
+    let mut decoded = decoded.into_iter();
     for e in window {
-        if e.chunk.is_none() {
+        let Some(id) = e.chunk else {
             hash_zeros(hasher, e.len);
             continue;
-        }
-        let raw = decoded.pop().unwrap_or_else(|| {
-            Err(damage(
-                image,
-                e.offset,
-                e.len,
-                &ChunkId([0; 32]),
-                "not decoded".into(),
-            ))
-        })?;
+        };
+        let raw = decoded
+            .next()
+            .unwrap_or_else(|| Err(damage(image, e.offset, e.len, &id, "not decoded".into())))?;
         hasher.update(&raw);
         progress.advance(e.len);
     }

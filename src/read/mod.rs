@@ -252,8 +252,35 @@ impl ImageReader {
     }
 }
 
-/// Batches (of about 16 MiB of data) a one-pass reader fetches ahead of its decoding.
+/// Data bytes a one-pass reader (export, verify) decodes per parallel window.
+pub const WINDOW: u64 = 16 << 20;
+
+/// Windows a one-pass reader fetches ahead of its decoding.
 pub const FETCH_AHEAD: usize = 2;
+
+/// Splits `items` into consecutive runs, each ending at the item that brings it to `limit`
+/// bytes or more (by `bytes`); the last run may hold less. How one-pass readers cut their
+/// work into [`WINDOW`]s.
+pub fn split_by_bytes<T>(items: &[T], bytes: impl Fn(&T) -> u64, limit: u64) -> Vec<&[T]> {
+    let mut runs = Vec::new();
+    let (mut start, mut sum) = (0, 0);
+    for (i, item) in items.iter().enumerate() {
+        sum += bytes(item);
+        if sum >= limit {
+            runs.push(&items[start..=i]);
+            (start, sum) = (i + 1, 0);
+        }
+    }
+    if start < items.len() {
+        runs.push(&items[start..]);
+    }
+    runs
+}
+
+/// The chunk ids of the data extents of `extents`, in order.
+pub fn chunk_ids(extents: &[Extent]) -> Vec<ChunkId> {
+    extents.iter().filter_map(|e| e.chunk).collect()
+}
 
 /// A stored chunk value fetched ahead, or why it could not be read.
 pub type Fetched<'a> = std::result::Result<StoredValue<'a>, String>;
@@ -331,5 +358,20 @@ impl<'a> FetchAhead<'a> {
             self.fetched = None; // no thread (it could not start): read here
         }
         self.store.fetch_chunks(ids)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_by_bytes;
+
+    #[test]
+    fn split_by_bytes_ends_runs_at_the_limit_and_keeps_every_item() {
+        let lens = [5u64, 5, 10, 1, 0, 0, 9, 3];
+        let runs = split_by_bytes(&lens, |&n| n, 10);
+        assert_eq!(runs, vec![&[5, 5][..], &[10], &[1, 0, 0, 9], &[3]]);
+        // Zero-byte items never end a run on their own; an empty input gives no run.
+        assert_eq!(split_by_bytes(&[0u64, 0], |&n| n, 10), vec![&[0, 0][..]]);
+        assert!(split_by_bytes(&[] as &[u64], |&n| n, 10).is_empty());
     }
 }

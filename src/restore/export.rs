@@ -15,7 +15,10 @@ use serde::Serialize;
 use crate::chunk::ChunkId;
 use crate::error::{Error, Result};
 use crate::progress::Progress;
-use crate::read::{pair_fetched, with_fetch_ahead, Fetched, ImageReader, FETCH_AHEAD};
+use crate::read::{
+    chunk_ids, pair_fetched, split_by_bytes, with_fetch_ahead, Fetched, ImageReader, FETCH_AHEAD,
+    WINDOW,
+};
 use crate::store::codec::Extent;
 
 /// What an export did.
@@ -34,9 +37,6 @@ pub struct ExportReport {
     /// Wall time.
     pub seconds: f64,
 }
-
-/// Data bytes decoded per parallel window.
-const WINDOW: u64 = 16 << 20;
 
 /// Writes the image read by `reader` to `out`.
 pub fn export_raw(
@@ -130,42 +130,15 @@ fn partial_path(out: &Path) -> PathBuf {
     out.with_file_name(name)
 }
 
-/// Splits the data extents into windows of about [`WINDOW`] bytes.
-pub(crate) fn data_windows(extents: &[Extent]) -> Vec<Vec<Extent>> {
-    let mut windows = Vec::new();
-    let mut current = Vec::new();
-    let mut bytes = 0;
-    for e in extents.iter().filter(|e| e.chunk.is_some()) {
-        current.push(*e);
-        bytes += e.len;
-        if bytes >= WINDOW {
-            windows.push(std::mem::take(&mut current));
-            bytes = 0;
-        }
-    }
-    if !current.is_empty() {
-        windows.push(current);
-    }
-    windows
-}
-
-/// The chunk ids of each window of [`data_windows`].
-pub(crate) fn window_ids(windows: &[Vec<Extent>]) -> Vec<Vec<ChunkId>> {
-    windows
-        .iter()
-        .map(|w| w.iter().filter_map(|e| e.chunk).collect())
-        .collect()
-}
-
 /// Decodes window N+1 while window N is written, its stored values fetched ahead.
 fn write_all(reader: &ImageReader, file: &File, progress: &dyn Progress) -> Result<u64> {
-    let decode = |w: &Vec<Extent>, values: Vec<Fetched<'_>>| -> Result<Vec<Vec<u8>>> {
+    let decode = |w: &[Extent], values: Vec<Fetched<'_>>| -> Result<Vec<Vec<u8>>> {
         pair_fetched(w, values)
             .into_par_iter()
             .map(|(e, v)| reader.load_fetched(e, v))
             .collect()
     };
-    let write = |w: &Vec<Extent>, data: Vec<Vec<u8>>| -> Result<u64> {
+    let write = |w: &[Extent], data: Vec<Vec<u8>>| -> Result<u64> {
         let mut n = 0;
         for (e, bytes) in w.iter().zip(data) {
             file.write_all_at(&bytes, e.offset)
@@ -178,12 +151,18 @@ fn write_all(reader: &ImageReader, file: &File, progress: &dyn Progress) -> Resu
         progress.advance(n);
         Ok(n)
     };
-    let windows = data_windows(reader.extents());
-    let ids = window_ids(&windows);
+    let data: Vec<Extent> = reader
+        .extents()
+        .iter()
+        .filter(|e| e.chunk.is_some())
+        .copied()
+        .collect();
+    let windows = split_by_bytes(&data, |e| e.len, WINDOW);
+    let ids: Vec<Vec<ChunkId>> = windows.iter().map(|w| chunk_ids(w)).collect();
     with_fetch_ahead(reader.store(), &ids, FETCH_AHEAD, |fetch| {
         let mut written = 0;
-        let mut pending: Option<(&Vec<Extent>, Vec<Vec<u8>>)> = None;
-        for w in &windows {
+        let mut pending: Option<(&[Extent], Vec<Vec<u8>>)> = None;
+        for &w in &windows {
             let values = fetch.next_batch();
             let (decoded, wrote) = rayon::join(
                 || decode(w, values),
