@@ -46,6 +46,14 @@ if ! command -v cargo >/dev/null 2>&1 && [ -f "$HOME/.cargo/env" ]; then
 fi
 command -v cargo >/dev/null 2>&1 || { echo "test.sh: cargo not found" >&2; exit 1; }
 
+# The suite needs ~2.5 GB of scratch at its peak (converted disk images, stores, exports).
+# A full disk shows up as ENOSPC deep inside one test, so say it up front.
+free_mb=$(df -Pm "${TMPDIR:-/tmp}" | awk 'NR == 2 { print $4 }')
+echo "test.sh: ${free_mb} MB free under ${TMPDIR:-/tmp}"
+if [ "${free_mb:-0}" -lt 4096 ]; then
+    echo "test.sh: WARNING: under 4 GB free under ${TMPDIR:-/tmp}; tests that write disk images may fail with 'No space left on device'" >&2
+fi
+
 step shell-syntax bash -c 'for f in scripts/*.sh tests/fixtures/*.sh .ci/run; do bash -n "$f" || exit 1; done'
 step build cargo build --all-targets
 step test cargo test -- --test-threads=2

@@ -12,11 +12,27 @@ use std::sync::OnceLock;
 use common::*;
 use imgvault::formats::disk::{open_disk, probe, Format, OpenCtx, Run};
 
-/// A directory kept for the whole test binary.
+/// A directory kept for the whole test binary (up to ~1 GB of converted disks at once).
+///
+/// A `static` is never dropped, so a `TempDir` here would outlive every run and fill the
+/// disk a few GB per run. Instead the directory has a fixed place under the build's
+/// fixtures (emptied when a run starts, so a killed run leaks at most one copy) and is
+/// removed by an `atexit` hook, which runs whether the tests passed or failed.
 fn scratch_dir() -> &'static Path {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| tempfile::tempdir().expect("tempdir"))
-        .path()
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = repo().join("target/test-fixtures/formats-scratch");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create formats scratch dir");
+        extern "C" fn remove_scratch() {
+            if let Some(dir) = DIR.get() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+        // SAFETY: registers a plain `extern "C" fn` with no preconditions.
+        unsafe { libc::atexit(remove_scratch) };
+        dir
+    })
 }
 
 /// `qemu-img convert` of the base disk with `args`, made once per name.
@@ -40,6 +56,14 @@ fn converted(name: &str, args: &str) -> Option<PathBuf> {
         .status()
         .expect("run qemu-img");
     status.success().then_some(out)
+}
+
+/// Removes a converted file its one test is done with, keeping the suite's peak disk use
+/// low; `default.qcow2` is shared by several tests and stays.
+fn done_with(file: &Path) {
+    if file.file_name() != Some(std::ffi::OsStr::new("default.qcow2")) {
+        let _ = std::fs::remove_file(file);
+    }
 }
 
 /// `qemu-img convert -f FMT -O raw` of `file`.
@@ -86,9 +110,13 @@ fn qcow2_variants_import_equal_to_qemu() {
     for (name, args) in variants {
         let file = converted(name, args).expect("qemu-img convert");
         import_matches_qemu(&s, &file, &name.replace('.', "-"), "qcow2", "qcow2");
+        done_with(&file);
     }
     match converted("zstd.qcow2", "-O qcow2 -c -o compression_type=zstd") {
-        Some(file) => import_matches_qemu(&s, &file, "zstd-qcow2", "qcow2", "qcow2"),
+        Some(file) => {
+            import_matches_qemu(&s, &file, "zstd-qcow2", "qcow2", "qcow2");
+            done_with(&file);
+        }
         None => eprintln!("this qemu-img cannot write zstd-compressed qcow2: skipped"),
     }
 }
@@ -102,6 +130,7 @@ fn vmdk_variants_import_equal_to_qemu() {
     ] {
         let file = converted(name, args).expect("qemu-img convert");
         import_matches_qemu(&s, &file, &name.replace('.', "-"), "vmdk", "vmdk");
+        done_with(&file);
     }
 }
 
@@ -115,6 +144,7 @@ fn vhd_variants_import_equal_to_qemu() {
         let file = converted(name, args).expect("qemu-img convert");
         // qemu probes a fixed VHD as raw (its footer is at the end): name the format.
         import_matches_qemu(&s, &file, &name.replace('.', "-"), "vpc", "vhd");
+        done_with(&file);
     }
 }
 
@@ -123,8 +153,12 @@ fn vhdx_variants_import_equal_to_qemu() {
     let s = TestStore::new();
     let dynamic = converted("dynamic.vhdx", "-O vhdx").expect("qemu-img convert");
     import_matches_qemu(&s, &dynamic, "dynamic-vhdx", "vhdx", "vhdx");
+    done_with(&dynamic);
     match converted("fixed.vhdx", "-O vhdx -o subformat=fixed") {
-        Some(file) => import_matches_qemu(&s, &file, "fixed-vhdx", "vhdx", "vhdx"),
+        Some(file) => {
+            import_matches_qemu(&s, &file, "fixed-vhdx", "vhdx", "vhdx");
+            done_with(&file);
+        }
         None => eprintln!("this qemu-img cannot write fixed VHDX: skipped"),
     }
 }
