@@ -270,8 +270,11 @@ fn check_orphan_rows(
 /// Places (image index, offset, length) that use a chunk.
 type Uses = HashMap<ChunkId, Vec<(usize, u64, u64)>>;
 
-/// Loads the extent maps, re-hashes every distinct chunk once, then recomputes each intact
-/// image's whole-disk checksum.
+/// Loads the extent maps, then reads each image once, in order: every distinct chunk is
+/// checked against its BLAKE3 id the first time an image uses it (a damaged one is reported at
+/// every place that uses it), and each intact image's whole-disk checksum is recomputed from
+/// the same decoded bytes. Before, a first pass decoded every distinct chunk and a second
+/// decoded them all again for the checksums: twice the work for one image.
 fn check_images(
     store: &Arc<Store>,
     images: &[ImageRecord],
@@ -280,9 +283,6 @@ fn check_images(
 ) -> Result<()> {
     let catalog = Catalog::new(store);
     let mut uses: Uses = HashMap::new();
-    // Distinct chunks in the order the images first use them: about the order they were
-    // written, so a cold store is read front to back instead of in hash-map order.
-    let mut order: Vec<(ChunkId, u64)> = Vec::new();
     let mut maps: Vec<Option<Vec<Extent>>> = Vec::with_capacity(images.len());
     let mut total = 0u64;
     for (i, image) in images.iter().enumerate() {
@@ -298,12 +298,7 @@ fn check_images(
         let (mut nonzero, mut data) = (0u64, 0u64);
         for e in &extents {
             if let Some(id) = e.chunk {
-                let places = uses.entry(id).or_default();
-                if places.is_empty() {
-                    total += e.len;
-                    order.push((id, e.len));
-                }
-                places.push((i, e.offset, e.len));
+                uses.entry(id).or_default().push((i, e.offset, e.len));
                 nonzero += e.len;
                 data += 1;
             }
@@ -321,77 +316,27 @@ fn check_images(
     }
     progress.start(total);
 
-    // 1. Every distinct chunk, once, in batches of about WINDOW bytes fetched ahead.
-    let batches: Vec<Vec<ChunkId>> = split_by_bytes(&order, |&(_, len)| len, WINDOW)
-        .iter()
-        .map(|run| run.iter().map(|&(id, _)| id).collect())
-        .collect();
-    let results: Vec<(ChunkId, std::result::Result<usize, String>)> =
-        with_fetch_ahead(store, &batches, FETCH_AHEAD, |fetch| {
-            let mut results = Vec::with_capacity(order.len());
-            for ids in &batches {
-                let values = fetch.next_batch();
-                results.par_extend(
-                    pair_fetched(ids, values)
-                        .into_par_iter()
-                        .map(|(id, value)| {
-                            let r = value
-                                .and_then(|v| Store::decode_checked(id, v.as_ref()))
-                                .map(|raw| raw.len());
-                            if let Ok(n) = &r {
-                                progress.advance(*n as u64);
-                            }
-                            (*id, r)
-                        }),
-                );
-            }
-            results
-        });
-    let mut damaged_images: HashSet<usize> = HashSet::new();
-    for (id, r) in results {
-        report.chunks += 1;
-        let places = &uses[&id];
-        match r {
-            Ok(n) => {
-                report.bytes += n as u64;
-                for &(i, offset, len) in places {
-                    if len != n as u64 {
-                        damaged_images.insert(i);
-                        report.damage.push(damage(
-                            &images[i],
-                            offset,
-                            len,
-                            &id,
-                            format!("chunk holds {n} bytes, the extent needs {len}"),
-                        ));
-                    }
-                }
-            }
-            Err(reason) => {
-                for &(i, offset, len) in places {
-                    damaged_images.insert(i);
-                    report
-                        .damage
-                        .push(damage(&images[i], offset, len, &id, reason.clone()));
-                }
-            }
-        }
-    }
-
-    // 2. Whole-disk checksums of the images whose chunks are all intact.
+    let mut checks = ChunkChecks {
+        images,
+        uses: &uses,
+        seen: HashMap::new(),
+        damaged_images: HashSet::new(),
+    };
     for (i, (image, extents)) in images.iter().zip(&maps).enumerate() {
         let Some(extents) = extents else { continue };
-        if damaged_images.contains(&i) {
+        let sum = hash_image(store, i, extents, &mut checks, report, progress);
+        // A damaged image's checksum cannot match; its damage is already reported.
+        if checks.damaged_images.contains(&i) {
             continue;
         }
-        match image_checksum(store, image, extents, progress) {
-            Ok(sum) if sum == image.checksum => report.checksums_ok += 1,
-            Ok(sum) => report.problems.push(format!(
+        if sum == image.checksum {
+            report.checksums_ok += 1;
+        } else {
+            report.problems.push(format!(
                 "image {}: its bytes hash to blake3 {sum}, the record says {}; the extent map or the record is damaged",
                 label(image),
                 image.checksum
-            )),
-            Err(d) => report.damage.push(d),
+            ));
         }
     }
     progress.finish();
@@ -401,71 +346,165 @@ fn check_images(
     Ok(())
 }
 
-/// BLAKE3 of an image's raw disk, from its extents (zero extents hashed as zeros).
-fn image_checksum(
+/// What verify has learned so far about the chunks of the images it checks.
+struct ChunkChecks<'a> {
+    images: &'a [ImageRecord],
+    uses: &'a Uses,
+    /// Chunks checked against their id: their length, or why they are damaged.
+    seen: HashMap<ChunkId, std::result::Result<u64, String>>,
+    /// Images (indexes) with at least one damaged place.
+    damaged_images: HashSet<usize>,
+}
+
+impl ChunkChecks<'_> {
+    /// Records the decoding of the data extent `e` of image `image` and returns its bytes
+    /// when they are what the extent needs. The first use of a chunk reports it for every
+    /// place that uses it; a later use only adds damage a read at this place ran into.
+    fn record(
+        &mut self,
+        image: usize,
+        e: &Extent,
+        id: ChunkId,
+        decoded: std::result::Result<Vec<u8>, String>,
+        report: &mut VerifyReport,
+    ) -> Option<Vec<u8>> {
+        match (self.seen.get(&id), decoded) {
+            (None, Ok(raw)) => {
+                let n = raw.len() as u64;
+                report.chunks += 1;
+                report.bytes += n;
+                self.seen.insert(id, Ok(n));
+                let reason = |len| format!("chunk holds {n} bytes, the extent needs {len}");
+                self.damage_places(&id, |len| (len != n).then(|| reason(len)), report);
+                (n == e.len).then_some(raw)
+            }
+            (None, Err(why)) => {
+                report.chunks += 1;
+                self.seen.insert(id, Err(why.clone()));
+                self.damage_places(&id, |_| Some(why.clone()), report);
+                None
+            }
+            (Some(Ok(_)), Ok(raw)) => (raw.len() as u64 == e.len).then_some(raw),
+            // Read fine before, not now (the writer collected it meanwhile, say).
+            (Some(Ok(_)), Err(why)) => {
+                self.damaged_images.insert(image);
+                let record = &self.images[image];
+                report
+                    .damage
+                    .push(damage(record, e.offset, e.len, &id, why));
+                None
+            }
+            (Some(Err(_)), _) => None,
+        }
+    }
+
+    /// Reports damage at every place that uses `id` for which `why` gives a reason.
+    fn damage_places(
+        &mut self,
+        id: &ChunkId,
+        why: impl Fn(u64) -> Option<String>,
+        report: &mut VerifyReport,
+    ) {
+        for &(i, offset, len) in self.uses.get(id).into_iter().flatten() {
+            if let Some(reason) = why(len) {
+                self.damaged_images.insert(i);
+                report
+                    .damage
+                    .push(damage(&self.images[i], offset, len, id, reason));
+            }
+        }
+    }
+}
+
+/// Reads image `image` front to back in windows of about WINDOW data bytes (stored values
+/// fetched ahead; window N+1 decoded in parallel while window N is hashed, as export writes)
+/// and returns the BLAKE3 of its raw disk, which means something only when the image has no
+/// damage. Chunks not checked yet are checked against their id; the others only decompressed.
+fn hash_image(
     store: &Store,
-    image: &ImageRecord,
+    image: usize,
     extents: &[Extent],
+    checks: &mut ChunkChecks<'_>,
+    report: &mut VerifyReport,
     progress: &dyn Progress,
-) -> std::result::Result<String, Damage> {
-    // Windows of about WINDOW data bytes (zero extents ride along); their data chunks'
-    // values are fetched ahead.
+) -> String {
     let data_len = |e: &Extent| if e.chunk.is_some() { e.len } else { 0 };
     let windows = split_by_bytes(extents, data_len, WINDOW);
     let ids: Vec<Vec<ChunkId>> = windows.iter().map(|w| chunk_ids(w)).collect();
     with_fetch_ahead(store, &ids, FETCH_AHEAD, |fetch| {
         let mut hasher = blake3::Hasher::new();
-        for window in &windows {
-            hash_window(image, window, fetch.next_batch(), &mut hasher, progress)?;
+        let mut pending: Option<(&[Extent], Vec<Decoded>)> = None;
+        for &window in &windows {
+            // Decided before the window before is recorded: a chunk first used there and
+            // again here is checked twice, which is harmless.
+            let data: Vec<(&Extent, bool)> = window
+                .iter()
+                .filter_map(|e| e.chunk.map(|id| (e, !checks.seen.contains_key(&id))))
+                .collect();
+            let values = fetch.next_batch();
+            let (decoded, ()) = rayon::join(
+                || decode_window(&data, values),
+                || {
+                    if let Some((w, d)) = pending.take() {
+                        hash_window(image, w, d, &mut hasher, checks, report, progress);
+                    }
+                },
+            );
+            pending = Some((window, decoded));
         }
-        Ok(hasher.finalize().to_hex().to_string())
+        if let Some((w, d)) = pending {
+            hash_window(image, w, d, &mut hasher, checks, report, progress);
+        }
+        hasher.finalize().to_hex().to_string()
     })
 }
 
-/// Feeds one window of extents to `hasher`, data chunks decoded (in parallel) from `values`.
-fn hash_window(
-    image: &ImageRecord,
-    window: &[Extent],
-    values: Vec<Fetched<'_>>,
-    hasher: &mut blake3::Hasher,
-    progress: &dyn Progress,
-) -> std::result::Result<(), Damage> {
-    let data: Vec<&Extent> = window.iter().filter(|e| e.chunk.is_some()).collect();
-    let decoded: Vec<std::result::Result<Vec<u8>, Damage>> = pair_fetched(&data, values)
+/// A data extent's bytes, or why they could not be read.
+type Decoded = std::result::Result<Vec<u8>, String>;
+
+/// Decodes a window's data extents in parallel: checked against the chunk id on first use,
+/// only decompressed after.
+fn decode_window(data: &[(&Extent, bool)], values: Vec<Fetched<'_>>) -> Vec<Decoded> {
+    pair_fetched(data, values)
         .into_par_iter()
-        .map(|(e, value)| {
+        .map(|(&(e, first_use), value)| {
             let id = e.chunk.unwrap_or(ChunkId([0; 32]));
-            match value.and_then(|v| Store::decode_checked(&id, v.as_ref())) {
-                Ok(raw) if raw.len() as u64 == e.len => Ok(raw),
-                Ok(raw) => Err(damage(
-                    image,
-                    e.offset,
-                    e.len,
-                    &id,
-                    format!(
-                        "chunk holds {} bytes, the extent needs {}",
-                        raw.len(),
-                        e.len
-                    ),
-                )),
-                Err(reason) => Err(damage(image, e.offset, e.len, &id, reason)),
-            }
+            value.and_then(|v| {
+                if first_use {
+                    Store::decode_checked(&id, v.as_ref())
+                } else {
+                    decode_chunk(v.as_ref())
+                }
+            })
         })
-        .collect();
-    // One result per data extent, in order; zero extents are hashed as zeros between them.
+        .collect()
+}
+
+/// Records a decoded window and feeds it to `hasher` in disk order, zero extents as zeros.
+fn hash_window(
+    image: usize,
+    window: &[Extent],
+    decoded: Vec<Decoded>,
+    hasher: &mut blake3::Hasher,
+    checks: &mut ChunkChecks<'_>,
+    report: &mut VerifyReport,
+    progress: &dyn Progress,
+) {
+    // One result per data extent, in order.
     let mut decoded = decoded.into_iter();
     for e in window {
         let Some(id) = e.chunk else {
             hash_zeros(hasher, e.len);
             continue;
         };
-        let raw = decoded
+        let result = decoded
             .next()
-            .unwrap_or_else(|| Err(damage(image, e.offset, e.len, &id, "not decoded".into())))?;
-        hasher.update(&raw);
+            .unwrap_or_else(|| Err("not decoded".to_string()));
+        if let Some(raw) = checks.record(image, e, id, result, report) {
+            hasher.update(&raw);
+        }
         progress.advance(e.len);
     }
-    Ok(())
 }
 
 /// Every reference entry must decode and equal the number of extent rows naming its chunk

@@ -15,7 +15,7 @@ use std::process::Command;
 
 use common::*;
 use imgvault::catalog::{Catalog, ImageRecord};
-use imgvault::store::codec::{encode_extent, extent_key, Extent};
+use imgvault::store::codec::{encode_chunk, encode_extent, extent_key, Extent};
 use imgvault::store::{cf, OpenMode, Store};
 
 const MIB: usize = 1 << 20;
@@ -258,6 +258,66 @@ fn a_missing_chunk_is_detected_and_restored_by_repair() {
     s.ok(&["verify", "--repair", "a", "--from", pa.to_str().unwrap()]);
     s.ok(&["verify"]);
     s.assert_round_trip("a", &pa);
+}
+
+#[test]
+fn a_damaged_shared_chunk_is_reported_in_every_image_that_uses_it() {
+    let s = TestStore::new();
+    let a = random_bytes(4 * MIB, 31);
+    // b shares a's first 2 MiB; c shares nothing.
+    let mut b = a[..2 * MIB].to_vec();
+    b.extend_from_slice(&random_bytes(2 * MIB, 32));
+    let c = random_bytes(3 * MIB, 33);
+    for (name, data) in [("a", &a), ("b", &b), ("c", &c)] {
+        let p = s.scratch(&format!("{name}.img"));
+        std::fs::write(&p, data).unwrap();
+        s.import(&p, name);
+    }
+    let (shared, distinct) = {
+        let w = writer(&s);
+        let cat = Catalog::new(&w);
+        let ids = |n| -> Vec<_> {
+            cat.extents(&record(&w, n))
+                .unwrap()
+                .iter()
+                .filter_map(|e| e.chunk)
+                .collect()
+        };
+        let (ia, ib, ic) = (ids("a"), ids("b"), ids("c"));
+        let shared = ia[0];
+        assert!(
+            ib.contains(&shared),
+            "b does not start with a's first chunk"
+        );
+        let mut all: Vec<_> = ia.iter().chain(&ib).chain(&ic).copied().collect();
+        all.sort();
+        all.dedup();
+        // A well-formed value holding other bytes: it decodes, but not to its id.
+        let mut z = zstd::bulk::Compressor::new(3).unwrap();
+        let wrong = encode_chunk(&random_bytes(64 << 10, 34), &mut z);
+        w.debug_put_raw(cf::CHUNKS, &shared.0, &wrong).unwrap();
+        (shared, all.len() as u64)
+    };
+    let (code, report) = verify_json(&s, &[]);
+    assert_eq!(code, 6, "{report}");
+    let damage = report["damage"].as_array().unwrap();
+    let places: Vec<(&str, u64)> = damage
+        .iter()
+        .map(|d| (d["image"].as_str().unwrap(), d["offset"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(places, [("admin/a", 0), ("admin/b", 0)], "{report}");
+    for d in damage {
+        assert_eq!(d["chunk"], shared.to_hex());
+        assert!(d["reason"].as_str().unwrap().contains("BLAKE3"), "{d}");
+    }
+    // Each distinct chunk is counted once; only c's whole-disk checksum is recomputed.
+    assert_eq!(report["chunks"], distinct, "{report}");
+    assert_eq!(report["checksums_ok"], 1, "{report}");
+    // Verifying b alone reports b's place only.
+    let (code, report) = verify_json(&s, &["b"]);
+    assert_eq!(code, 6);
+    assert_eq!(report["damage"].as_array().unwrap().len(), 1, "{report}");
+    assert_eq!(report["damage"][0]["image"], "admin/b");
 }
 
 /// Two data extents of `rec` with the same length and different chunks.
