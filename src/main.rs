@@ -12,8 +12,11 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    tune_allocator();
     let args = cli::Cli::parse();
+    // The mount daemon keeps glibc's defaults: its random reads lost ~half their IOPS in one arena.
+    if !matches!(args.command, cli::Command::Mount(_)) {
+        tune_allocator();
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("IMGVAULT_LOG")
@@ -37,9 +40,11 @@ fn main() {
 /// (128 KiB at first), so many are mmapped, page-faulted and unmapped one by one, and buffers
 /// freed on another thread than the one that allocated them spread over up to 16 arenas. Keep
 /// them on the heap (mmap only above 32 MiB; free memory above 8 MiB at the top of a heap goes
-/// back to the system) in one arena: faster everywhere measured, and a lower peak RSS (two
-/// arenas were as fast here, on 2 cores, but took verify's peak from 100 to 150 MiB). A user's
-/// own MALLOC_ARENA_MAX or GLIBC_TUNABLES wins (on many cores more arenas may pay).
+/// back to the system) in one arena: import, export and verify faster, and a lower peak RSS
+/// (two arenas were as fast here, on 2 cores, but took verify's peak from 100 to 150 MiB). Not
+/// for the mount daemon, whose many threads contend for one arena (buffered cold random reads
+/// 36-47k -> 21-23k IOPS) and whose sequential reads gained nothing. A user's own
+/// MALLOC_ARENA_MAX or GLIBC_TUNABLES wins (on many cores more arenas may pay).
 fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if std::env::var_os("MALLOC_ARENA_MAX").is_none()
