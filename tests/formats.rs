@@ -12,17 +12,24 @@ use std::sync::OnceLock;
 use common::*;
 use imgvault::formats::disk::{open_disk, probe, Format, OpenCtx, Run};
 
-/// A directory kept for the whole test binary (up to ~1 GB of converted disks at once).
+/// A directory kept for the whole test process (up to ~1 GB of converted disks at once).
 ///
 /// A `static` is never dropped, so a `TempDir` here would outlive every run and fill the
-/// disk a few GB per run. Instead the directory has a fixed place under the build's
-/// fixtures (emptied when a run starts, so a killed run leaks at most one copy) and is
-/// removed by an `atexit` hook, which runs whether the tests passed or failed.
+/// disk a few GB per run. Instead each process gets `target/test-fixtures/formats-scratch/PID`
+/// (one per process, so test runners that start a process per test do not share it), removed
+/// by an `atexit` hook whether the tests passed or failed; directories of processes that no
+/// longer exist (killed runs) are removed when the next one starts.
 fn scratch_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = repo().join("target/test-fixtures/formats-scratch");
-        let _ = std::fs::remove_dir_all(&dir);
+        let base = repo().join("target/test-fixtures/formats-scratch");
+        for entry in std::fs::read_dir(&base).into_iter().flatten().flatten() {
+            let pid = entry.file_name().to_string_lossy().parse::<u32>();
+            if pid.is_ok_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        let dir = base.join(std::process::id().to_string());
         std::fs::create_dir_all(&dir).expect("create formats scratch dir");
         extern "C" fn remove_scratch() {
             if let Some(dir) = DIR.get() {
