@@ -347,6 +347,122 @@ mod tests {
             .collect()
     }
 
+    /// The segmentation docs/FORMAT.md specifies, written plainly over the whole stream (holes
+    /// as zeros), with the fastcdc crate's own iterator: the oracle for the streaming
+    /// segmenter. Returns (offset, len, is_data) per extent.
+    fn reference(stream: &[u8], p: ChunkerParams) -> Vec<(u64, u64, bool)> {
+        use fastcdc::v2020::FastCDC;
+        let block = ZERO_BLOCK as usize;
+        let mut out = Vec::new();
+        let cut_region = |from: usize, to: usize, out: &mut Vec<(u64, u64, bool)>| {
+            let chunker = FastCDC::with_level(
+                &stream[from..to],
+                p.min_size as usize,
+                p.avg_size as usize,
+                p.max_size as usize,
+                Normalization::Level1,
+            );
+            for c in chunker {
+                out.push(((from + c.offset) as u64, c.length as u64, true));
+            }
+        };
+        let (mut region, mut i) = (0, 0);
+        while i < stream.len() {
+            // The maximal run of all-zero aligned blocks starting at i (the last may be short).
+            let mut j = i;
+            while j < stream.len() && is_zero(&stream[j..(j + block).min(stream.len())]) {
+                j = (j + block).min(stream.len());
+            }
+            if j - i >= p.zero_run_min as usize {
+                cut_region(region, i, &mut out);
+                out.push((i as u64, (j - i) as u64, false));
+                region = j;
+            }
+            i = if j > i { j } else { i + block };
+        }
+        cut_region(region, stream.len(), &mut out);
+        out
+    }
+
+    /// A stream part for the property test.
+    #[derive(Debug, Clone)]
+    enum Part {
+        Noise(usize, u64),
+        WrittenZeros(usize),
+        Hole(u64),
+    }
+
+    fn part() -> impl proptest::strategy::Strategy<Value = Part> {
+        use proptest::prelude::*;
+        prop_oneof![
+            3 => (1usize..400_000, any::<u64>()).prop_map(|(n, seed)| Part::Noise(n, seed)),
+            1 => (1usize..120_000).prop_map(Part::WrittenZeros),
+            1 => (1u64..120_000).prop_map(Part::Hole),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// Whatever the pieces and wherever the reads split them (unaligned too), the
+        /// segmenter cuts exactly what the format specifies: chunk boundaries are part of the
+        /// format, since dedup across imports and `verify --repair` depend on them.
+        #[test]
+        fn segmentation_matches_the_format_spec(
+            parts in proptest::collection::vec(part(), 1..8),
+            splits in proptest::collection::vec(1usize..300_000, 1..6),
+            small in proptest::bool::ANY,
+        ) {
+            let p = if small {
+                ChunkerParams { min_size: 2048, avg_size: 8192, max_size: 32768, zero_run_min: 8192 }
+            } else {
+                ChunkerParams::default()
+            };
+            p.validate().unwrap();
+            // The stream as a reader hands it over: data split into reads of varying sizes.
+            let mut stream = Vec::new();
+            let mut pieces: Vec<Result<(usize, usize), u64>> = Vec::new();
+            let mut k = 0;
+            for part in &parts {
+                let start = stream.len();
+                match part {
+                    Part::Noise(n, seed) => stream.extend(pseudo_random(*n, *seed)),
+                    Part::WrittenZeros(n) => stream.resize(start + n, 0),
+                    Part::Hole(n) => {
+                        stream.resize(start + *n as usize, 0);
+                        pieces.push(Err(*n));
+                        continue;
+                    }
+                }
+                let mut at = start;
+                while at < stream.len() {
+                    let end = (at + splits[k % splits.len()]).min(stream.len());
+                    k += 1;
+                    pieces.push(Ok((at, end)));
+                    at = end;
+                }
+            }
+            let fed: Vec<Piece<'_>> = pieces
+                .iter()
+                .map(|p| match p {
+                    Ok((a, b)) => Piece::Data(&stream[*a..*b]),
+                    Err(n) => Piece::Zeros(*n),
+                })
+                .collect();
+            let (segs, size) = segment(&fed, p);
+            proptest::prop_assert_eq!(size, stream.len() as u64);
+            proptest::prop_assert_eq!(&reassemble(&segs, size), &stream);
+            let got: Vec<(u64, u64, bool)> = segs
+                .iter()
+                .map(|(s, _)| match s {
+                    Segment::Chunk { offset, len, .. } => (*offset, *len as u64, true),
+                    Segment::Zero { offset, len } => (*offset, *len, false),
+                })
+                .collect();
+            proptest::prop_assert_eq!(got, reference(&stream, p));
+        }
+    }
+
     #[test]
     fn tiles_the_stream_and_finds_zero_runs() {
         let mut data = pseudo_random(3 << 20, 7);
