@@ -770,7 +770,7 @@ fn scan_file(
         });
         let mut buf = Vec::new();
         let fed = (|| -> Result<()> {
-            while let Some(piece) = source.next_piece(&mut buf)? {
+            while let Some(piece) = source.next_piece(&mut buf, 0)? {
                 match piece {
                     SourcePiece::Data => {
                         scanned += buf.len() as u64;

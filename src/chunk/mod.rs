@@ -83,6 +83,12 @@ pub const CHUNKER_ALGORITHM: &str = "fastcdc-v2020-normalization1";
 pub const FASTCDC_CRATE_VERSION: &str = "5.0.0";
 
 impl ChunkerParams {
+    /// Spare bytes a buffer handed to [`Segmenter::feed_buffer`] starts with: room for the
+    /// region's uncut tail (under `max_size`) and a short zero run (under `zero_run_min`).
+    pub fn headroom(&self) -> usize {
+        self.max_size as usize + self.zero_run_min as usize
+    }
+
     /// Checks the bounds the FastCDC implementation accepts.
     pub fn validate(&self) -> Result<()> {
         use fastcdc::v2020::{

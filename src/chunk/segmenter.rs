@@ -4,6 +4,13 @@
 //! `zero_run_min` long becomes a zero extent; everything between zero extents is a *data
 //! region*, cut by FastCDC (v2020). Chunking restarts at every region, so a file moved
 //! inside a filesystem still chunks the same after the first cut point.
+//!
+//! Without copies: the reader's buffers become the batches' bytes ([`Segmenter::feed_buffer`]).
+//! A buffer starts with [`ChunkerParams::headroom`] spare bytes; when its first data arrives, the
+//! uncut tail of the region (less than `max_size`) and a short zero run before the data (less
+//! than `zero_run_min`) are moved into that headroom, right before the data, so the region
+//! continues contiguously in the new buffer. Every batch cut from a buffer shares it (`Arc`).
+//! Unaligned pieces and [`Segmenter::feed`] copy into such a buffer first.
 
 use std::sync::Arc;
 
@@ -39,7 +46,8 @@ pub enum Segment {
 pub struct Batch {
     /// Position in the stream; the writer reorders batches by it.
     pub seq: u64,
-    /// The chunk bytes this batch's [`Segment::Chunk`]s point into.
+    /// The buffer this batch's [`Segment::Chunk`]s point into (shared with the other batches
+    /// cut from it; whoever drops the last reference may recycle it).
     pub data: Arc<Vec<u8>>,
     /// Extents in logical order.
     pub segments: Vec<Segment>,
@@ -48,22 +56,26 @@ pub struct Batch {
 /// Finalized chunk bytes per batch before it is handed on.
 const BATCH_TARGET: usize = 2 << 20;
 
-/// Turns a stream of [`Piece`]s into [`Batch`]es.
+/// Turns a stream of buffers and holes into [`Batch`]es.
 pub struct Segmenter<F: FnMut(Batch) -> Result<()>> {
     params: ChunkerParams,
     masks: (u64, u64),
     emit: F,
+    /// Where buffers the segmenter is done with go (the reader's pool).
+    recycle: Option<Box<dyn FnMut(Vec<u8>)>>,
     seq: u64,
-    /// Logical offset of the next byte fed in.
+    /// Logical offset of the next byte to be examined (bytes waiting in `partial` excluded).
     offset: u64,
     /// Bytes of an incomplete aligned block (only at unaligned piece boundaries).
     partial: Vec<u8>,
     /// Length of the zero run ending at `offset` that is not yet part of any extent.
     pending_zeros: u64,
-    /// Bytes of the current batch: finalized chunks, then the uncut tail of the region.
-    buf: Vec<u8>,
-    /// Index in `buf` where the uncut tail starts.
+    /// The current buffer: the region's uncut tail is `buf[cut_pos..end]`.
+    buf: Arc<Vec<u8>>,
     cut_pos: usize,
+    end: usize,
+    /// Where the chunks not yet handed on start in `buf`.
+    emitted: usize,
     /// Logical offset of `buf[cut_pos]`.
     cut_offset: u64,
     segments: Vec<Segment>,
@@ -76,37 +88,37 @@ impl<F: FnMut(Batch) -> Result<()>> Segmenter<F> {
             params,
             masks: select_masks(params.avg_size as usize, Normalization::Level1),
             emit,
+            recycle: None,
             seq: 0,
             offset: 0,
             partial: Vec::with_capacity(ZERO_BLOCK as usize),
             pending_zeros: 0,
-            buf: Vec::with_capacity(BATCH_TARGET + 2 * params.max_size as usize),
+            buf: Arc::new(Vec::new()),
             cut_pos: 0,
+            end: 0,
+            emitted: 0,
             cut_offset: 0,
             segments: Vec::new(),
         }
     }
 
-    /// Feeds the next piece of the stream.
+    /// Hands buffers the segmenter no longer needs (and no batch holds) to `recycle`.
+    pub fn with_recycler(mut self, recycle: impl FnMut(Vec<u8>) + 'static) -> Self {
+        self.recycle = Some(Box::new(recycle));
+        self
+    }
+
+    /// Feeds the next piece of the stream (data is copied; see [`Segmenter::feed_buffer`]).
     pub fn feed(&mut self, piece: Piece<'_>) -> Result<()> {
         match piece {
-            Piece::Data(mut data) => {
-                if !self.partial.is_empty() {
-                    let need = ZERO_BLOCK as usize - self.partial.len();
-                    let take = need.min(data.len());
-                    self.partial.extend_from_slice(&data[..take]);
-                    data = &data[take..];
-                    if self.partial.len() == ZERO_BLOCK as usize {
-                        let block = std::mem::take(&mut self.partial);
-                        self.blocks(&block)?;
-                        self.partial = block;
-                        self.partial.clear();
-                    }
-                }
-                // Keep the stream aligned: whole blocks now, the rest waits in `partial`.
-                let aligned = data.len() / ZERO_BLOCK as usize * ZERO_BLOCK as usize;
-                self.blocks(&data[..aligned])?;
-                self.partial.extend_from_slice(&data[aligned..]);
+            Piece::Data(data) => {
+                let h = self.params.headroom();
+                let mut owned = Vec::with_capacity(h + self.partial.len() + data.len());
+                owned.resize(h, 0);
+                owned.extend_from_slice(&self.partial);
+                owned.extend_from_slice(data);
+                self.partial.clear();
+                self.feed_buffer(owned, h)
             }
             Piece::Zeros(mut len) => {
                 if !self.partial.is_empty() {
@@ -115,10 +127,7 @@ impl<F: FnMut(Batch) -> Result<()>> Segmenter<F> {
                     self.partial.resize(self.partial.len() + take as usize, 0);
                     len -= take;
                     if self.partial.len() == ZERO_BLOCK as usize {
-                        let block = std::mem::take(&mut self.partial);
-                        self.blocks(&block)?;
-                        self.partial = block;
-                        self.partial.clear();
+                        self.flush_partial()?;
                     }
                 }
                 let aligned = len / ZERO_BLOCK * ZERO_BLOCK;
@@ -126,129 +135,161 @@ impl<F: FnMut(Batch) -> Result<()>> Segmenter<F> {
                 self.offset += aligned;
                 self.partial
                     .resize(self.partial.len() + (len - aligned) as usize, 0);
+                Ok(())
             }
         }
+    }
+
+    /// Feeds the next bytes of the stream, `buf[at..]`, without copying them: `buf` becomes
+    /// the bytes of the batches cut from it. `buf[..at]` may be overwritten; with less than
+    /// [`ChunkerParams::headroom`] bytes there (or after an unaligned piece) the bytes are copied.
+    pub fn feed_buffer(&mut self, mut buf: Vec<u8>, at: usize) -> Result<()> {
+        if !self.partial.is_empty() || at < self.params.headroom() || at > buf.len() {
+            let fed = self.feed(Piece::Data(buf.get(at..).unwrap_or_default()));
+            self.release(buf);
+            return fed;
+        }
+        let len = buf.len().saturating_sub(at);
+        let whole = at + len / ZERO_BLOCK as usize * ZERO_BLOCK as usize;
+        // An unaligned end waits in `partial` for the bytes that complete its block.
+        let rest = buf[whole..].to_vec();
+        buf.truncate(whole);
+        self.scan(buf, at)?;
+        self.partial = rest;
         Ok(())
     }
 
     /// Ends the stream: returns its size.
     pub fn finish(mut self) -> Result<u64> {
-        if !self.partial.is_empty() {
-            let tail = std::mem::take(&mut self.partial);
-            self.blocks(&tail)?;
+        self.flush_partial()?;
+        if self.pending_zeros > 0 {
+            // Settle the last zero run: an extent, or zeros ending the region.
+            let h = self.params.headroom();
+            self.adopt(vec![0; h], h)?;
         }
-        self.end_zero_run()?;
         self.end_region()?;
         self.emit_batch()?;
+        let last = std::mem::take(&mut self.buf);
+        self.release_shared(last);
         Ok(self.offset)
     }
 
-    /// Processes whole aligned blocks (the last block of the stream may be short).
-    fn blocks(&mut self, data: &[u8]) -> Result<()> {
-        let mut i = 0;
-        while i < data.len() {
-            // Find the run of non-zero blocks starting at i, copy it in one go.
-            let mut j = i;
-            while j < data.len() {
-                let end = (j + ZERO_BLOCK as usize).min(data.len());
-                if is_zero(&data[j..end]) {
-                    break;
-                }
-                j = end;
-            }
-            if j > i {
-                self.end_zero_run()?;
-                self.append_data(&data[i..j])?;
-                i = j;
-            }
-            // Then the run of zero blocks.
-            while i < data.len() {
-                let end = (i + ZERO_BLOCK as usize).min(data.len());
-                if !is_zero(&data[i..end]) {
-                    break;
-                }
-                self.pending_zeros += (end - i) as u64;
-                self.offset += (end - i) as u64;
-                i = end;
-            }
-        }
-        Ok(())
-    }
-
-    /// Settles the zero run before `offset`: a zero extent if long enough, otherwise zeros
-    /// inside the data region.
-    fn end_zero_run(&mut self) -> Result<()> {
-        let run = self.pending_zeros;
-        if run == 0 {
+    /// Examines the bytes waiting in `partial` (a whole block, or the disk's short last one).
+    fn flush_partial(&mut self) -> Result<()> {
+        if self.partial.is_empty() {
             return Ok(());
         }
-        self.pending_zeros = 0;
-        let start = self.offset - run;
-        if run >= self.params.zero_run_min as u64 {
-            self.end_region()?;
-            self.segments.push(Segment::Zero {
-                offset: start,
-                len: run,
-            });
-            self.cut_offset = self.offset;
-        } else {
-            // Short runs stay in the data (zstd makes them nearly free).
-            if self.cut_pos == self.buf.len() {
-                self.cut_offset = start;
+        let h = self.params.headroom();
+        let mut owned = Vec::with_capacity(h + self.partial.len());
+        owned.resize(h, 0);
+        owned.extend_from_slice(&self.partial);
+        self.partial.clear();
+        self.scan(owned, h)
+    }
+
+    /// Examines `buf[at..]`, whole aligned blocks (the stream's last may be short).
+    fn scan(&mut self, buf: Vec<u8>, at: usize) -> Result<()> {
+        let runs = block_runs(&buf, at);
+        let mut fresh = Some(buf);
+        for (a, b, zero) in runs {
+            let n = (b - a) as u64;
+            if zero {
+                self.pending_zeros += n;
+                self.offset += n;
+                continue;
             }
-            self.buf.resize(self.buf.len() + run as usize, 0);
+            match fresh.take() {
+                Some(new) => self.adopt(new, a)?,
+                None => self.settle_zeros_in_place(a)?,
+            }
+            self.end = b;
+            self.offset += n;
             self.cut_ready()?;
+        }
+        if let Some(unused) = fresh {
+            self.release(unused); // all zeros: nothing in it is needed
         }
         Ok(())
     }
 
-    fn append_data(&mut self, data: &[u8]) -> Result<()> {
-        if self.cut_pos == self.buf.len() {
-            self.cut_offset = self.offset;
+    /// The first data of `new` starts at `a`: settles the zero run before it, moves the
+    /// region's uncut tail and a short zero run into the headroom just before `a`, and makes
+    /// `new` the current buffer (its region ends at `a` until the caller extends it).
+    fn adopt(&mut self, mut new: Vec<u8>, a: usize) -> Result<()> {
+        let run = self.pending_zeros;
+        let (zeros, tail) = if self.settle_long_run()? {
+            (0, 0)
+        } else {
+            (run as usize, self.end - self.cut_pos)
+        };
+        self.pending_zeros = 0;
+        // headroom = max_size + zero_run_min > tail + zeros (cut_ready keeps tail < max_size).
+        let start = a - zeros - tail;
+        new[start..start + tail].copy_from_slice(&self.buf[self.cut_pos..self.end]);
+        new[a - zeros..a].fill(0);
+        // The chunks cut from the old buffer go with it.
+        self.emit_batch()?;
+        if tail == 0 {
+            self.cut_offset = self.offset - zeros as u64;
         }
-        self.offset += data.len() as u64;
-        // Append in slices so a huge piece never grows the buffer past one batch.
-        let mut rest = data;
-        while !rest.is_empty() {
-            let room = (BATCH_TARGET + self.params.max_size as usize)
-                .saturating_sub(self.buf.len())
-                .max(self.params.max_size as usize);
-            let take = room.min(rest.len());
-            self.buf.extend_from_slice(&rest[..take]);
-            rest = &rest[take..];
-            self.cut_ready()?;
-        }
+        let old = std::mem::replace(&mut self.buf, Arc::new(new));
+        self.release_shared(old);
+        (self.cut_pos, self.emitted, self.end) = (start, start, a);
         Ok(())
+    }
+
+    /// Data continues at `a` in the current buffer, after the zero run `buf[end..a]`.
+    fn settle_zeros_in_place(&mut self, a: usize) -> Result<()> {
+        let run = self.pending_zeros;
+        if self.settle_long_run()? {
+            (self.cut_pos, self.end) = (a, a);
+            self.cut_offset = self.offset;
+        } else if run > 0 && self.cut_pos == self.end {
+            // Short runs stay in the data (zstd makes them nearly free); here one starts it.
+            self.cut_offset = self.offset - run;
+        }
+        self.pending_zeros = 0;
+        Ok(())
+    }
+
+    /// When the pending zero run is long enough, ends the region before it and records it as
+    /// a zero extent (returns true); a shorter run stays pending for the caller.
+    fn settle_long_run(&mut self) -> Result<bool> {
+        let run = self.pending_zeros;
+        if run == 0 || run < self.params.zero_run_min as u64 {
+            return Ok(false);
+        }
+        self.end_region()?;
+        self.segments.push(Segment::Zero {
+            offset: self.offset - run,
+            len: run,
+        });
+        self.pending_zeros = 0;
+        Ok(true)
     }
 
     /// Cuts chunks while enough bytes are buffered that a cut cannot depend on bytes to come.
     fn cut_ready(&mut self) -> Result<()> {
         let max = self.params.max_size as usize;
-        while self.buf.len() - self.cut_pos >= max {
+        while self.end - self.cut_pos >= max {
             self.cut_one();
         }
-        if self.cut_pos >= BATCH_TARGET {
-            self.emit_batch()?;
-        }
-        Ok(())
+        self.emit_if_full()
     }
 
     /// Cuts the rest of the current data region: a zero extent or the end follows.
     fn end_region(&mut self) -> Result<()> {
-        while self.cut_pos < self.buf.len() {
+        while self.cut_pos < self.end {
             self.cut_one();
         }
-        if self.cut_pos >= BATCH_TARGET {
-            self.emit_batch()?;
-        }
-        Ok(())
+        self.emit_if_full()
     }
 
     fn cut_one(&mut self) {
         let p = &self.params;
         let (mask_s, mask_l) = self.masks;
         let (_, len) = cut(
-            &self.buf[self.cut_pos..],
+            &self.buf[self.cut_pos..self.end],
             p.min_size as usize,
             p.avg_size as usize,
             p.max_size as usize,
@@ -258,7 +299,7 @@ impl<F: FnMut(Batch) -> Result<()>> Segmenter<F> {
             mask_l << 1,
         );
         // `cut` never returns 0 for non-empty input; guard anyway so a bug cannot spin.
-        let len = len.max(1).min(self.buf.len() - self.cut_pos);
+        let len = len.max(1).min(self.end - self.cut_pos);
         self.segments.push(Segment::Chunk {
             offset: self.cut_offset,
             start: self.cut_pos,
@@ -268,24 +309,56 @@ impl<F: FnMut(Batch) -> Result<()>> Segmenter<F> {
         self.cut_offset += len as u64;
     }
 
-    /// Hands finalized chunks (and zero extents) on; the uncut tail moves to a new buffer.
+    fn emit_if_full(&mut self) -> Result<()> {
+        if self.cut_pos - self.emitted >= BATCH_TARGET {
+            self.emit_batch()?;
+        }
+        Ok(())
+    }
+
+    /// Hands the finalized chunks (and zero extents) on, sharing the current buffer.
     fn emit_batch(&mut self) -> Result<()> {
         if self.segments.is_empty() {
             return Ok(());
         }
-        let mut next = Vec::with_capacity(BATCH_TARGET + 2 * self.params.max_size as usize);
-        next.extend_from_slice(&self.buf[self.cut_pos..]);
-        let mut data = std::mem::replace(&mut self.buf, next);
-        data.truncate(self.cut_pos);
-        self.cut_pos = 0;
         let batch = Batch {
             seq: self.seq,
-            data: Arc::new(data),
+            data: Arc::clone(&self.buf),
             segments: std::mem::take(&mut self.segments),
         };
         self.seq += 1;
+        self.emitted = self.cut_pos;
         (self.emit)(batch)
     }
+
+    fn release(&mut self, buf: Vec<u8>) {
+        if let Some(recycle) = &mut self.recycle {
+            recycle(buf);
+        }
+    }
+
+    /// Recycles `buf` when no batch holds it any more.
+    fn release_shared(&mut self, buf: Arc<Vec<u8>>) {
+        if let Some(buf) = Arc::into_inner(buf) {
+            self.release(buf);
+        }
+    }
+}
+
+/// Runs of whole aligned blocks of `buf[at..]` (the last may be short): `(start, end, zero)`.
+fn block_runs(buf: &[u8], at: usize) -> Vec<(usize, usize, bool)> {
+    let mut runs: Vec<(usize, usize, bool)> = Vec::new();
+    let mut i = at;
+    while i < buf.len() {
+        let end = (i + ZERO_BLOCK as usize).min(buf.len());
+        let zero = is_zero(&buf[i..end]);
+        match runs.last_mut() {
+            Some(last) if last.2 == zero => last.1 = end,
+            _ => runs.push((i, end, zero)),
+        }
+        i = end;
+    }
+    runs
 }
 
 #[cfg(test)]
@@ -293,6 +366,16 @@ mod tests {
     use super::*;
 
     fn segment(pieces: &[Piece<'_>], params: ChunkerParams) -> (Vec<(Segment, Vec<u8>)>, u64) {
+        segment_with(pieces, params, false)
+    }
+
+    /// With `owned`, data goes in through [`Segmenter::feed_buffer`], in buffers whose
+    /// headroom holds garbage (nothing may depend on it).
+    fn segment_with(
+        pieces: &[Piece<'_>],
+        params: ChunkerParams,
+        owned: bool,
+    ) -> (Vec<(Segment, Vec<u8>)>, u64) {
         let mut out = Vec::new();
         let mut seg = Segmenter::new(params, |b: Batch| {
             for s in b.segments {
@@ -304,12 +387,17 @@ mod tests {
             }
             Ok(())
         });
+        let h = params.headroom();
         for p in pieces {
-            let p = match p {
-                Piece::Data(d) => Piece::Data(d),
-                Piece::Zeros(n) => Piece::Zeros(*n),
-            };
-            seg.feed(p).unwrap();
+            match p {
+                Piece::Data(d) if owned => {
+                    let mut buf = vec![0xAA; h];
+                    buf.extend_from_slice(d);
+                    seg.feed_buffer(buf, h).unwrap();
+                }
+                Piece::Data(d) => seg.feed(Piece::Data(d)).unwrap(),
+                Piece::Zeros(n) => seg.feed(Piece::Zeros(*n)).unwrap(),
+            }
         }
         let size = seg.finish().unwrap();
         (out, size)
@@ -412,6 +500,8 @@ mod tests {
             parts in proptest::collection::vec(part(), 1..8),
             splits in proptest::collection::vec(1usize..300_000, 1..6),
             small in proptest::bool::ANY,
+            owned in proptest::bool::ANY,
+            aligned in proptest::bool::ANY,
         ) {
             let p = if small {
                 ChunkerParams { min_size: 2048, avg_size: 8192, max_size: 32768, zero_run_min: 8192 }
@@ -423,20 +513,29 @@ mod tests {
             let mut stream = Vec::new();
             let mut pieces: Vec<Result<(usize, usize), u64>> = Vec::new();
             let mut k = 0;
+            // With `aligned`, parts are whole blocks as a sparse file's are (holes and reads
+            // on block boundaries), so data takes the no-copy path.
+            let block = |n: usize| if aligned { n.next_multiple_of(ZERO_BLOCK as usize) } else { n };
             for part in &parts {
                 let start = stream.len();
                 match part {
-                    Part::Noise(n, seed) => stream.extend(pseudo_random(*n, *seed)),
-                    Part::WrittenZeros(n) => stream.resize(start + n, 0),
+                    Part::Noise(n, seed) => stream.extend(pseudo_random(block(*n), *seed)),
+                    Part::WrittenZeros(n) => stream.resize(start + block(*n), 0),
                     Part::Hole(n) => {
-                        stream.resize(start + *n as usize, 0);
-                        pieces.push(Err(*n));
+                        let n = block(*n as usize);
+                        stream.resize(start + n, 0);
+                        pieces.push(Err(n as u64));
                         continue;
                     }
                 }
                 let mut at = start;
                 while at < stream.len() {
-                    let end = (at + splits[k % splits.len()]).min(stream.len());
+                    let mut step = splits[k % splits.len()];
+                    if aligned {
+                        // Reads as the pipeline makes them: whole blocks.
+                        step = step.next_multiple_of(ZERO_BLOCK as usize);
+                    }
+                    let end = (at + step).min(stream.len());
                     k += 1;
                     pieces.push(Ok((at, end)));
                     at = end;
@@ -449,7 +548,7 @@ mod tests {
                     Err(n) => Piece::Zeros(*n),
                 })
                 .collect();
-            let (segs, size) = segment(&fed, p);
+            let (segs, size) = segment_with(&fed, p, owned);
             proptest::prop_assert_eq!(size, stream.len() as u64);
             proptest::prop_assert_eq!(&reassemble(&segs, size), &stream);
             let got: Vec<(u64, u64, bool)> = segs

@@ -106,7 +106,7 @@ impl ImageSource for DiskSource {
         &self.path
     }
 
-    fn next_piece(&mut self, buf: &mut Vec<u8>) -> Result<Option<SourcePiece>> {
+    fn next_piece(&mut self, buf: &mut Vec<u8>, at: usize) -> Result<Option<SourcePiece>> {
         let size = self.disk.size();
         if self.pos >= size {
             return Ok(None);
@@ -134,8 +134,8 @@ impl ImageSource for DiskSource {
         let want = n.min(boundary);
         // Recycled buffers are READ_SIZE long: shrinking is free and read() overwrites
         // every byte, so only a new buffer pays for zero-filling.
-        buf.resize(want as usize, 0);
-        self.disk.read(self.pos, buf).map_err(err)?;
+        buf.resize(at + want as usize, 0);
+        self.disk.read(self.pos, &mut buf[at..]).map_err(err)?;
         self.pos += want;
         Ok(Some(SourcePiece::Data))
     }

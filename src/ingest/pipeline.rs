@@ -1,7 +1,7 @@
 //! The parallel ingest pipeline (see the module docs of `ingest`).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crossbeam_channel::{bounded, Receiver};
@@ -72,7 +72,12 @@ pub(super) fn run(
     let outcome = std::thread::scope(|s| {
         // Small bounds: each slot is a 4 MiB buffer or batch, and RSS must stay flat.
         let (piece_tx, piece_rx) = bounded::<(SourcePiece, Vec<u8>)>(2);
-        let (free_tx, free_rx) = bounded::<Vec<u8>>(3);
+        // Read buffers come back here from whoever drops them last (the segmenter or a
+        // worker), so they are not zero-filled again.
+        let (free_tx, free_rx) = bounded::<Vec<u8>>(4);
+        // Bytes are read after this much room, where the segmenter puts a region's tail
+        // (so its chunks need no copy).
+        let headroom = params.headroom();
         let (work_tx, work_rx) = bounded::<Batch>(threads);
         let (done_tx, done_rx) = bounded::<Result<Done>>(threads);
 
@@ -84,8 +89,8 @@ pub(super) fn run(
             loop {
                 let mut buf = free_rx
                     .try_recv()
-                    .unwrap_or_else(|_| Vec::with_capacity(READ_SIZE));
-                let Some(piece) = source.next_piece(&mut buf)? else {
+                    .unwrap_or_else(|_| Vec::with_capacity(headroom + READ_SIZE));
+                let Some(piece) = source.next_piece(&mut buf, headroom)? else {
                     if let Some(stamp) = &stamp {
                         stamp.check_unchanged()?;
                     }
@@ -93,8 +98,8 @@ pub(super) fn run(
                 };
                 match piece {
                     SourcePiece::Data => {
-                        whole.update(&buf);
-                        bytes += buf.len() as u64;
+                        whole.update(&buf[headroom..]);
+                        bytes += (buf.len() - headroom) as u64;
                     }
                     SourcePiece::Zeros(n) => hash_zeros(&mut whole, n),
                 }
@@ -104,22 +109,30 @@ pub(super) fn run(
             }
         });
 
+        let recycled = free_tx.clone();
+        let returned = free_tx.clone();
         let segmenter = s.spawn(move || -> Result<u64> {
             let mut seg = Segmenter::new(params, |batch| {
                 work_tx.send(batch).map_err(|_| Error::Interrupted)
+            })
+            .with_recycler(move |buf| {
+                let _ = recycled.try_send(buf);
             });
             for (piece, buf) in piece_rx {
                 match piece {
-                    SourcePiece::Data => seg.feed(Piece::Data(&buf))?,
-                    SourcePiece::Zeros(n) => seg.feed(Piece::Zeros(n))?,
+                    SourcePiece::Data => seg.feed_buffer(buf, headroom)?,
+                    SourcePiece::Zeros(n) => {
+                        seg.feed(Piece::Zeros(n))?;
+                        let _ = free_tx.try_send(buf);
+                    }
                 }
-                let _ = free_tx.try_send(buf);
             }
             seg.finish()
         });
 
         for _ in 0..threads {
             let (work_rx, done_tx, claimed) = (work_rx.clone(), done_tx.clone(), &claimed);
+            let returned = returned.clone();
             s.spawn(move || {
                 let mut compressor = match zstd::bulk::Compressor::new(level) {
                     Ok(c) => c,
@@ -129,7 +142,11 @@ pub(super) fn run(
                     }
                 };
                 for batch in work_rx {
-                    let done = hash_and_compress(store, claimed, &mut compressor, batch);
+                    let done = hash_and_compress(store, claimed, &mut compressor, &batch);
+                    // The last batch cut from a read buffer gives it back to the reader.
+                    if let Some(buf) = Arc::into_inner(batch.data) {
+                        let _ = returned.try_send(buf);
+                    }
                     if done_tx.send(done).is_err() {
                         return;
                     }
@@ -182,7 +199,7 @@ fn hash_and_compress(
     store: &Store,
     claimed: &Mutex<HashSet<ChunkId>>,
     compressor: &mut zstd::bulk::Compressor<'_>,
-    batch: Batch,
+    batch: &Batch,
 ) -> Result<Done> {
     let mut extents = Vec::with_capacity(batch.segments.len());
     let mut new_chunks = Vec::new();

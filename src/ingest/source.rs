@@ -28,9 +28,10 @@ pub trait ImageSource: Send {
     fn format(&self) -> &'static str;
     /// The path it reads, for messages.
     fn path(&self) -> &Path;
-    /// Fills `buf` with the next bytes (setting its length), or reports a zero run (the
-    /// buffer's content is then meaningless); `None` at the end.
-    fn next_piece(&mut self, buf: &mut Vec<u8>) -> Result<Option<SourcePiece>>;
+    /// Reads the next bytes into `buf[at..]` (setting its length; `buf[..at]` is left as it
+    /// is, headroom for the segmenter), or reports a zero run (the buffer's content is then
+    /// meaningless); `None` at the end.
+    fn next_piece(&mut self, buf: &mut Vec<u8>, at: usize) -> Result<Option<SourcePiece>>;
 }
 
 /// What kind of thing a source path is.
@@ -186,7 +187,7 @@ impl ImageSource for RawSource {
         &self.path
     }
 
-    fn next_piece(&mut self, buf: &mut Vec<u8>) -> Result<Option<SourcePiece>> {
+    fn next_piece(&mut self, buf: &mut Vec<u8>, at: usize) -> Result<Option<SourcePiece>> {
         if self.pos >= self.size {
             // A file truncated after its last data was read (the tail a hole) ends here.
             self.check_not_shrunk()?;
@@ -204,10 +205,10 @@ impl ImageSource for RawSource {
         let want = to_boundary.min(self.data_end - self.pos) as usize;
         // Recycled buffers are already READ_SIZE long: resizing down is free, so only a new
         // buffer pays for zero-filling (it was 2.5% of a dedup ingest).
-        buf.resize(want, 0);
+        buf.resize(at + want, 0);
         let mut filled = 0;
         while filled < want {
-            match self.file.read_at(&mut buf[filled..], self.pos + filled as u64) {
+            match self.file.read_at(&mut buf[at + filled..], self.pos + filled as u64) {
                 Ok(0) => {
                     return Err(Error::BadSource {
                         path: self.path.clone(),
