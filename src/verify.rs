@@ -350,8 +350,9 @@ fn check_images(
 struct ChunkChecks<'a> {
     images: &'a [ImageRecord],
     uses: &'a Uses,
-    /// Chunks checked against their id: their length, or why they are damaged.
-    seen: HashMap<ChunkId, std::result::Result<u64, String>>,
+    /// Chunks checked against their id: true when their bytes match it (damage is reported
+    /// when found).
+    seen: HashMap<ChunkId, bool>,
     /// Images (indexes) with at least one damaged place.
     damaged_images: HashSet<usize>,
 }
@@ -368,25 +369,25 @@ impl ChunkChecks<'_> {
         decoded: std::result::Result<Vec<u8>, String>,
         report: &mut VerifyReport,
     ) -> Option<Vec<u8>> {
-        match (self.seen.get(&id), decoded) {
+        match (self.seen.get(&id).copied(), decoded) {
             (None, Ok(raw)) => {
                 let n = raw.len() as u64;
                 report.chunks += 1;
                 report.bytes += n;
-                self.seen.insert(id, Ok(n));
+                self.seen.insert(id, true);
                 let reason = |len| format!("chunk holds {n} bytes, the extent needs {len}");
                 self.damage_places(&id, |len| (len != n).then(|| reason(len)), report);
                 (n == e.len).then_some(raw)
             }
             (None, Err(why)) => {
                 report.chunks += 1;
-                self.seen.insert(id, Err(why.clone()));
+                self.seen.insert(id, false);
                 self.damage_places(&id, |_| Some(why.clone()), report);
                 None
             }
-            (Some(Ok(_)), Ok(raw)) => (raw.len() as u64 == e.len).then_some(raw),
+            (Some(true), Ok(raw)) => (raw.len() as u64 == e.len).then_some(raw),
             // Read fine before, not now (the writer collected it meanwhile, say).
-            (Some(Ok(_)), Err(why)) => {
+            (Some(true), Err(why)) => {
                 self.damaged_images.insert(image);
                 let record = &self.images[image];
                 report
@@ -394,7 +395,7 @@ impl ChunkChecks<'_> {
                     .push(damage(record, e.offset, e.len, &id, why));
                 None
             }
-            (Some(Err(_)), _) => None,
+            (Some(false), _) => None,
         }
     }
 

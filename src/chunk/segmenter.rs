@@ -112,13 +112,8 @@ impl<F: FnMut(Batch) -> Result<()>> Segmenter<F> {
     pub fn feed(&mut self, piece: Piece<'_>) -> Result<()> {
         match piece {
             Piece::Data(data) => {
-                let h = self.params.headroom();
-                let mut owned = Vec::with_capacity(h + self.partial.len() + data.len());
-                owned.resize(h, 0);
-                owned.extend_from_slice(&self.partial);
-                owned.extend_from_slice(data);
-                self.partial.clear();
-                self.feed_buffer(owned, h)
+                let owned = self.take_partial_with(data);
+                self.feed_buffer(owned, self.params.headroom())
             }
             Piece::Zeros(mut len) => {
                 if !self.partial.is_empty() {
@@ -179,12 +174,19 @@ impl<F: FnMut(Batch) -> Result<()>> Segmenter<F> {
         if self.partial.is_empty() {
             return Ok(());
         }
+        let owned = self.take_partial_with(&[]);
+        self.scan(owned, self.params.headroom())
+    }
+
+    /// A new buffer: headroom, then the bytes waiting in `partial` (taken), then `data`.
+    fn take_partial_with(&mut self, data: &[u8]) -> Vec<u8> {
         let h = self.params.headroom();
-        let mut owned = Vec::with_capacity(h + self.partial.len());
+        let mut owned = Vec::with_capacity(h + self.partial.len() + data.len());
         owned.resize(h, 0);
         owned.extend_from_slice(&self.partial);
+        owned.extend_from_slice(data);
         self.partial.clear();
-        self.scan(owned, h)
+        owned
     }
 
     /// Examines `buf[at..]`, whole aligned blocks (the stream's last may be short).
@@ -256,7 +258,8 @@ impl<F: FnMut(Batch) -> Result<()>> Segmenter<F> {
     /// a zero extent (returns true); a shorter run stays pending for the caller.
     fn settle_long_run(&mut self) -> Result<bool> {
         let run = self.pending_zeros;
-        if run == 0 || run < self.params.zero_run_min as u64 {
+        // zero_run_min is at least one block, so an empty run never qualifies.
+        if run < self.params.zero_run_min as u64 {
             return Ok(false);
         }
         self.end_region()?;

@@ -89,7 +89,6 @@ thread_local! {
     static READ_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-/// The errno a failed request returns: the one place FUSE maps errors.
 /// Claims the next stretch of a look-ahead whose requests reach `mark`: once less than half of
 /// `span` lies requested ahead of `from`, the stretch `mark.max(from)..from + span` (within
 /// `size`), if fewer than `max` tasks of its kind run. On success `running` is counted up for
@@ -118,6 +117,7 @@ fn claim(
     Some((start, until))
 }
 
+/// The errno a failed request returns: the one place FUSE maps errors.
 fn errno(op: &str, e: &Error) -> Errno {
     let n = e.errno();
     match e {

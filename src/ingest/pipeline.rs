@@ -70,7 +70,8 @@ pub(super) fn run(
     let mut written: Vec<ChunkId> = Vec::new();
 
     let outcome = std::thread::scope(|s| {
-        // Small bounds: each slot is a 4 MiB buffer or batch, and RSS must stay flat.
+        // Small bounds: each slot is a read buffer (2 MiB + headroom) or a batch, and RSS
+        // must stay flat.
         let (piece_tx, piece_rx) = bounded::<(SourcePiece, Vec<u8>)>(2);
         // Read buffers come back here from whoever drops them last (the segmenter or a
         // worker), so they are not zero-filled again.
