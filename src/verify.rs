@@ -755,9 +755,8 @@ fn scan_file(
     {
         let mut seg = Segmenter::new(params, |batch| {
             for s in &batch.segments {
-                if let Segment::Chunk { start, len, .. } = *s {
+                if let Segment::Chunk { start, len, id, .. } = *s {
                     let data = &batch.data[start..start + len];
-                    let id = ChunkId::of(data);
                     if wanted.remove(&id) {
                         found.push((id, encode_chunk(data, &mut compressor), len as u32));
                     }

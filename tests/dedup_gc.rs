@@ -201,3 +201,69 @@ fn gc_finds_orphan_chunks_by_their_keys_and_removes_exactly_them() {
     s.assert_round_trip("base", base);
     s.ok(&["verify"]);
 }
+
+/// The data extents of `image`, read through the library.
+fn data_chunks(s: &TestStore, image: &str) -> Vec<(u64, u64, imgvault::chunk::ChunkId)> {
+    use imgvault::catalog::Catalog;
+    use imgvault::store::{OpenMode, Store};
+    let store = Store::open(&s.path(), OpenMode::Reader).unwrap();
+    let catalog = Catalog::new(&store);
+    let rec = catalog.resolve_readable("admin", image, "read").unwrap();
+    let extents = catalog.extents(&rec).unwrap();
+    extents
+        .iter()
+        .filter_map(|e| e.chunk.map(|id| (e.offset, e.len, id)))
+        .collect()
+}
+
+#[test]
+fn a_derived_image_cut_by_hints_has_the_extents_it_has_alone() {
+    let (base, derived) = disk_images();
+    let with_base = TestStore::new();
+    assert_eq!(with_base.import(base, "base")["hinted_chunks"], 0);
+    let report = with_base.import(derived, "derived");
+    let (chunks, hinted) = (
+        report["chunks"].as_u64().unwrap(),
+        report["hinted_chunks"].as_u64().unwrap(),
+    );
+    eprintln!("derived after base: {hinted} of {chunks} chunks cut by hints");
+    assert!(
+        hinted * 2 > chunks,
+        "only {hinted} of {chunks} chunks cut by hints"
+    );
+    let alone = TestStore::new();
+    assert_eq!(alone.import(derived, "derived")["hinted_chunks"], 0);
+    // Canonical segmentation: the same cuts whether FastCDC or the hints placed them.
+    assert_eq!(
+        data_chunks(&with_base, "derived"),
+        data_chunks(&alone, "derived")
+    );
+    with_base.assert_round_trip("derived", derived);
+}
+
+#[test]
+fn hints_name_the_next_chunk_and_gc_removes_them_with_their_chunks() {
+    use imgvault::store::{OpenMode, Store};
+    let s = TestStore::new();
+    let a = s.scratch("a.bin");
+    std::fs::write(&a, random_bytes(8 << 20, 17)).unwrap();
+    s.import(&a, "a");
+    let chunks = data_chunks(&s, "a");
+    assert!(chunks.len() > 50, "{} chunks", chunks.len());
+    {
+        let store = Store::open(&s.path(), OpenMode::Reader).unwrap();
+        for pair in chunks.windows(2) {
+            let hint = store
+                .hint(&pair[0].2)
+                .expect("a hint for every chunk but the last");
+            assert_eq!((hint.next, hint.len as u64), (pair[1].2, pair[1].1));
+        }
+        assert!(store.hint(&chunks.last().unwrap().2).is_none());
+    }
+    s.ok(&["delete", "a"]);
+    s.ok(&["gc"]);
+    let store = Store::open(&s.path(), OpenMode::Reader).unwrap();
+    for (_, _, id) in &chunks {
+        assert!(store.hint(id).is_none(), "hint of removed chunk {id} kept");
+    }
+}

@@ -7,7 +7,7 @@
 
 mod segmenter;
 
-pub use segmenter::{Batch, Piece, Segment, Segmenter};
+pub use segmenter::{Batch, Cut, Hint, HintLookup, Piece, Segment, Segmenter, SegmenterStats};
 
 use std::fmt;
 

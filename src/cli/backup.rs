@@ -91,12 +91,13 @@ pub fn backup(ctx: &Context, args: BackupArgs) -> anyhow::Result<i32> {
         println!("  parent {p}");
     }
     println!(
-        "  device size {}, data {}, {} chunks ({} new, {} deduplicated)",
+        "  device size {}, data {}, {} chunks ({} new, {} deduplicated, {} cut by hints)",
         output::bytes(img.virtual_size),
         output::bytes(img.nonzero_bytes),
         r.chunks,
         r.new_chunks,
-        r.dedup_chunks
+        r.dedup_chunks,
+        r.hinted_chunks
     );
     println!(
         "  stored {} new ({} raw), {:.2} s, {}/s",

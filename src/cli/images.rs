@@ -34,13 +34,14 @@ pub fn import(ctx: &Context, args: ImportArgs) -> anyhow::Result<i32> {
             img.id
         );
         println!(
-            "  format {}, virtual size {}, data {}, {} chunks ({} new, {} deduplicated)",
+            "  format {}, virtual size {}, data {}, {} chunks ({} new, {} deduplicated, {} cut by hints)",
             report.format,
             output::bytes(img.virtual_size),
             output::bytes(img.nonzero_bytes),
             report.chunks,
             report.new_chunks,
-            report.dedup_chunks
+            report.dedup_chunks,
+            report.hinted_chunks
         );
         println!(
             "  stored {} new ({} raw), {:.2} s, {}/s",

@@ -11,7 +11,9 @@ use serde::Serialize;
 use super::source::{ImageSource, SourcePiece, SourceStamp, READ_SIZE};
 use super::IngestOptions;
 use crate::catalog::{Catalog, ImageId, ImageRecord, Source};
-use crate::chunk::{hash_zeros, Batch, ChunkId, ChunkerParams, Piece, Segment, Segmenter};
+use crate::chunk::{
+    hash_zeros, Batch, ChunkId, ChunkerParams, Hint, Piece, Segment, Segmenter, SegmenterStats,
+};
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::store::codec::{encode_chunk, Extent};
@@ -36,6 +38,8 @@ pub struct ImportReport {
     pub new_stored_bytes: u64,
     /// Chunks already in the store (or earlier in this image).
     pub dedup_chunks: u64,
+    /// Chunks cut where the store's hints said, without FastCDC (see `store::hints`).
+    pub hinted_chunks: u64,
     /// Wall time.
     pub seconds: f64,
 }
@@ -47,6 +51,8 @@ struct Done {
     /// (id, stored value, raw length) of chunks this ingest stores first.
     new_chunks: Vec<(ChunkId, Vec<u8>, u32)>,
     dedup: u64,
+    /// Chunk successions to record (see `store::hints`).
+    hints: Vec<(ChunkId, Hint)>,
 }
 
 pub(super) fn run(
@@ -112,10 +118,11 @@ pub(super) fn run(
 
         let recycled = free_tx.clone();
         let returned = free_tx.clone();
-        let segmenter = s.spawn(move || -> Result<u64> {
+        let segmenter = s.spawn(move || -> Result<(u64, SegmenterStats)> {
             let mut seg = Segmenter::new(params, |batch| {
                 work_tx.send(batch).map_err(|_| Error::Interrupted)
             })
+            .with_hints(|id| store.hint(id))
             .with_recycler(move |buf| {
                 let _ = recycled.try_send(buf);
             });
@@ -128,7 +135,14 @@ pub(super) fn run(
                     }
                 }
             }
-            seg.finish()
+            let (size, stats) = seg.finish_with_stats()?;
+            tracing::debug!(
+                "segmenter: {} chunks cut by hints, {} by FastCDC, {} hints missed",
+                stats.hinted,
+                stats.scanned,
+                stats.missed
+            );
+            Ok((size, stats))
         });
 
         for _ in 0..threads {
@@ -162,29 +176,20 @@ pub(super) fn run(
         let segmented = segmenter.join().unwrap_or(Err(Error::Interrupted));
         // The source's error is the cause when several stages failed.
         let (bytes_read, checksum) = read?;
-        let size = segmented?;
-        let (extents, sizes, dedup) = collected?;
-        Ok((bytes_read, size, checksum, extents, sizes, dedup))
+        let (size, cuts) = segmented?;
+        Ok(CommitInput {
+            format,
+            bytes_read,
+            size,
+            checksum,
+            collected: collected?,
+            hinted_chunks: cuts.hinted,
+            started,
+        })
     });
     progress.finish();
 
-    let result = outcome.and_then(|(bytes_read, size, checksum, extents, sizes, dedup)| {
-        commit(
-            store,
-            opts,
-            record_source,
-            CommitInput {
-                format,
-                bytes_read,
-                size,
-                checksum,
-                extents,
-                sizes,
-                dedup,
-                started,
-            },
-        )
-    });
+    let result = outcome.and_then(|input| commit(store, opts, record_source, input));
     if result.is_err() && !written.is_empty() {
         // Nothing references these chunks: remove them now rather than waiting for gc.
         let mut batch = WriteBatch::default();
@@ -207,9 +212,13 @@ fn hash_and_compress(
     let mut dedup = 0;
     for segment in &batch.segments {
         match *segment {
-            Segment::Chunk { offset, start, len } => {
+            Segment::Chunk {
+                offset,
+                start,
+                len,
+                id,
+            } => {
                 let data = &batch.data[start..start + len];
-                let id = ChunkId::of(data);
                 let seen = claimed.lock().map(|set| set.contains(&id)).unwrap_or(true);
                 // Known chunks are never compressed again.
                 if seen || store.chunk_is_referenced(&id)? {
@@ -241,10 +250,18 @@ fn hash_and_compress(
         extents,
         new_chunks,
         dedup,
+        hints: batch.hints.clone(),
     })
 }
 
-type Collected = (Vec<Extent>, HashMap<ChunkId, (u32, u32)>, u64);
+/// What the writer gathered from the batches.
+struct Collected {
+    extents: Vec<Extent>,
+    /// (stored, raw) length of each chunk this ingest stored.
+    sizes: HashMap<ChunkId, (u32, u32)>,
+    dedup: u64,
+    hints: Vec<(ChunkId, Hint)>,
+}
 
 /// The writer: puts new chunks in stream order and gathers the extent map.
 fn collect(
@@ -258,6 +275,7 @@ fn collect(
     let mut extents = Vec::new();
     let mut sizes = HashMap::new();
     let mut dedup = 0;
+    let mut hints = Vec::new();
     for done in done_rx {
         let done = done?;
         pending.insert(done.seq, done);
@@ -275,9 +293,15 @@ fn collect(
             progress.advance(done.extents.iter().map(|e| e.len).sum());
             dedup += done.dedup;
             extents.extend(done.extents);
+            hints.extend(done.hints);
         }
     }
-    Ok((extents, sizes, dedup))
+    Ok(Collected {
+        extents,
+        sizes,
+        dedup,
+        hints,
+    })
 }
 
 struct CommitInput {
@@ -285,9 +309,8 @@ struct CommitInput {
     bytes_read: u64,
     size: u64,
     checksum: blake3::Hash,
-    extents: Vec<Extent>,
-    sizes: HashMap<ChunkId, (u32, u32)>,
-    dedup: u64,
+    collected: Collected,
+    hinted_chunks: u64,
     started: Instant,
 }
 
@@ -297,6 +320,12 @@ fn commit(
     record_source: Source,
     input: CommitInput,
 ) -> Result<ImportReport> {
+    let Collected {
+        extents,
+        sizes,
+        dedup,
+        hints,
+    } = input.collected;
     // Chunk values were written without the WAL: make them durable before the batch that
     // references them.
     store.flush_chunks()?;
@@ -304,7 +333,7 @@ fn commit(
     // The writer lock is held since the first check, so name and quota still hold; the
     // re-check is cheap insurance against a caller that skipped `import`'s check.
     catalog.check_create(&opts.owner, &opts.name, opts.visibility)?;
-    let data: Vec<&Extent> = input.extents.iter().filter(|e| e.chunk.is_some()).collect();
+    let data: Vec<&Extent> = extents.iter().filter(|e| e.chunk.is_some()).collect();
     let record = ImageRecord {
         id: ImageId::random()?,
         name: opts.name.clone(),
@@ -314,8 +343,8 @@ fn commit(
         virtual_size: input.size,
         nonzero_bytes: data.iter().map(|e| e.len).sum(),
         data_extents: data.len() as u64,
-        new_chunks: input.sizes.len() as u64,
-        new_stored_bytes: input.sizes.values().map(|(s, _)| *s as u64).sum(),
+        new_chunks: sizes.len() as u64,
+        new_stored_bytes: sizes.values().map(|(s, _)| *s as u64).sum(),
         checksum: input.checksum.to_hex().to_string(),
         created: now(),
         region: store.config().region.clone(),
@@ -324,16 +353,20 @@ fn commit(
         properties: opts.properties.clone(),
     };
     let mut batch = WriteBatch::default();
-    catalog.batch_create(&mut batch, &record, &input.extents, &input.sizes)?;
+    catalog.batch_create(&mut batch, &record, &extents, &sizes)?;
+    for (id, hint) in &hints {
+        store.batch_hint(&mut batch, id, hint);
+    }
     store.commit(batch)?;
     Ok(ImportReport {
         format: input.format,
         bytes_read: input.bytes_read,
         chunks: record.data_extents,
         new_chunks: record.new_chunks,
-        new_raw_bytes: input.sizes.values().map(|(_, r)| *r as u64).sum(),
+        new_raw_bytes: sizes.values().map(|(_, r)| *r as u64).sum(),
         new_stored_bytes: record.new_stored_bytes,
-        dedup_chunks: input.dedup,
+        dedup_chunks: dedup,
+        hinted_chunks: input.hinted_chunks,
         seconds: input.started.elapsed().as_secs_f64(),
         image: record,
     })

@@ -88,6 +88,7 @@ pub(super) fn run(store: &Store, pinned: &HashSet<ChunkId>) -> Result<GcReport> 
         }
         batch.delete_cf(chunks, key);
         batch.delete_cf(refs, id.0);
+        store.batch_forget_hint(&mut batch, &id);
         report.unreferenced_chunks += 1;
         report.removed_bytes += entry.stored_len as u64;
         pending += 1;
@@ -116,6 +117,9 @@ pub(super) fn run(store: &Store, pinned: &HashSet<ChunkId>) -> Result<GcReport> 
             .map_err(|e| store.db_err(e))?
             .map_or(0, |v| v.len() as u64);
         batch.delete_cf(chunks, key);
+        if let Some(id) = ChunkId::from_slice(key) {
+            store.batch_forget_hint(&mut batch, &id);
+        }
         report.orphan_chunks += 1;
         report.removed_bytes += stored;
         pending += 1;

@@ -11,6 +11,7 @@
 
 pub mod codec;
 mod gc;
+mod hints;
 mod keys;
 mod live;
 mod lock;
