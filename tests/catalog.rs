@@ -1531,3 +1531,29 @@ fn list_filters_sorts_and_shows_market_images() {
     let (code, err) = s.fail_as("alice", &["list", "--sort", "colour"]);
     assert_eq!(code, 2, "{err}");
 }
+
+#[test]
+fn a_copy_brings_its_succession_hints_to_the_target_region() {
+    let (base, derived) = disk_images();
+    let a = TestStore::uninit();
+    a.ok(&["init", "--region", "us-east"]);
+    let b = TestStore::uninit();
+    b.ok(&["init", "--region", "eu-west"]);
+    import_as(&a, "admin", base, "base", &[]);
+    json_as(
+        &a,
+        "admin",
+        &["copy", "base", "--to-store", b.path().to_str().unwrap()],
+    );
+    // An image derived from the copy, imported in the target region, is cut by hints there.
+    let d = import_as(&b, "admin", derived, "app", &[]);
+    let (chunks, hinted) = (
+        d["chunks"].as_u64().unwrap(),
+        d["hinted_chunks"].as_u64().unwrap(),
+    );
+    assert!(
+        hinted * 2 > chunks,
+        "{hinted} of {chunks} chunks cut by hints"
+    );
+    b.assert_round_trip("app", derived);
+}

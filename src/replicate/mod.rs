@@ -7,7 +7,7 @@
 //!                                                    │ no
 //!   stored chunk value (as is, still compressed) ◀───┘
 //!     └─ decoded and checked against its BLAKE3 id ──▶ put unlogged ──▶ flush
-//!                                  one WriteBatch: record + name + extents + ref increments
+//!                  one WriteBatch: record + name + extents + ref increments + succession hints
 //! ```
 //! The copy is an independent image of the target: new id, owner the caller, the name of
 //! the source unless another is given, the source's properties, and
@@ -281,6 +281,15 @@ pub fn copy_image(
         };
         let mut batch = WriteBatch::default();
         catalog.batch_create(&mut batch, &rec, &extents, &sizes)?;
+        // Both stores cut alike, so the source's succession hints hold in the target: an
+        // image derived from this one, imported there, skips FastCDC as it would here.
+        for id in &order {
+            if let Some(hint) = source.hint(id) {
+                if target.hint(id) != Some(hint) {
+                    target.batch_hint(&mut batch, id, &hint);
+                }
+            }
+        }
         target.commit(batch)?;
         report.image = rec;
         Ok(())
