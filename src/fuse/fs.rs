@@ -17,6 +17,7 @@ use fuser::{
 };
 
 use super::layout::{self, View};
+use super::stream::Stream;
 use super::MountOptions;
 use crate::catalog::{Access, Catalog, ImageRecord};
 use crate::error::{Error, Result};
@@ -38,11 +39,12 @@ const SEQUENTIAL_SLACK: u64 = 2 << 20;
 /// Sequential reads in a row before read-ahead decoding starts.
 const SEQUENTIAL_TRIGGER: u32 = 2;
 
-/// Read-ahead decode tasks running at once, over all open files.
-const MAX_PREFETCH_TASKS: usize = 4;
+/// Memory for the decoded windows of sequential readers, over all open files; a stream
+/// that finds it taken reads through the chunk cache.
+const MAX_WINDOW_BYTES: u64 = 128 << 20;
 
 /// Stored chunk values are read into the page cache this many decode-ahead windows ahead of
-/// a sequential reader (see [`ImgvaultFs::read_ahead`]).
+/// a sequential reader's decoded windows (see [`ImgvaultFs::warm_ahead`]).
 const WARM_WINDOWS: u64 = 4;
 
 /// Warm-up threads running at once, over all open files.
@@ -169,8 +171,8 @@ struct Handle {
     last_end: AtomicU64,
     /// Sequential reads in a row.
     streak: AtomicU32,
-    /// Read-ahead has been requested up to here.
-    ahead: AtomicU64,
+    /// Decoded windows ahead of a sequential reader.
+    stream: Stream,
     /// Stored values have been read into the page cache up to here.
     warmed: AtomicU64,
     /// Opened with O_DIRECT: the page cache is not used, nothing to feed it.
@@ -195,7 +197,8 @@ pub struct ImgvaultFs {
     handles: RwLock<HashMap<u64, Arc<Handle>>>,
     listings: Mutex<HashMap<u64, Arc<Listing>>>,
     next_fh: AtomicU64,
-    prefetching: Arc<AtomicUsize>,
+    /// Bytes of sequential readers' windows alive.
+    window_bytes: Arc<AtomicU64>,
     warming: Arc<AtomicUsize>,
     pages: Option<crossbeam_channel::Sender<PageFeed>>,
     uid: u32,
@@ -229,7 +232,7 @@ impl ImgvaultFs {
             handles: RwLock::new(HashMap::new()),
             listings: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
-            prefetching: Arc::new(AtomicUsize::new(0)),
+            window_bytes: Arc::new(AtomicU64::new(0)),
             warming: Arc::new(AtomicUsize::new(0)),
             pages,
             // SAFETY: getuid/getgid have no preconditions.
@@ -373,7 +376,7 @@ impl ImgvaultFs {
             reader,
             last_end: AtomicU64::new(0),
             streak: AtomicU32::new(0),
-            ahead: AtomicU64::new(0),
+            stream: Stream::default(),
             warmed: AtomicU64::new(0),
             direct: flags.0 & libc::O_DIRECT != 0,
         });
@@ -470,7 +473,8 @@ impl ImgvaultFs {
             .ok_or_else(|| sys(libc::EBADF, format!("file handle {fh} is not open")))
     }
 
-    /// Reads into the thread's buffer and hands the bytes to `reply`.
+    /// Hands the bytes to `reply`: from a sequential reader's decoded window when one holds
+    /// them, else read into the thread's buffer through the chunk cache.
     fn do_read(&self, fh: u64, offset: u64, size: u32, reply: impl FnOnce(&[u8])) -> Result<()> {
         let h = self.handle(fh)?;
         let len = u64::from(size).min(h.reader.size().saturating_sub(offset)) as usize;
@@ -478,7 +482,56 @@ impl ImgvaultFs {
             reply(&[]);
             return Ok(());
         }
-        self.read_ahead(&h, offset, len as u64);
+        let mut reply = Some(reply);
+        if self.is_sequential(&h, offset, len as u64) {
+            let windows = h.stream.windows_for(
+                &h.reader,
+                offset,
+                len as u64,
+                self.prefetch_bytes,
+                &self.window_bytes,
+                MAX_WINDOW_BYTES,
+            );
+            self.warm_ahead(
+                &h,
+                offset
+                    + self
+                        .prefetch_bytes
+                        .saturating_mul(super::stream::MAX_WINDOWS as u64),
+            );
+            if let [window] = windows.as_slice() {
+                // The whole request in one window: answered from it, no copy.
+                let answered = window.with_bytes(offset, len, |bytes| {
+                    if let Some(r) = reply.take() {
+                        r(bytes);
+                    }
+                });
+                if answered.is_some() {
+                    return Ok(());
+                }
+            } else if !windows.is_empty() {
+                // Straddling two windows: copied together (decoding it again would cost more).
+                let end = offset + len as u64;
+                let gathered = READ_BUF.with(|buf| {
+                    let mut buf = buf.borrow_mut();
+                    buf.clear();
+                    for w in &windows {
+                        let part = w.clip(offset, end);
+                        w.with_bytes(part.start, (part.end - part.start) as usize, |b| {
+                            buf.extend_from_slice(b)
+                        })?;
+                    }
+                    if let Some(r) = reply.take() {
+                        r(&buf[..len]);
+                    }
+                    Some(())
+                });
+                if gathered.is_some() {
+                    return Ok(());
+                }
+            }
+        }
+        let reply = reply.take().ok_or(Error::Interrupted)?;
         READ_BUF.with(|buf| {
             let mut buf = buf.borrow_mut();
             if buf.len() < len {
@@ -542,42 +595,19 @@ impl ImgvaultFs {
         }
     }
 
-    /// Detects sequential reads on a handle and decodes the chunks ahead of them in the
-    /// background (rayon), so the next requests find them in the cache.
-    fn read_ahead(&self, h: &Handle, offset: u64, len: u64) {
-        let window = self.prefetch_bytes;
-        if window == 0 {
-            return;
+    /// Detects sequential reads on a handle: true from the [`SEQUENTIAL_TRIGGER`]th read
+    /// in a row on (when decode-ahead is on).
+    fn is_sequential(&self, h: &Handle, offset: u64, len: u64) -> bool {
+        if self.prefetch_bytes == 0 {
+            return false;
         }
-        let end = offset + len;
-        let prev = h.last_end.swap(end, Ordering::Relaxed);
+        let prev = h.last_end.swap(offset + len, Ordering::Relaxed);
         if offset.abs_diff(prev) > SEQUENTIAL_SLACK {
             h.streak.store(0, Ordering::Relaxed);
-            h.ahead.store(0, Ordering::Relaxed);
             h.warmed.store(0, Ordering::Relaxed);
-            return;
+            return false;
         }
-        if h.streak.fetch_add(1, Ordering::Relaxed) + 1 < SEQUENTIAL_TRIGGER {
-            return;
-        }
-        let size = h.reader.size();
-        let Some((start, until)) = claim(
-            &h.ahead,
-            end,
-            window,
-            size,
-            &self.prefetching,
-            MAX_PREFETCH_TASKS,
-        ) else {
-            return;
-        };
-        self.warm_ahead(h, until);
-        let reader = h.reader.clone();
-        let running = self.prefetching.clone();
-        rayon::spawn(move || {
-            reader.prefetch(start, until - start);
-            running.fetch_sub(1, Ordering::Relaxed);
-        });
+        h.streak.fetch_add(1, Ordering::Relaxed) + 1 >= SEQUENTIAL_TRIGGER
     }
 
     /// Reads the stored values beyond the decode-ahead window into the page cache, on a

@@ -11,8 +11,9 @@
 //! it is deleted: its chunks are pinned (see [`crate::store::pins`]) until it is closed.
 //!
 //! Reads are answered inline on fuser's threads (one `/dev/fuse` fd each) from the shared
-//! [`ChunkCache`](crate::read::ChunkCache); sequential readers get their next chunks decoded
-//! ahead in parallel; a random buffered read hands the whole decoded chunk to a feeder thread
+//! [`ChunkCache`](crate::read::ChunkCache); a sequential reader gets the bytes ahead of it
+//! decoded in parallel into windows and is answered from them without a copy (`stream`); a
+//! random buffered read hands the whole decoded chunk to a feeder thread
 //! that stores it in the kernel's page cache (FUSE_NOTIFY_STORE), so the chunk's other pages
 //! never need the daemon; `SEEK_DATA`/`SEEK_HOLE` come from the zero extents; the page cache
 //! is kept across opens (the bytes of an image never change).
@@ -37,6 +38,7 @@
 
 mod fs;
 pub mod layout;
+mod stream;
 pub mod sys;
 
 use std::path::{Path, PathBuf};

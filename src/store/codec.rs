@@ -83,6 +83,50 @@ pub fn decode_chunk(value: &[u8]) -> std::result::Result<Vec<u8>, String> {
     }
 }
 
+/// Decodes a stored chunk value into `out`, which must be exactly the chunk's raw length
+/// (the extent's length). Errors describe the damage, as for [`decode_chunk`].
+pub fn decode_chunk_into(value: &[u8], out: &mut [u8]) -> std::result::Result<(), String> {
+    if value.len() < CHUNK_HEADER {
+        return Err(format!(
+            "value of {} bytes is shorter than its header",
+            value.len()
+        ));
+    }
+    let raw_len = u32::from_le_bytes([value[1], value[2], value[3], value[4]]) as usize;
+    if raw_len != out.len() {
+        return Err(format!(
+            "chunk holds {raw_len} bytes, the extent needs {}",
+            out.len()
+        ));
+    }
+    let payload = &value[CHUNK_HEADER..];
+    match value[0] {
+        CODEC_RAW if payload.len() == raw_len => {
+            out.copy_from_slice(payload);
+            Ok(())
+        }
+        CODEC_RAW => Err(format!(
+            "raw payload is {} bytes, header says {raw_len}",
+            payload.len()
+        )),
+        CODEC_ZSTD => {
+            let n = DECOMPRESSOR.with(|d| match &mut *d.borrow_mut() {
+                Some(d) => d
+                    .decompress_to_buffer(payload, out)
+                    .map_err(|e| format!("zstd: {e}")),
+                None => {
+                    zstd::bulk::decompress_to_buffer(payload, out).map_err(|e| format!("zstd: {e}"))
+                }
+            })?;
+            if n != raw_len {
+                return Err(format!("decompressed to {n} bytes, header says {raw_len}"));
+            }
+            Ok(())
+        }
+        c => Err(format!("unknown codec byte {c}")),
+    }
+}
+
 /// Reference-count record: how many extents use a chunk, and its sizes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RefEntry {

@@ -407,6 +407,24 @@ impl Store {
         }
     }
 
+    /// Reads, decodes and checks a chunk into `out` (exactly its length).
+    pub fn read_chunk_into(&self, id: &ChunkId, out: &mut [u8]) -> std::result::Result<(), String> {
+        match self
+            .db
+            .get_pinned_cf_opt(self.cf(cf::CHUNKS), id.0, &chunk_read_options())
+        {
+            Ok(Some(value)) => {
+                codec::decode_chunk_into(&value, out)?;
+                if ChunkId::of(out) != *id {
+                    return Err("bytes do not match the chunk's BLAKE3 id".to_string());
+                }
+                Ok(())
+            }
+            Ok(None) => Err(MISSING.to_string()),
+            Err(e) => Err(format!("read failed: {e}")),
+        }
+    }
+
     /// Decodes a stored chunk value and checks it against the chunk's id.
     pub fn decode_checked(id: &ChunkId, value: &[u8]) -> std::result::Result<Vec<u8>, String> {
         let raw = codec::decode_chunk(value)?;

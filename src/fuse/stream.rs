@@ -1,0 +1,201 @@
+//! Sequential streams: a file handle read front to back gets the bytes ahead of it decoded
+//! into windows (runs of whole extents, decoded in parallel into one buffer each), and a
+//! request that falls inside a window is answered straight from it.
+//!
+//! Compared with decoding ahead into the chunk cache, this saves a copy of every byte into
+//! the request buffer, an allocation per chunk, and the cache's bookkeeping; the mount's
+//! sequential read runs CPU-bound on the same cores as the reader, so that is time saved
+//! (docs/PERFORMANCE.md, "Sequential windows"). Requests that straddle two windows, long
+//! zero runs (nothing to decode) and random reads take the chunk-cache path.
+
+use std::collections::VecDeque;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+
+use crate::read::ImageReader;
+
+/// Windows a stream keeps: the one being read and those decoding ahead of it.
+pub(crate) const MAX_WINDOWS: usize = 4;
+
+/// A zero extent at least this long ends a window (and gets none): nothing to decode.
+const LONG_ZEROS: u64 = 1 << 20;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Image bytes `span`, decoded (or being decoded) into one buffer.
+pub(crate) struct Window {
+    span: Range<u64>,
+    /// The bytes, once decoded: read without a lock (replies are long kernel copies, and the
+    /// request threads answer from the same window at once).
+    data: OnceLock<Vec<u8>>,
+    /// Set when the decode ended, well or not.
+    done: Mutex<bool>,
+    ready: Condvar,
+    /// Bytes of windows alive in the filesystem (this one counts until dropped).
+    budget: Arc<AtomicU64>,
+}
+
+impl Window {
+    /// Waits for the decode, then hands `f` the bytes `offset..offset + len` (inside the
+    /// span). `None` if the decode failed: the caller reads the chunks itself and reports
+    /// the damage with its offset.
+    pub(crate) fn with_bytes<R>(
+        &self,
+        offset: u64,
+        len: usize,
+        f: impl FnOnce(&[u8]) -> R,
+    ) -> Option<R> {
+        if self.data.get().is_none() {
+            let mut done = lock(&self.done);
+            while !*done {
+                done = self.ready.wait(done).unwrap_or_else(|e| e.into_inner());
+            }
+        }
+        let at = (offset - self.span.start) as usize;
+        self.data.get()?.get(at..at + len).map(f)
+    }
+
+    /// The part of `offset..end` this window holds.
+    pub(crate) fn clip(&self, offset: u64, end: u64) -> Range<u64> {
+        offset.max(self.span.start)..end.min(self.span.end)
+    }
+
+    /// Ends the decode: `data` the bytes, `None` when it failed.
+    fn finish(&self, data: Option<Vec<u8>>) {
+        if let Some(data) = data {
+            let _ = self.data.set(data);
+        }
+        *lock(&self.done) = true;
+        self.ready.notify_all();
+    }
+}
+
+impl Drop for Window {
+    fn drop(&mut self) {
+        let len = self.span.end - self.span.start;
+        self.budget.fetch_sub(len, Ordering::Relaxed);
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    windows: VecDeque<Arc<Window>>,
+    /// The stream is planned from here (where it started or last jumped to) ...
+    base: u64,
+    /// ... up to here, where the next window starts (an extent boundary).
+    next: u64,
+    /// A buffer of a window no longer needed.
+    spare: Option<Vec<u8>>,
+}
+
+/// The windows of one file handle.
+#[derive(Default)]
+pub(crate) struct Stream {
+    inner: Mutex<Inner>,
+}
+
+impl Stream {
+    /// For a sequential request `offset..offset + len`: keeps windows of about
+    /// `window_bytes` decoding up to `window_bytes * (MAX_WINDOWS - 1)` ahead (while the
+    /// filesystem's windows stay under `max_bytes`) and returns the windows that together
+    /// hold the whole request, in order (empty if they do not).
+    pub(crate) fn windows_for(
+        &self,
+        reader: &Arc<ImageReader>,
+        offset: u64,
+        len: u64,
+        window_bytes: u64,
+        budget: &Arc<AtomicU64>,
+        max_bytes: u64,
+    ) -> Vec<Arc<Window>> {
+        let mut inner = lock(&self.inner);
+        let behind = offset.saturating_sub(window_bytes);
+        // Windows the reader has left behind (by a window's length: the kernel's requests
+        // can arrive a little out of order) give their buffer back.
+        while inner.windows.front().is_some_and(|w| w.span.end <= behind) {
+            if let Some(w) = inner.windows.pop_front() {
+                // The buffer is reused once nobody reads the window any more.
+                if let Some(buf) = Arc::into_inner(w).and_then(|mut w| w.data.take()) {
+                    inner.spare = Some(buf);
+                }
+            }
+        }
+        if !(inner.base..inner.next).contains(&offset) {
+            // A new stream, or the reader jumped: plan from its request.
+            inner.windows.clear();
+            inner.next = reader.extent_span(offset, 1).start;
+            inner.base = inner.next;
+        }
+        let horizon = offset + len + window_bytes * (MAX_WINDOWS as u64 - 1);
+        while inner.next < horizon.min(reader.size()) && inner.windows.len() < MAX_WINDOWS {
+            // (A long zero run is skipped: its requests are zeros, nothing to decode.)
+            let Some(span) = next_span(reader, inner.next, window_bytes) else {
+                break;
+            };
+            let bytes = span.end - span.start;
+            if budget.fetch_add(bytes, Ordering::Relaxed) + bytes > max_bytes {
+                budget.fetch_sub(bytes, Ordering::Relaxed);
+                break; // other streams hold the memory: the chunk path serves this one
+            }
+            let window = Arc::new(Window {
+                span: span.clone(),
+                data: OnceLock::new(),
+                done: Mutex::new(false),
+                ready: Condvar::new(),
+                budget: budget.clone(),
+            });
+            inner.next = span.end;
+            inner.windows.push_back(window.clone());
+            let mut buf = inner.spare.take().unwrap_or_default();
+            let reader = reader.clone();
+            rayon::spawn(move || {
+                // A failure is logged by the reader; the chunk path reports it to the caller.
+                let decoded = reader.decode_span(window.span.clone(), &mut buf).is_ok();
+                window.finish(decoded.then_some(buf));
+            });
+        }
+        let end = offset + len;
+        let mut held = Vec::new();
+        let mut at = offset;
+        for w in &inner.windows {
+            if w.span.end <= at {
+                continue;
+            }
+            if w.span.start > at {
+                break; // a gap (a long zero run): not held
+            }
+            held.push(w.clone());
+            at = w.span.end;
+            if at >= end {
+                return held;
+            }
+        }
+        Vec::new()
+    }
+}
+
+/// The next window's span from extent boundary `from`: whole extents, about `target` bytes,
+/// skipping a long zero run at its start and ending before one.
+fn next_span(reader: &ImageReader, from: u64, target: u64) -> Option<Range<u64>> {
+    let extents = reader.extents();
+    let mut idx = reader.extent_index(from);
+    while extents
+        .get(idx)
+        .is_some_and(|e| e.chunk.is_none() && e.len >= LONG_ZEROS)
+    {
+        idx += 1;
+    }
+    let start = extents.get(idx)?.offset;
+    let mut end = start;
+    while let Some(e) = extents.get(idx) {
+        if end > start && (end - start >= target || (e.chunk.is_none() && e.len >= LONG_ZEROS)) {
+            break;
+        }
+        end = e.end();
+        idx += 1;
+    }
+    Some(start..end)
+}
