@@ -492,13 +492,11 @@ impl ImgvaultFs {
                 &self.window_bytes,
                 MAX_WINDOW_BYTES,
             );
-            self.warm_ahead(
-                &h,
-                offset
-                    + self
-                        .prefetch_bytes
-                        .saturating_mul(super::stream::MAX_WINDOWS as u64),
-            );
+            let windows_end = self
+                .prefetch_bytes
+                .min(super::stream::MAX_WINDOW)
+                .saturating_mul(super::stream::MAX_WINDOWS as u64);
+            self.warm_ahead(&h, offset.saturating_add(windows_end));
             if let [window] = windows.as_slice() {
                 // The whole request in one window: answered from it, no copy.
                 let answered = window.with_bytes(offset, len, |bytes| {
@@ -614,7 +612,10 @@ impl ImgvaultFs {
     /// thread of its own: on a cold store the decoders then find their input in memory
     /// instead of each waiting for its own small disk read.
     fn warm_ahead(&self, h: &Handle, from: u64) {
-        let span = self.prefetch_bytes.saturating_mul(WARM_WINDOWS);
+        let span = self
+            .prefetch_bytes
+            .min(super::stream::MAX_WINDOW)
+            .saturating_mul(WARM_WINDOWS);
         let size = h.reader.size();
         let Some((start, until)) =
             claim(&h.warmed, from, span, size, &self.warming, MAX_WARM_TASKS)

@@ -18,6 +18,9 @@ use crate::read::ImageReader;
 /// Windows a stream keeps: the one being read and those decoding ahead of it.
 pub(crate) const MAX_WINDOWS: usize = 4;
 
+/// Largest window (`mount --prefetch-mb` asks for the size).
+pub(crate) const MAX_WINDOW: u64 = 32 << 20;
+
 /// A zero extent at least this long ends a window (and gets none): nothing to decode.
 const LONG_ZEROS: u64 = 1 << 20;
 
@@ -99,7 +102,7 @@ pub(crate) struct Stream {
 
 impl Stream {
     /// For a sequential request `offset..offset + len`: keeps windows of about
-    /// `window_bytes` decoding up to `window_bytes * (MAX_WINDOWS - 1)` ahead (while the
+    /// `window_bytes` (at most [`MAX_WINDOW`]) decoding up to `window_bytes * (MAX_WINDOWS - 1)` ahead (while the
     /// filesystem's windows stay under `max_bytes`) and returns the windows that together
     /// hold the whole request, in order (empty if they do not).
     pub(crate) fn windows_for(
@@ -111,6 +114,7 @@ impl Stream {
         budget: &Arc<AtomicU64>,
         max_bytes: u64,
     ) -> Vec<Arc<Window>> {
+        let window_bytes = window_bytes.clamp(1, MAX_WINDOW);
         let mut inner = lock(&self.inner);
         let behind = offset.saturating_sub(window_bytes);
         // Windows the reader has left behind (by a window's length: the kernel's requests
@@ -129,7 +133,7 @@ impl Stream {
             inner.next = reader.extent_span(offset, 1).start;
             inner.base = inner.next;
         }
-        let horizon = offset + len + window_bytes * (MAX_WINDOWS as u64 - 1);
+        let horizon = (offset + len).saturating_add(window_bytes * (MAX_WINDOWS as u64 - 1));
         while inner.next < horizon.min(reader.size()) && inner.windows.len() < MAX_WINDOWS {
             // (A long zero run is skipped: its requests are zeros, nothing to decode.)
             let Some(span) = next_span(reader, inner.next, window_bytes) else {
