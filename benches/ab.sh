@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # ab.sh: A/B of imgvault builds or settings on the peer series (benches/make-series.sh), the
 # variants taking turns each round so a noisy machine hits them alike: import of a (peak RSS),
-# import of c on top of a (source in page cache), then, on one shared store holding a and c
-# with the store in page cache: export of c, verify of c, and `dd` of c through a fresh mount.
+# then b on top of a and c on top of both (sources in page cache); then, on one shared store
+# holding a and c: with the store in page cache, export of c, verify of c and `dd` of c
+# through a fresh mount; after `drop_caches`, export of c and `dd` of c through a fresh mount.
 # Prints one line per variant and round, in seconds (docs/PERFORMANCE.md, "Allocator settings").
 #
 # Usage: benches/ab.sh VARIANT...     (as root: the mount needs /dev/fuse)
@@ -43,6 +44,18 @@ secs() {
     awk -v a="$s" -v b="$e" 'BEGIN { printf "%.2f", b - a }'
 }
 
+# mount_dd VARIANT warm|cold: seconds of `dd` of c through a fresh mount of the shared store
+# (cold: the page cache is dropped once the mount is up).
+mount_dd() {
+    local t
+    run "$1" --store "$SHARED" mount "$T/mnt" >/dev/null
+    for _ in $(seq 100); do [ -f "$T/mnt/private/c.raw" ] && break; sleep 0.1; done
+    if [ "$2" = cold ]; then sync; echo 3 > /proc/sys/vm/drop_caches; fi
+    t=$(secs dd if="$T/mnt/private/c.raw" of=/dev/null bs=1M)
+    fusermount3 -u "$T/mnt"
+    echo "$t"
+}
+
 first=$1
 SHARED=$T/shared
 run "$first" --store "$SHARED" init >/dev/null
@@ -51,22 +64,24 @@ run "$first" --store "$SHARED" -q import "$I/c.img" --name c >/dev/null
 
 for round in $(seq "${ROUNDS:-3}"); do
     for v in "$@"; do
-        cat "$I/a.img" "$I/c.img" >/dev/null
+        cat "$I/a.img" "$I/b.img" "$I/c.img" >/dev/null
         S=$T/fresh
         rm -rf -- "$S"
         run "$v" --store "$S" init >/dev/null
         RSS_FILE=$T/rss run "$v" --store "$S" -q import "$I/a.img" --name a >/dev/null
         rss=$(tail -1 "$T/rss")
+        import_b=$(secs run "$v" --store "$S" -q import "$I/b.img" --name b)
         import_c=$(secs run "$v" --store "$S" -q import "$I/c.img" --name c)
         rm -rf -- "$S"
         find "$SHARED" -type f -exec cat {} + >/dev/null
         export_c=$(secs run "$v" --store "$SHARED" -q export c "$T/c.out")
         rm -f -- "$T/c.out"
         verify_c=$(secs run "$v" --store "$SHARED" -q verify c)
-        run "$v" --store "$SHARED" mount "$T/mnt" >/dev/null
-        for _ in $(seq 100); do [ -f "$T/mnt/private/c.raw" ] && break; sleep 0.1; done
-        mount_c=$(secs dd if="$T/mnt/private/c.raw" of=/dev/null bs=1M)
-        fusermount3 -u "$T/mnt"
-        echo "${v%%=*} round $round: import c $import_c, export c $export_c, verify c $verify_c, mount dd c $mount_c; peak RSS importing a $((rss / 1024)) MiB"
+        mount_c=$(mount_dd "$v" warm)
+        sync; echo 3 > /proc/sys/vm/drop_caches
+        export_cold=$(secs run "$v" --store "$SHARED" -q export c "$T/c.out")
+        rm -f -- "$T/c.out"
+        mount_cold=$(mount_dd "$v" cold)
+        echo "${v%%=*} round $round: import b $import_b, c $import_c; warm: export c $export_c, verify c $verify_c, mount dd c $mount_c; cold: export c $export_cold, mount dd c $mount_cold; peak RSS importing a $((rss / 1024)) MiB"
     done
 done

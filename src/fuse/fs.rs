@@ -5,7 +5,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, TryLockError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -42,13 +42,6 @@ const SEQUENTIAL_TRIGGER: u32 = 2;
 /// Memory for the decoded windows of sequential readers, over all open files; a stream
 /// that finds it taken reads through the chunk cache.
 const MAX_WINDOW_BYTES: u64 = 128 << 20;
-
-/// Stored chunk values are read into the page cache this many decode-ahead windows ahead of
-/// a sequential reader's decoded windows (see [`ImgvaultFs::warm_ahead`]).
-const WARM_WINDOWS: u64 = 4;
-
-/// Warm-up threads running at once, over all open files.
-const MAX_WARM_TASKS: usize = 2;
 
 /// Chunks waiting to be stored into the page cache; more are dropped (an optimisation only).
 pub(crate) const PAGE_FEED_QUEUE: usize = 64;
@@ -89,34 +82,6 @@ pub(crate) fn spawn_page_feeder(
 thread_local! {
     /// Per-thread read buffer, reused across requests.
     static READ_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Claims the next stretch of a look-ahead whose requests reach `mark`: once less than half of
-/// `span` lies requested ahead of `from`, the stretch `mark.max(from)..from + span` (within
-/// `size`), if fewer than `max` tasks of its kind run. On success `running` is counted up for
-/// the task, which counts it down; `None` also when another thread claimed first.
-fn claim(
-    mark: &AtomicU64,
-    from: u64,
-    span: u64,
-    size: u64,
-    running: &AtomicUsize,
-    max: usize,
-) -> Option<(u64, u64)> {
-    let at = mark.load(Ordering::Relaxed);
-    // Saturating: `--prefetch-mb` may be as large as u64 allows.
-    if at >= from.saturating_add(span / 2).min(size) {
-        return None;
-    }
-    let start = at.max(from);
-    let until = from.saturating_add(span).min(size);
-    if until <= start || running.load(Ordering::Relaxed) >= max {
-        return None;
-    }
-    mark.compare_exchange(at, until, Ordering::Relaxed, Ordering::Relaxed)
-        .ok()?;
-    running.fetch_add(1, Ordering::Relaxed);
-    Some((start, until))
 }
 
 /// The errno a failed request returns: the one place FUSE maps errors.
@@ -173,8 +138,6 @@ struct Handle {
     streak: AtomicU32,
     /// Decoded windows ahead of a sequential reader.
     stream: Stream,
-    /// Stored values have been read into the page cache up to here.
-    warmed: AtomicU64,
     /// Opened with O_DIRECT: the page cache is not used, nothing to feed it.
     direct: bool,
 }
@@ -199,7 +162,6 @@ pub struct ImgvaultFs {
     next_fh: AtomicU64,
     /// Bytes of sequential readers' windows alive.
     window_bytes: Arc<AtomicU64>,
-    warming: Arc<AtomicUsize>,
     pages: Option<crossbeam_channel::Sender<PageFeed>>,
     uid: u32,
     gid: u32,
@@ -233,7 +195,6 @@ impl ImgvaultFs {
             listings: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             window_bytes: Arc::new(AtomicU64::new(0)),
-            warming: Arc::new(AtomicUsize::new(0)),
             pages,
             // SAFETY: getuid/getgid have no preconditions.
             uid: unsafe { libc::getuid() },
@@ -377,7 +338,6 @@ impl ImgvaultFs {
             last_end: AtomicU64::new(0),
             streak: AtomicU32::new(0),
             stream: Stream::default(),
-            warmed: AtomicU64::new(0),
             direct: flags.0 & libc::O_DIRECT != 0,
         });
         self.handles
@@ -492,11 +452,6 @@ impl ImgvaultFs {
                 &self.window_bytes,
                 MAX_WINDOW_BYTES,
             );
-            let windows_end = self
-                .prefetch_bytes
-                .min(super::stream::MAX_WINDOW)
-                .saturating_mul(super::stream::MAX_WINDOWS as u64);
-            self.warm_ahead(&h, offset.saturating_add(windows_end));
             if let [window] = windows.as_slice() {
                 // The whole request in one window: answered from it, no copy.
                 let answered = window.with_bytes(offset, len, |bytes| {
@@ -602,37 +557,9 @@ impl ImgvaultFs {
         let prev = h.last_end.swap(offset + len, Ordering::Relaxed);
         if offset.abs_diff(prev) > SEQUENTIAL_SLACK {
             h.streak.store(0, Ordering::Relaxed);
-            h.warmed.store(0, Ordering::Relaxed);
             return false;
         }
         h.streak.fetch_add(1, Ordering::Relaxed) + 1 >= SEQUENTIAL_TRIGGER
-    }
-
-    /// Reads the stored values beyond the decode-ahead window into the page cache, on a
-    /// thread of its own: on a cold store the decoders then find their input in memory
-    /// instead of each waiting for its own small disk read.
-    fn warm_ahead(&self, h: &Handle, from: u64) {
-        let span = self
-            .prefetch_bytes
-            .min(super::stream::MAX_WINDOW)
-            .saturating_mul(WARM_WINDOWS);
-        let size = h.reader.size();
-        let Some((start, until)) =
-            claim(&h.warmed, from, span, size, &self.warming, MAX_WARM_TASKS)
-        else {
-            return;
-        };
-        let reader = h.reader.clone();
-        let running = self.warming.clone();
-        let spawned = std::thread::Builder::new()
-            .name("imgvault-warm".into())
-            .spawn(move || {
-                reader.warm(start, until - start);
-                running.fetch_sub(1, Ordering::Relaxed);
-            });
-        if spawned.is_err() {
-            self.warming.fetch_sub(1, Ordering::Relaxed); // an optimisation only
-        }
     }
 
     fn do_lseek(&self, fh: u64, offset: i64, whence: i32) -> Result<i64> {

@@ -155,11 +155,19 @@ impl Stream {
             inner.windows.push_back(window.clone());
             let mut buf = inner.spare.take().unwrap_or_default();
             let reader = reader.clone();
-            rayon::spawn(move || {
-                // A failure is logged by the reader; the chunk path reports it to the caller.
-                let decoded = reader.decode_span(window.span.clone(), &mut buf).is_ok();
-                window.finish(decoded.then_some(buf));
-            });
+            let job = window.clone();
+            // A thread of its own waits for the window's stored values (on a cold store, the
+            // disk) while rayon's threads decode the windows before it.
+            let spawned = std::thread::Builder::new()
+                .name("imgvault-window".into())
+                .spawn(move || {
+                    // A failure is logged by the reader; the chunk path reports it to the caller.
+                    let decoded = reader.decode_span(job.span.clone(), &mut buf).is_ok();
+                    job.finish(decoded.then_some(buf));
+                });
+            if spawned.is_err() {
+                window.finish(None); // the chunk path serves it
+            }
         }
         let end = offset + len;
         let mut held = Vec::new();

@@ -230,8 +230,10 @@ impl ImageReader {
 
     /// Decodes the image's bytes `span` (whole extents, as [`ImageReader::extent_span`] gives)
     /// into `out`, data chunks in parallel, each checked; `out`'s old contents are
-    /// overwritten. For sequential readers: one buffer, no per-chunk allocation, and no
-    /// copy when answering from it.
+    /// overwritten. The stored values come from one batched read (on a cold store RocksDB
+    /// reads each blob file in offset order), so the calling thread waits for the disk and
+    /// the decoding runs on rayon's. For sequential readers: one buffer, no per-chunk
+    /// allocation, and no copy when answering from it.
     pub fn decode_span(&self, span: std::ops::Range<u64>, out: &mut Vec<u8>) -> Result<()> {
         let first = self.extent_index(span.start);
         let last = self.extent_index(span.end);
@@ -248,55 +250,28 @@ impl ImageReader {
             ));
         }
         out.resize((span.end - span.start) as usize, 0);
+        let mut values = self.store.fetch_chunks(&chunk_ids(extents)).into_iter();
         let mut parts = Vec::with_capacity(extents.len());
         let mut rest = out.as_mut_slice();
         for e in extents {
             let (part, tail) = rest.split_at_mut(e.len as usize);
-            parts.push((e, part));
+            let value = e
+                .chunk
+                .map(|_| values.next().unwrap_or_else(|| Err("not fetched".into())));
+            parts.push((e, part, value));
             rest = tail;
         }
         parts
             .into_par_iter()
-            .try_for_each(|(e, part)| match e.chunk {
-                None => {
+            .try_for_each(|(e, part, value)| match (e.chunk, value) {
+                (Some(id), Some(value)) => value
+                    .and_then(|v| Store::decode_checked_into(&id, v.as_ref(), part))
+                    .map_err(|reason| self.corrupt(e, reason)),
+                _ => {
                     part.fill(0);
                     Ok(())
                 }
-                Some(id) => self
-                    .store
-                    .read_chunk_into(&id, part)
-                    .map_err(|reason| self.corrupt(e, reason)),
             })
-    }
-
-    /// Reads the stored (compressed) values of the chunks overlapping `offset..offset+len`
-    /// that are not decoded yet, so that their later decode finds them in the page cache.
-    /// Cheap in CPU; it takes the disk waits off the decoding threads.
-    pub fn warm(&self, offset: u64, len: u64) {
-        let ids: Vec<ChunkId> = self
-            .uncached(offset, len)
-            .iter()
-            .filter_map(|e| e.chunk)
-            .collect();
-        if !ids.is_empty() {
-            self.store.warm_chunks(&ids);
-        }
-    }
-
-    /// The data extents overlapping `offset..offset+len` whose chunk is not in the cache
-    /// (checked without counting as a use, so look-aheads do not keep chunks hot).
-    fn uncached(&self, offset: u64, len: u64) -> Vec<&Extent> {
-        let first = self.extent_index(offset);
-        let last = self
-            .extent_index(offset.saturating_add(len))
-            .min(self.extents.len());
-        self.extents[first..last.max(first)]
-            .iter()
-            .filter(|e| {
-                e.chunk
-                    .is_some_and(|id| !self.cache.inner.contains_key(&id))
-            })
-            .collect()
     }
 
     /// The start of the first data at or after `offset` (SEEK_DATA), `None` if only zeros follow.

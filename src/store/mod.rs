@@ -407,22 +407,18 @@ impl Store {
         }
     }
 
-    /// Reads, decodes and checks a chunk into `out` (exactly its length).
-    pub fn read_chunk_into(&self, id: &ChunkId, out: &mut [u8]) -> std::result::Result<(), String> {
-        match self
-            .db
-            .get_pinned_cf_opt(self.cf(cf::CHUNKS), id.0, &chunk_read_options())
-        {
-            Ok(Some(value)) => {
-                codec::decode_chunk_into(&value, out)?;
-                if ChunkId::of(out) != *id {
-                    return Err("bytes do not match the chunk's BLAKE3 id".to_string());
-                }
-                Ok(())
-            }
-            Ok(None) => Err(MISSING.to_string()),
-            Err(e) => Err(format!("read failed: {e}")),
+    /// Decodes a stored chunk value into `out` (exactly its length) and checks it against the
+    /// chunk's id.
+    pub fn decode_checked_into(
+        id: &ChunkId,
+        value: &[u8],
+        out: &mut [u8],
+    ) -> std::result::Result<(), String> {
+        codec::decode_chunk_into(value, out)?;
+        if ChunkId::of(out) != *id {
+            return Err("bytes do not match the chunk's BLAKE3 id".to_string());
         }
+        Ok(())
     }
 
     /// Decodes a stored chunk value and checks it against the chunk's id.
@@ -451,14 +447,6 @@ impl Store {
                 Err(e) => Err(format!("read failed: {e}")),
             })
             .collect()
-    }
-
-    /// Reads the stored values of `ids` and drops them: a cold store's blob pages are then in
-    /// the kernel's page cache when the chunks are decoded. One batched read, so RocksDB
-    /// fetches the values of one blob file in offset order.
-    pub fn warm_chunks(&self, ids: &[ChunkId]) {
-        // Errors are not reported here: the decode that follows reads again and reports.
-        drop(self.fetch_chunks(ids));
     }
 
     /// The reference entry of a chunk.
