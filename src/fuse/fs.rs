@@ -443,46 +443,10 @@ impl ImgvaultFs {
             return Ok(());
         }
         let mut reply = Some(reply);
-        if self.is_sequential(&h, offset, len as u64) {
-            let windows = h.stream.windows_for(
-                &h.reader,
-                offset,
-                len as u64,
-                self.prefetch_bytes,
-                &self.window_bytes,
-                MAX_WINDOW_BYTES,
-            );
-            if let [window] = windows.as_slice() {
-                // The whole request in one window: answered from it, no copy.
-                let answered = window.with_bytes(offset, len, |bytes| {
-                    if let Some(r) = reply.take() {
-                        r(bytes);
-                    }
-                });
-                if answered.is_some() {
-                    return Ok(());
-                }
-            } else if !windows.is_empty() {
-                // Straddling two windows: copied together (decoding it again would cost more).
-                let end = offset + len as u64;
-                let gathered = READ_BUF.with(|buf| {
-                    let mut buf = buf.borrow_mut();
-                    buf.clear();
-                    for w in &windows {
-                        let part = w.clip(offset, end);
-                        w.with_bytes(part.start, (part.end - part.start) as usize, |b| {
-                            buf.extend_from_slice(b)
-                        })?;
-                    }
-                    if let Some(r) = reply.take() {
-                        r(&buf[..len]);
-                    }
-                    Some(())
-                });
-                if gathered.is_some() {
-                    return Ok(());
-                }
-            }
+        if self.is_sequential(&h, offset, len as u64)
+            && self.answer_from_windows(&h, offset, len, &mut reply)
+        {
+            return Ok(());
         }
         let reply = reply.take().ok_or(Error::Interrupted)?;
         READ_BUF.with(|buf| {
@@ -546,6 +510,57 @@ impl ImgvaultFs {
                 return; // feeder busy: skip, the reads still work
             }
         }
+    }
+
+    /// Answers a sequential request from its stream's decoded windows (see
+    /// [`super::stream`]); false when they do not hold it, `reply` then still unused.
+    fn answer_from_windows(
+        &self,
+        h: &Handle,
+        offset: u64,
+        len: usize,
+        reply: &mut Option<impl FnOnce(&[u8])>,
+    ) -> bool {
+        let windows = h.stream.windows_for(
+            &h.reader,
+            offset,
+            len as u64,
+            self.prefetch_bytes,
+            &self.window_bytes,
+            MAX_WINDOW_BYTES,
+        );
+        if let [window] = windows.as_slice() {
+            // The whole request in one window: answered from it, no copy.
+            return window
+                .with_bytes(offset, len, |bytes| {
+                    if let Some(r) = reply.take() {
+                        r(bytes);
+                    }
+                })
+                .is_some();
+        }
+        if windows.is_empty() {
+            return false;
+        }
+        // Straddling two windows: copied together (decoding it again would cost more).
+        let end = offset + len as u64;
+        READ_BUF.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            buf.clear();
+            for w in &windows {
+                let part = w.clip(offset, end);
+                let copied = w.with_bytes(part.start, (part.end - part.start) as usize, |b| {
+                    buf.extend_from_slice(b)
+                });
+                if copied.is_none() {
+                    return false;
+                }
+            }
+            if let Some(r) = reply.take() {
+                r(&buf[..len]);
+            }
+            true
+        })
     }
 
     /// Detects sequential reads on a handle: true from the [`SEQUENTIAL_TRIGGER`]th read

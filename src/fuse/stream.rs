@@ -5,8 +5,10 @@
 //! Compared with decoding ahead into the chunk cache, this saves a copy of every byte into
 //! the request buffer, an allocation per chunk, and the cache's bookkeeping; the mount's
 //! sequential read runs CPU-bound on the same cores as the reader, so that is time saved
-//! (docs/PERFORMANCE.md, "Sequential windows"). Requests that straddle two windows, long
-//! zero runs (nothing to decode) and random reads take the chunk-cache path.
+//! (docs/PERFORMANCE.md, "Succession hints, the cache's share ..., sequential windows"). A
+//! request that straddles two windows is copied together from both; requests in long zero
+//! runs (nothing to decode), requests when the mount's window memory is taken, and random
+//! reads take the chunk-cache path.
 
 use std::collections::VecDeque;
 use std::ops::Range;
@@ -86,7 +88,8 @@ impl Drop for Window {
 #[derive(Default)]
 struct Inner {
     windows: VecDeque<Arc<Window>>,
-    /// The stream is planned from here (where it started or last jumped to) ...
+    /// The stream is planned from here (where it started or jumped to, or the end of the
+    /// last window dropped behind the reader) ...
     base: u64,
     /// ... up to here, where the next window starts (an extent boundary).
     next: u64,
@@ -101,10 +104,10 @@ pub(crate) struct Stream {
 }
 
 impl Stream {
-    /// For a sequential request `offset..offset + len`: keeps windows of about
-    /// `window_bytes` (at most [`MAX_WINDOW`]) decoding up to `window_bytes * (MAX_WINDOWS - 1)` ahead (while the
-    /// filesystem's windows stay under `max_bytes`) and returns the windows that together
-    /// hold the whole request, in order (empty if they do not).
+    /// For a sequential request `offset..offset + len`: keeps windows of about `window_bytes`
+    /// (at most [`MAX_WINDOW`]) decoding up to `window_bytes * (MAX_WINDOWS - 1)` ahead
+    /// (while the filesystem's windows stay under `max_bytes`) and returns the windows that
+    /// together hold the whole request, in order (empty if they do not).
     pub(crate) fn windows_for(
         &self,
         reader: &Arc<ImageReader>,
@@ -121,6 +124,8 @@ impl Stream {
         // can arrive a little out of order) give their buffer back.
         while inner.windows.front().is_some_and(|w| w.span.end <= behind) {
             if let Some(w) = inner.windows.pop_front() {
+                // A jump back before it starts the stream over.
+                inner.base = inner.base.max(w.span.end);
                 // The buffer is reused once nobody reads the window any more.
                 if let Some(buf) = Arc::into_inner(w).and_then(|mut w| w.data.take()) {
                     inner.spare = Some(buf);
