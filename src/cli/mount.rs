@@ -39,7 +39,7 @@ pub struct MountArgs {
     /// Kernel read-ahead window of the mount in KiB (0: the kernel's default)
     #[arg(long, default_value_t = 1024, value_name = "KIB")]
     pub read_ahead_kb: u32,
-    /// MiB per window decoded ahead of a sequential reader, up to 32; four windows (0: off)
+    /// MiB per window decoded ahead of a sequential reader, up to 32; six windows (0: off)
     #[arg(long, default_value_t = 8, value_name = "MIB")]
     pub prefetch_mb: u64,
     /// Where a detached mount writes its log [default: nowhere; use --foreground to watch]

@@ -18,7 +18,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use crate::read::ImageReader;
 
 /// Windows a stream keeps: the one being read and those decoding ahead of it.
-pub(crate) const MAX_WINDOWS: usize = 4;
+pub(crate) const MAX_WINDOWS: usize = 6;
 
 /// Largest window (`mount --prefetch-mb` asks for the size).
 pub(crate) const MAX_WINDOW: u64 = 32 << 20;
