@@ -28,12 +28,6 @@ impl quick_cache::Weighter<ChunkId, Decoded> for ByLength {
 /// in without a copy; `Arc::<[u8]>::from(Vec)` copied every chunk, 8% of a mount's CPU.)
 pub type Decoded = Arc<Vec<u8>>;
 
-/// Share of the cache kept for chunks read more than once. quick_cache's default, 97%,
-/// leaves about 3% for new entries: a sequential reader's decode-ahead (8 MiB per window,
-/// several windows in flight) then evicted its own chunks before the reader got to them, and
-/// 11% of a `dd` of a 2 GiB image was decoded twice once the cache was full.
-const HOT_SHARE: f64 = 0.5;
-
 /// A bounded cache of decoded chunks, weighed in bytes.
 pub struct ChunkCache {
     inner: quick_cache::sync::Cache<ChunkId, Decoded, ByLength>,
@@ -43,22 +37,9 @@ impl ChunkCache {
     /// A cache holding at most `bytes` of decoded chunk data.
     pub fn new(bytes: u64) -> Self {
         let items = (bytes / (64 * 1024)).max(16) as usize;
-        let options = quick_cache::OptionsBuilder::new()
-            .estimated_items_capacity(items)
-            .weight_capacity(bytes.max(1))
-            .hot_allocation(HOT_SHARE)
-            .build();
-        let inner = match options {
-            Ok(o) => quick_cache::sync::Cache::with_options(
-                o,
-                ByLength,
-                Default::default(),
-                Default::default(),
-            ),
-            // Only reachable with options out of range; the defaults are a working cache.
-            Err(_) => quick_cache::sync::Cache::with_weighter(items, bytes.max(1), ByLength),
-        };
-        ChunkCache { inner }
+        ChunkCache {
+            inner: quick_cache::sync::Cache::with_weighter(items, bytes.max(1), ByLength),
+        }
     }
 }
 
@@ -405,32 +386,7 @@ impl<'a> FetchAhead<'a> {
 
 #[cfg(test)]
 mod tests {
-    use super::{split_by_bytes, ChunkCache, Decoded};
-    use crate::chunk::ChunkId;
-    use std::sync::Arc;
-
-    #[test]
-    fn decode_ahead_survives_until_read_in_a_full_cache() {
-        // A 256 MiB cache, 64 KiB chunks, a reader 16 MiB behind its decode-ahead, over a
-        // stream four times the cache: every chunk must still be cached when it is read.
-        let cache = ChunkCache::new(256 << 20);
-        let id = |i: u32| ChunkId(*blake3::hash(&i.to_le_bytes()).as_bytes());
-        let chunk: Decoded = Arc::new(vec![0u8; 64 << 10]);
-        let (ahead, total) = (256, 16 * 1024);
-        let mut evicted_unread = 0;
-        for i in 0..total + ahead {
-            if i < total {
-                cache.inner.insert(id(i), chunk.clone());
-            }
-            if i >= ahead && cache.inner.get(&id(i - ahead)).is_none() {
-                evicted_unread += 1;
-            }
-        }
-        assert_eq!(
-            evicted_unread, 0,
-            "decoded-ahead chunks evicted before their read"
-        );
-    }
+    use super::split_by_bytes;
 
     #[test]
     fn split_by_bytes_ends_runs_at_the_limit_and_keeps_every_item() {
