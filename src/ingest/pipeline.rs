@@ -174,18 +174,20 @@ pub(super) fn run(
         let collected = collect(store, done_rx, written_ref, progress);
         let read = reader.join().unwrap_or(Err(Error::Interrupted));
         let segmented = segmenter.join().unwrap_or(Err(Error::Interrupted));
-        // The source's error is the cause when several stages failed.
-        let (bytes_read, checksum) = read?;
-        let (size, cuts) = segmented?;
-        Ok(CommitInput {
-            format,
-            bytes_read,
-            size,
-            checksum,
-            collected: collected?,
-            hinted_chunks: cuts.hinted,
-            started,
-        })
+        match (read, segmented, collected) {
+            (Ok((bytes_read, checksum)), Ok((size, cuts)), Ok(collected)) => Ok(CommitInput {
+                format,
+                bytes_read,
+                size,
+                checksum,
+                collected,
+                hinted_chunks: cuts.hinted,
+                started,
+            }),
+            (read, segmented, collected) => {
+                Err(first_cause([read.err(), segmented.err(), collected.err()]))
+            }
+        }
     });
     progress.finish();
 
@@ -199,6 +201,22 @@ pub(super) fn run(
         let _ = store.commit(batch);
     }
     result
+}
+
+/// The error to report when stages failed, in stream order (source, segmenter, writer): a
+/// stage stopped because another one failed reports [`Error::Interrupted`], so the first
+/// other error is the cause (a full disk met by the writer, not the segmenter it stopped).
+/// All interrupted: the user's interrupt.
+fn first_cause<const N: usize>(errors: [Option<Error>; N]) -> Error {
+    let mut errors: Vec<Error> = errors.into_iter().flatten().collect();
+    let cause = errors
+        .iter()
+        .position(|e| !matches!(e, Error::Interrupted))
+        .unwrap_or(0);
+    if errors.is_empty() {
+        return Error::Interrupted;
+    }
+    errors.swap_remove(cause)
 }
 
 fn hash_and_compress(
@@ -370,4 +388,24 @@ fn commit(
         seconds: input.started.elapsed().as_secs_f64(),
         image: record,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_cause;
+    use crate::error::Error;
+
+    #[test]
+    fn a_stage_stopped_by_another_does_not_hide_the_cause() {
+        let full = || Error::invalid("disk", "full");
+        // The segmenter was stopped (its send failed) because the writer hit a full disk.
+        let e = first_cause([None, Some(Error::Interrupted), Some(full())]);
+        assert!(e.to_string().contains("full"), "{e}");
+        // The source's own error comes first.
+        let e = first_cause([Some(Error::invalid("source", "gone")), None, Some(full())]);
+        assert!(e.to_string().contains("source"), "{e}");
+        // Only interrupts: the user's.
+        let e = first_cause([Some(Error::Interrupted), Some(Error::Interrupted), None]);
+        assert!(matches!(e, Error::Interrupted));
+    }
 }
