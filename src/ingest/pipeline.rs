@@ -156,8 +156,10 @@ pub(super) fn run(
                         return;
                     }
                 };
-                for batch in work_rx {
-                    let done = hash_and_compress(store, claimed, &mut compressor, &batch);
+                for mut batch in work_rx {
+                    let hints = std::mem::take(&mut batch.hints);
+                    let done = hash_and_compress(store, claimed, &mut compressor, &batch)
+                        .map(|done| Done { hints, ..done });
                     // The last batch cut from a read buffer gives it back to the reader.
                     if let Some(buf) = Arc::into_inner(batch.data) {
                         let _ = returned.try_send(buf);
@@ -268,7 +270,7 @@ fn hash_and_compress(
         extents,
         new_chunks,
         dedup,
-        hints: batch.hints.clone(),
+        hints: Vec::new(), // moved over by the worker
     })
 }
 

@@ -43,8 +43,8 @@ thread_local! {
         std::cell::RefCell::new(zstd::bulk::Decompressor::new().ok());
 }
 
-/// Decodes a stored chunk value into its raw bytes. Errors describe the damage.
-pub fn decode_chunk(value: &[u8]) -> std::result::Result<Vec<u8>, String> {
+/// A stored value's codec byte, raw length and payload.
+fn parse_value(value: &[u8]) -> std::result::Result<(u8, usize, &[u8]), String> {
     if value.len() < CHUNK_HEADER {
         return Err(format!(
             "value of {} bytes is shorter than its header",
@@ -55,76 +55,72 @@ pub fn decode_chunk(value: &[u8]) -> std::result::Result<Vec<u8>, String> {
     if raw_len > fastcdc::v2020::MAXIMUM_MAX {
         return Err(format!("raw length {raw_len} exceeds the largest chunk"));
     }
-    let payload = &value[CHUNK_HEADER..];
-    match value[0] {
-        CODEC_RAW if payload.len() == raw_len => Ok(payload.to_vec()),
-        CODEC_RAW => Err(format!(
+    Ok((value[0], raw_len, &value[CHUNK_HEADER..]))
+}
+
+/// A raw (uncompressed) payload, checked against the header's length.
+fn raw_payload(payload: &[u8], raw_len: usize) -> std::result::Result<&[u8], String> {
+    if payload.len() != raw_len {
+        return Err(format!(
             "raw payload is {} bytes, header says {raw_len}",
             payload.len()
-        )),
-        CODEC_ZSTD => {
-            // The capacity bound makes a frame that claims more than raw_len fail. One
-            // decompression context per thread: creating one per chunk cost ~1% of export.
-            let out = DECOMPRESSOR.with(|d| match &mut *d.borrow_mut() {
-                Some(d) => d
-                    .decompress(payload, raw_len)
-                    .map_err(|e| format!("zstd: {e}")),
-                None => zstd::bulk::decompress(payload, raw_len).map_err(|e| format!("zstd: {e}")),
-            })?;
-            if out.len() != raw_len {
-                return Err(format!(
-                    "decompressed to {} bytes, header says {raw_len}",
-                    out.len()
-                ));
-            }
-            Ok(out)
-        }
-        c => Err(format!("unknown codec byte {c}")),
+        ));
     }
+    Ok(payload)
+}
+
+/// Runs `f` with this thread's zstd decompression context (creating one per chunk cost ~1%
+/// of export).
+fn with_decompressor<T>(
+    f: impl FnOnce(&mut zstd::bulk::Decompressor<'static>) -> std::io::Result<T>,
+) -> std::result::Result<T, String> {
+    DECOMPRESSOR
+        .with(|d| match &mut *d.borrow_mut() {
+            Some(d) => f(d),
+            None => zstd::bulk::Decompressor::new().and_then(|mut d| f(&mut d)),
+        })
+        .map_err(|e| format!("zstd: {e}"))
+}
+
+fn check_decoded(n: usize, raw_len: usize) -> std::result::Result<(), String> {
+    if n != raw_len {
+        return Err(format!("decompressed to {n} bytes, header says {raw_len}"));
+    }
+    Ok(())
+}
+
+/// Decodes a stored chunk value into its raw bytes. Errors describe the damage.
+pub fn decode_chunk(value: &[u8]) -> std::result::Result<Vec<u8>, String> {
+    let (codec, raw_len, payload) = parse_value(value)?;
+    let out = match codec {
+        CODEC_RAW => raw_payload(payload, raw_len)?.to_vec(),
+        // The capacity bound makes a frame that claims more than raw_len fail.
+        CODEC_ZSTD => with_decompressor(|d| d.decompress(payload, raw_len))?,
+        c => return Err(format!("unknown codec byte {c}")),
+    };
+    check_decoded(out.len(), raw_len)?;
+    Ok(out)
 }
 
 /// Decodes a stored chunk value into `out`, which must be exactly the chunk's raw length
 /// (the extent's length). Errors describe the damage, as for [`decode_chunk`].
 pub fn decode_chunk_into(value: &[u8], out: &mut [u8]) -> std::result::Result<(), String> {
-    if value.len() < CHUNK_HEADER {
-        return Err(format!(
-            "value of {} bytes is shorter than its header",
-            value.len()
-        ));
-    }
-    let raw_len = u32::from_le_bytes([value[1], value[2], value[3], value[4]]) as usize;
+    let (codec, raw_len, payload) = parse_value(value)?;
     if raw_len != out.len() {
         return Err(format!(
             "chunk holds {raw_len} bytes, the extent needs {}",
             out.len()
         ));
     }
-    let payload = &value[CHUNK_HEADER..];
-    match value[0] {
-        CODEC_RAW if payload.len() == raw_len => {
-            out.copy_from_slice(payload);
-            Ok(())
+    let n = match codec {
+        CODEC_RAW => {
+            out.copy_from_slice(raw_payload(payload, raw_len)?);
+            raw_len
         }
-        CODEC_RAW => Err(format!(
-            "raw payload is {} bytes, header says {raw_len}",
-            payload.len()
-        )),
-        CODEC_ZSTD => {
-            let n = DECOMPRESSOR.with(|d| match &mut *d.borrow_mut() {
-                Some(d) => d
-                    .decompress_to_buffer(payload, out)
-                    .map_err(|e| format!("zstd: {e}")),
-                None => {
-                    zstd::bulk::decompress_to_buffer(payload, out).map_err(|e| format!("zstd: {e}"))
-                }
-            })?;
-            if n != raw_len {
-                return Err(format!("decompressed to {n} bytes, header says {raw_len}"));
-            }
-            Ok(())
-        }
-        c => Err(format!("unknown codec byte {c}")),
-    }
+        CODEC_ZSTD => with_decompressor(|d| d.decompress_to_buffer(payload, out))?,
+        c => return Err(format!("unknown codec byte {c}")),
+    };
+    check_decoded(n, raw_len)
 }
 
 /// Reference-count record: how many extents use a chunk, and its sizes.
