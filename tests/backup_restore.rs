@@ -148,14 +148,9 @@ fn diff(a: &Path, b: &Path) -> (u64, u64) {
 /// Sum of the lengths of the data extents of `image` whose bytes differ between `old` and
 /// `new`: what a restore that writes whole chunks must write at least.
 fn differing_extent_bytes(s: &TestStore, image: &str, old: &Path, new: &Path) -> u64 {
-    use imgvault::catalog::Catalog;
-    use imgvault::store::{OpenMode, Store};
-    let store = Store::open(&s.path(), OpenMode::Reader).unwrap();
-    let catalog = Catalog::new(&store);
-    let rec = catalog.resolve_readable("admin", image, "read").unwrap();
     let (fo, fnew) = (File::open(old).unwrap(), File::open(new).unwrap());
     let mut total = 0;
-    for e in catalog.extents(&rec).unwrap() {
+    for e in s.extents(image) {
         if e.chunk.is_none() {
             continue;
         }

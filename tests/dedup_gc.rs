@@ -202,15 +202,9 @@ fn gc_finds_orphan_chunks_by_their_keys_and_removes_exactly_them() {
     s.ok(&["verify"]);
 }
 
-/// The data extents of `image`, read through the library.
+/// The data extents of `image`: (offset, length, chunk).
 fn data_chunks(s: &TestStore, image: &str) -> Vec<(u64, u64, imgvault::chunk::ChunkId)> {
-    use imgvault::catalog::Catalog;
-    use imgvault::store::{OpenMode, Store};
-    let store = Store::open(&s.path(), OpenMode::Reader).unwrap();
-    let catalog = Catalog::new(&store);
-    let rec = catalog.resolve_readable("admin", image, "read").unwrap();
-    let extents = catalog.extents(&rec).unwrap();
-    extents
+    s.extents(image)
         .iter()
         .filter_map(|e| e.chunk.map(|id| (e.offset, e.len, id)))
         .collect()

@@ -135,7 +135,7 @@ impl Stream {
         if !(inner.base..inner.next).contains(&offset) {
             // A new stream, or the reader jumped: plan from its request.
             inner.windows.clear();
-            inner.next = reader.extent_span(offset, 1).start;
+            inner.next = reader.extent_start(offset);
             inner.base = inner.next;
         }
         let horizon = (offset + len).saturating_add(window_bytes * (MAX_WINDOWS as u64 - 1));

@@ -211,14 +211,10 @@ pub(super) fn run(
 /// All interrupted: the user's interrupt.
 fn first_cause<const N: usize>(errors: [Option<Error>; N]) -> Error {
     let mut errors: Vec<Error> = errors.into_iter().flatten().collect();
-    let cause = errors
-        .iter()
-        .position(|e| !matches!(e, Error::Interrupted))
-        .unwrap_or(0);
-    if errors.is_empty() {
-        return Error::Interrupted;
+    match errors.iter().position(|e| !matches!(e, Error::Interrupted)) {
+        Some(cause) => errors.swap_remove(cause),
+        None => Error::Interrupted,
     }
-    errors.swap_remove(cause)
 }
 
 fn hash_and_compress(

@@ -194,22 +194,14 @@ impl ImageReader {
         Ok(done)
     }
 
-    /// The span of whole extents that covers `offset..offset + len` (within the image):
-    /// from the start of the extent holding `offset` to the end of the one holding the last
-    /// byte.
-    pub fn extent_span(&self, offset: u64, len: u64) -> std::ops::Range<u64> {
-        let first = self.extent_index(offset);
-        let last = self.extent_index(offset.saturating_add(len.max(1)) - 1);
-        let start = self.extents.get(first).map_or(self.size(), |e| e.offset);
-        let end = self
-            .extents
-            .get(last)
-            .or(self.extents.last())
-            .map_or(start, |e| e.end());
-        start..end.max(start)
+    /// The start of the extent holding `offset` (the image's size at or past the end).
+    pub fn extent_start(&self, offset: u64) -> u64 {
+        self.extents
+            .get(self.extent_index(offset))
+            .map_or(self.size(), |e| e.offset)
     }
 
-    /// Decodes the image's bytes `span` (whole extents, as [`ImageReader::extent_span`] gives)
+    /// Decodes the image's bytes `span` (a run of whole extents)
     /// into `out`, data chunks in parallel, each checked; `out`'s old contents are
     /// overwritten. The stored values come from one batched read (on a cold store RocksDB
     /// reads each blob file in offset order), so the calling thread waits for the disk and

@@ -98,6 +98,19 @@ impl TestStore {
         fail_output(self.run_as(tenant, args), args)
     }
 
+    /// The extents of `image` (as admin sees it), read through the library from a read-only
+    /// open of the store.
+    pub fn extents(&self, image: &str) -> Vec<imgvault::store::codec::Extent> {
+        use imgvault::catalog::Catalog;
+        use imgvault::store::{OpenMode, Store};
+        let store = Store::open(&self.path(), OpenMode::Reader).expect("open the store");
+        let catalog = Catalog::new(&store);
+        let rec = catalog
+            .resolve_readable("admin", image, "read")
+            .expect("the image");
+        catalog.extents(&rec).expect("its extents")
+    }
+
     /// `stats --json` stored bytes.
     pub fn stored_bytes(&self) -> u64 {
         self.json(&["stats"])["stored_bytes"]
