@@ -114,17 +114,6 @@ impl ImageReader {
         self.checked(extent, self.store.read_chunk(&id))
     }
 
-    /// As [`ImageReader::load`], from a value [`with_fetch_ahead`] fetched for the extent.
-    pub fn load_fetched(&self, extent: &Extent, value: Fetched<'_>) -> Result<Vec<u8>> {
-        let Some(id) = extent.chunk else {
-            return Ok(vec![0; extent.len as usize]);
-        };
-        self.checked(
-            extent,
-            value.and_then(|v| Store::decode_checked(&id, v.as_ref())),
-        )
-    }
-
     /// A decoded chunk for `extent`, or the error naming the image and offset.
     fn checked(
         &self,
@@ -222,8 +211,24 @@ impl ImageReader {
                 ),
             ));
         }
-        out.resize((span.end - span.start) as usize, 0);
-        let mut values = self.store.fetch_chunks(&chunk_ids(extents)).into_iter();
+        let values = self.store.fetch_chunks(&chunk_ids(extents));
+        self.decode_fetched_into(extents, values, out)
+    }
+
+    /// Decodes `extents` (consecutive or not) from their fetched `values` (one per data
+    /// extent, in order, as [`Store::fetch_chunks`] or [`FetchAhead::next_batch`] gives them)
+    /// into `out`, one after the other, data chunks in parallel on rayon's threads, each
+    /// checked against its id; zero extents become zeros. `out` is resized to the extents'
+    /// total length and its old contents overwritten, so a caller that keeps `out` decodes
+    /// window after window with no allocation.
+    pub fn decode_fetched_into(
+        &self,
+        extents: &[Extent],
+        values: Vec<Fetched<'_>>,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        out.resize(extents.iter().map(|e| e.len as usize).sum(), 0);
+        let mut values = values.into_iter();
         let mut parts = Vec::with_capacity(extents.len());
         let mut rest = out.as_mut_slice();
         for e in extents {
