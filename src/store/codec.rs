@@ -17,10 +17,12 @@ pub fn encode_chunk(raw: &[u8], compressor: &mut zstd::bulk::Compressor<'_>) -> 
     let mut out = Vec::with_capacity(CHUNK_HEADER + bound);
     out.push(CODEC_ZSTD);
     out.extend_from_slice(&(raw.len() as u32).to_le_bytes());
-    out.resize(CHUNK_HEADER + bound, 0);
-    match compressor.compress_to_buffer(raw, &mut out[CHUNK_HEADER..]) {
+    // zstd writes after the header into the spare capacity: no zero-filling of the bound.
+    let mut frame = std::io::Cursor::new(out);
+    frame.set_position(CHUNK_HEADER as u64);
+    match compressor.compress_to_buffer(raw, &mut frame) {
         Ok(n) if n < raw.len() => {
-            out.truncate(CHUNK_HEADER + n);
+            let mut out = frame.into_inner();
             out.shrink_to_fit();
             out
         }
