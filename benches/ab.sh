@@ -57,6 +57,8 @@ mount_dd() {
 }
 
 first=$1
+# Each binary names the commit its library was built from (build.rs): a stale build shows here.
+for v in "$@"; do echo "ab.sh: ${v%%=*}: $(run "$v" --version)" >&2; done
 SHARED=$T/shared
 run "$first" --store "$SHARED" init >/dev/null
 run "$first" --store "$SHARED" -q import "$I/a.img" --name a >/dev/null

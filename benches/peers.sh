@@ -141,7 +141,11 @@ done
 
 put cond.date "$(date -u +%FT%TZ)"
 put cond.host "$(nproc) CPUs, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r)"
-put cond.imgvault "$(cd "$REPO" && git rev-parse --short HEAD 2>/dev/null || echo '?')$(cd "$REPO" && git diff --quiet HEAD -- src 2>/dev/null || echo '+uncommitted src changes'), binary of $(date -r "$SRC_BIN" +%FT%T)"
+# The binary names the commit its library was built from (build.rs): that, not this checkout's
+# HEAD, is what is measured; say so when they differ (a stale or foreign build).
+IV_BUILT=$("$IV" --version 2>/dev/null | sed -n 's/.*(commit \(.*\))$/\1/p')
+HEAD_NOW=$(cd "$REPO" && git rev-parse --short=7 HEAD 2>/dev/null || echo '?')
+put cond.imgvault "${IV_BUILT:-unknown}, binary of $(date -r "$SRC_BIN" +%FT%T)$([ "$IV_BUILT" = "$HEAD_NOW" ] || echo " (checkout at $HEAD_NOW)")"
 put cond.casync "$(casync --version 2>&1 | head -n1)"
 put cond.borg "$(borg --version 2>&1 | head -n1)"
 put cond.restic "$(restic version 2>&1 | head -n1 | cut -d' ' -f1-2)"

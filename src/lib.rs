@@ -25,6 +25,15 @@
 //! # Ok(()) }
 //! ```
 
+/// The crate version and the commit the library was built from (`+changes`: with
+/// uncommitted changes under `src/`; `unknown`: built outside a git checkout).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("IMGVAULT_BUILD_COMMIT"),
+    ")"
+);
+
 pub mod catalog;
 pub mod chunk;
 pub mod error;
@@ -40,3 +49,24 @@ pub mod store;
 pub mod verify;
 
 pub use error::{Error, Result};
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn version_names_the_commit_the_library_was_built_from() {
+        assert!(super::VERSION.starts_with(concat!(env!("CARGO_PKG_VERSION"), " (commit ")));
+        let head = std::process::Command::new("git")
+            .args(["rev-parse", "--short=7", "HEAD"])
+            .output();
+        let Some(head) = head.ok().filter(|o| o.status.success()) else {
+            eprintln!("SKIPPED (commit part): not built in a git checkout");
+            return;
+        };
+        let head = String::from_utf8_lossy(&head.stdout).trim().to_string();
+        assert!(
+            super::VERSION.contains(&format!("(commit {head}")),
+            "{} does not name HEAD {head}",
+            super::VERSION
+        );
+    }
+}

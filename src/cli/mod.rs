@@ -16,7 +16,7 @@ use imgvault::store::{OpenMode, Store};
 
 /// Content-addressed, deduplicating store for bare-metal server disk images.
 #[derive(Debug, Parser)]
-#[command(name = "imgvault", version, about, max_term_width = 100)]
+#[command(name = "imgvault", version = imgvault::VERSION, about, max_term_width = 100)]
 pub struct Cli {
     /// Store directory [default: $IMGVAULT_STORE, else $XDG_DATA_HOME/imgvault]
     #[arg(long, global = true, value_name = "DIR")]
