@@ -10,6 +10,7 @@ mod backup;
 mod device;
 mod export;
 pub mod safety;
+mod target;
 
 pub use backup::{backup, lineage, source_warnings, BackupOptions, BackupReport, LineageEntry};
 pub use device::{restore, RestoreOptions, RestoreReport, TargetKind};
