@@ -1,6 +1,6 @@
-//! The fuser filesystem: every operation is a small `Result`-returning method, and the
-//! `Filesystem` impl only turns results into replies, mapping errors to errnos in one place
-//! ([`errno`], through [`Error::errno`]).
+//! The filesystem's state and operations: every operation is a small `Result`-returning
+//! method here; the fuser `Filesystem` impl (`ops.rs`) only turns results into replies,
+//! mapping errors to errnos in one place ([`errno`], through [`Error::errno`]).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -9,12 +9,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, TryLockError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use fuser::{
-    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
-    ReplyXattr, Request, WriteFlags,
-};
+use fuser::{Errno, FileAttr, FileType, INodeNo, OpenAccMode, OpenFlags, ReplyDirectory};
 
 use super::layout::{self, View};
 use super::stream::Stream;
@@ -27,7 +22,7 @@ use crate::store::{LiveStore, Store};
 
 /// Attribute and entry lifetime in the kernel: short, so that images imported, deleted or
 /// shared by the writer show up (or vanish) within about a second.
-const TTL: Duration = Duration::from_secs(1);
+pub(super) const TTL: Duration = Duration::from_secs(1);
 
 /// The catalog is re-read (RocksDB secondary catch-up) at most this often.
 const REFRESH_EVERY: Duration = Duration::from_millis(300);
@@ -85,7 +80,7 @@ thread_local! {
 }
 
 /// The errno a failed request returns: the one place FUSE maps errors.
-fn errno(op: &str, e: &Error) -> Errno {
+pub(super) fn errno(op: &str, e: &Error) -> Errno {
     let n = e.errno();
     match e {
         // The reader has already logged the image and offset.
@@ -104,7 +99,7 @@ fn sys(code: i32, context: impl Into<String>) -> Error {
     }
 }
 
-fn read_only(what: &str) -> Error {
+pub(super) fn read_only(what: &str) -> Error {
     sys(
         libc::EROFS,
         format!("{what}: the imgvault mount is read-only"),
@@ -303,7 +298,7 @@ impl ImgvaultFs {
 
     // ---- operations --------------------------------------------------------------------
 
-    fn do_lookup(&self, parent: u64, name: &OsStr) -> Result<FileAttr> {
+    pub(super) fn do_lookup(&self, parent: u64, name: &OsStr) -> Result<FileAttr> {
         self.refresh();
         let view = self.view();
         if layout::is_image_ino(parent) {
@@ -318,12 +313,12 @@ impl ImgvaultFs {
         self.attr(&view, ino)
     }
 
-    fn do_getattr(&self, ino: u64) -> Result<FileAttr> {
+    pub(super) fn do_getattr(&self, ino: u64) -> Result<FileAttr> {
         self.refresh();
         self.attr(&self.view(), ino)
     }
 
-    fn do_open(&self, ino: u64, flags: OpenFlags) -> Result<u64> {
+    pub(super) fn do_open(&self, ino: u64, flags: OpenFlags) -> Result<u64> {
         if flags.acc_mode() != OpenAccMode::O_RDONLY {
             return Err(read_only("open for writing"));
         }
@@ -407,7 +402,7 @@ impl ImgvaultFs {
         Ok(reader)
     }
 
-    fn do_release(&self, fh: u64) {
+    pub(super) fn do_release(&self, fh: u64) {
         let handle = self
             .handles
             .write()
@@ -435,7 +430,13 @@ impl ImgvaultFs {
 
     /// Hands the bytes to `reply`: from a sequential reader's decoded window when one holds
     /// them, else read into the thread's buffer through the chunk cache.
-    fn do_read(&self, fh: u64, offset: u64, size: u32, reply: impl FnOnce(&[u8])) -> Result<()> {
+    pub(super) fn do_read(
+        &self,
+        fh: u64,
+        offset: u64,
+        size: u32,
+        reply: impl FnOnce(&[u8]),
+    ) -> Result<()> {
         let h = self.handle(fh)?;
         let len = u64::from(size).min(h.reader.size().saturating_sub(offset)) as usize;
         if len == 0 {
@@ -577,7 +578,7 @@ impl ImgvaultFs {
         h.streak.fetch_add(1, Ordering::Relaxed) + 1 >= SEQUENTIAL_TRIGGER
     }
 
-    fn do_lseek(&self, fh: u64, offset: i64, whence: i32) -> Result<i64> {
+    pub(super) fn do_lseek(&self, fh: u64, offset: i64, whence: i32) -> Result<i64> {
         let h = self.handle(fh)?;
         let size = h.reader.size();
         let off = u64::try_from(offset).map_err(|_| sys(libc::EINVAL, "negative offset"))?;
@@ -600,7 +601,7 @@ impl ImgvaultFs {
         i64::try_from(pos).map_err(|_| sys(libc::EOVERFLOW, "offset"))
     }
 
-    fn do_opendir(&self, ino: u64) -> Result<u64> {
+    pub(super) fn do_opendir(&self, ino: u64) -> Result<u64> {
         self.refresh();
         let view = self.view();
         let Some(dir) = view.dirs.get(&ino) else {
@@ -627,7 +628,12 @@ impl ImgvaultFs {
         Ok(fh)
     }
 
-    fn do_readdir(&self, fh: u64, offset: u64, reply: &mut ReplyDirectory) -> Result<()> {
+    pub(super) fn do_readdir(
+        &self,
+        fh: u64,
+        offset: u64,
+        reply: &mut ReplyDirectory,
+    ) -> Result<()> {
         let listing = lock(&self.listings)
             .get(&fh)
             .cloned()
@@ -661,7 +667,7 @@ impl ImgvaultFs {
 
     /// The value (or the NUL-separated name list when `name` is `None`) of an inode's
     /// extended attributes.
-    fn do_xattr(&self, ino: u64, name: Option<&OsStr>) -> Result<Vec<u8>> {
+    pub(super) fn do_xattr(&self, ino: u64, name: Option<&OsStr>) -> Result<Vec<u8>> {
         let view = self.view();
         let attrs = match self.record(&view, ino) {
             Some(rec) => Self::xattrs(&rec),
@@ -681,345 +687,21 @@ impl ImgvaultFs {
         }
     }
 
-    fn statfs_numbers(&self) -> (u64, u64) {
+    pub(super) fn do_releasedir(&self, fh: u64) {
+        lock(&self.listings).remove(&fh);
+    }
+
+    /// Any access but writing to an entry that exists.
+    pub(super) fn do_access(&self, ino: u64, write: bool) -> Result<()> {
+        if write {
+            return Err(read_only("write access"));
+        }
+        self.attr(&self.view(), ino).map(|_| ())
+    }
+
+    pub(super) fn statfs_numbers(&self) -> (u64, u64) {
         let view = self.view();
         let bytes: u64 = view.images.values().map(|r| r.virtual_size).sum();
         (bytes.div_ceil(4096), view.images.len() as u64)
-    }
-}
-
-fn reply_xattr(result: Result<Vec<u8>>, size: u32, op: &str, reply: ReplyXattr) {
-    match result {
-        Ok(data) if size == 0 => reply.size(data.len() as u32),
-        Ok(data) if data.len() <= size as usize => reply.data(&data),
-        Ok(_) => reply.error(Errno::ERANGE),
-        Err(e) => reply.error(errno(op, &e)),
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-impl Filesystem for ImgvaultFs {
-    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        // The largest read-ahead the kernel offers (it can only be lowered here; the bdi's
-        // read_ahead_kb is raised after mounting).
-        if let Err(max) = config.set_max_readahead(u32::MAX) {
-            let _ = config.set_max_readahead(max);
-        }
-        let _ = config.set_max_background(64);
-        let _ = config.set_congestion_threshold(48);
-        for flag in [InitFlags::FUSE_ASYNC_DIO, InitFlags::FUSE_PARALLEL_DIROPS] {
-            let _ = config.add_capabilities(flag);
-        }
-        Ok(())
-    }
-
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.do_lookup(parent.0, name) {
-            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
-            Err(e) => reply.error(errno("lookup", &e)),
-        }
-    }
-
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.do_getattr(ino.0) {
-            Ok(attr) => reply.attr(&TTL, &attr),
-            Err(e) => reply.error(errno("getattr", &e)),
-        }
-    }
-
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.do_open(ino.0, flags) {
-            // Image bytes never change: keep the page cache across opens.
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
-            Err(e) => reply.error(errno("open", &e)),
-        }
-    }
-
-    fn read(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        size: u32,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        reply: ReplyData,
-    ) {
-        let mut reply = Some(reply);
-        let result = self.do_read(fh.0, offset, size, |data| {
-            if let Some(r) = reply.take() {
-                r.data(data);
-            }
-        });
-        if let (Err(e), Some(r)) = (result, reply) {
-            r.error(errno("read", &e));
-        }
-    }
-
-    fn release(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        _flush: bool,
-        reply: ReplyEmpty,
-    ) {
-        self.do_release(fh.0);
-        reply.ok();
-    }
-
-    fn flush(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _lock_owner: LockOwner,
-        reply: ReplyEmpty,
-    ) {
-        reply.ok();
-    }
-
-    fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _d: bool, reply: ReplyEmpty) {
-        reply.ok();
-    }
-
-    fn lseek(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        offset: i64,
-        whence: i32,
-        reply: ReplyLseek,
-    ) {
-        match self.do_lseek(fh.0, offset, whence) {
-            Ok(pos) => reply.offset(pos),
-            Err(e) => reply.error(errno("lseek", &e)),
-        }
-    }
-
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.do_opendir(ino.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-            Err(e) => reply.error(errno("opendir", &e)),
-        }
-    }
-
-    fn readdir(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectory,
-    ) {
-        match self.do_readdir(fh.0, offset, &mut reply) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno("readdir", &e)),
-        }
-    }
-
-    fn releasedir(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _flags: OpenFlags,
-        reply: ReplyEmpty,
-    ) {
-        lock(&self.listings).remove(&fh.0);
-        reply.ok();
-    }
-
-    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let (blocks, files) = self.statfs_numbers();
-        reply.statfs(blocks, 0, 0, files, 0, 4096, 255, 4096);
-    }
-
-    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        reply_xattr(self.do_xattr(ino.0, Some(name)), size, "getxattr", reply);
-    }
-
-    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        reply_xattr(self.do_xattr(ino.0, None), size, "listxattr", reply);
-    }
-
-    fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
-        if mask.contains(AccessFlags::W_OK) {
-            reply.error(errno("access", &read_only("write access")));
-        } else {
-            match self.attr(&self.view(), ino.0) {
-                Ok(_) => reply.ok(),
-                Err(e) => reply.error(errno("access", &e)),
-            }
-        }
-    }
-
-    // ---- everything that would change the tree or the bytes: EROFS ---------------------
-
-    fn setattr(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _mode: Option<u32>,
-        _uid: Option<u32>,
-        _gid: Option<u32>,
-        _size: Option<u64>,
-        _atime: Option<fuser::TimeOrNow>,
-        _mtime: Option<fuser::TimeOrNow>,
-        _ctime: Option<SystemTime>,
-        _fh: Option<FileHandle>,
-        _crtime: Option<SystemTime>,
-        _chgtime: Option<SystemTime>,
-        _bkuptime: Option<SystemTime>,
-        _flags: Option<fuser::BsdFileFlags>,
-        reply: ReplyAttr,
-    ) {
-        reply.error(errno("setattr", &read_only("setattr")));
-    }
-
-    fn mknod(
-        &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _mode: u32,
-        _umask: u32,
-        _rdev: u32,
-        reply: ReplyEntry,
-    ) {
-        reply.error(errno("mknod", &read_only("mknod")));
-    }
-
-    fn mkdir(
-        &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _mode: u32,
-        _umask: u32,
-        reply: ReplyEntry,
-    ) {
-        reply.error(errno("mkdir", &read_only("mkdir")));
-    }
-
-    fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(errno("unlink", &read_only("unlink")));
-    }
-
-    fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(errno("rmdir", &read_only("rmdir")));
-    }
-
-    fn symlink(
-        &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _link_name: &OsStr,
-        _target: &std::path::Path,
-        reply: ReplyEntry,
-    ) {
-        reply.error(errno("symlink", &read_only("symlink")));
-    }
-
-    fn rename(
-        &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _newparent: INodeNo,
-        _newname: &OsStr,
-        _flags: fuser::RenameFlags,
-        reply: ReplyEmpty,
-    ) {
-        reply.error(errno("rename", &read_only("rename")));
-    }
-
-    fn link(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _newparent: INodeNo,
-        _newname: &OsStr,
-        reply: ReplyEntry,
-    ) {
-        reply.error(errno("link", &read_only("link")));
-    }
-
-    fn write(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _offset: u64,
-        _data: &[u8],
-        _write_flags: WriteFlags,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        reply: ReplyWrite,
-    ) {
-        reply.error(errno("write", &read_only("write")));
-    }
-
-    fn create(
-        &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _mode: u32,
-        _umask: u32,
-        _flags: i32,
-        reply: fuser::ReplyCreate,
-    ) {
-        reply.error(errno("create", &read_only("create")));
-    }
-
-    fn setxattr(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _name: &OsStr,
-        _value: &[u8],
-        _flags: i32,
-        _position: u32,
-        reply: ReplyEmpty,
-    ) {
-        reply.error(errno("setxattr", &read_only("setxattr")));
-    }
-
-    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(errno("removexattr", &read_only("removexattr")));
-    }
-
-    fn fallocate(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _offset: u64,
-        _length: u64,
-        _mode: i32,
-        reply: ReplyEmpty,
-    ) {
-        reply.error(errno("fallocate", &read_only("fallocate")));
-    }
-
-    fn copy_file_range(
-        &self,
-        _req: &Request,
-        _ino_in: INodeNo,
-        _fh_in: FileHandle,
-        _offset_in: u64,
-        _ino_out: INodeNo,
-        _fh_out: FileHandle,
-        _offset_out: u64,
-        _len: u64,
-        _flags: fuser::CopyFileRangeFlags,
-        reply: ReplyWrite,
-    ) {
-        reply.error(errno("copy_file_range", &read_only("copy_file_range")));
     }
 }

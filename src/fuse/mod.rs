@@ -38,6 +38,7 @@
 
 mod fs;
 pub mod layout;
+mod ops;
 mod stream;
 pub mod sys;
 
