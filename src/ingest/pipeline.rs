@@ -157,9 +157,7 @@ pub(super) fn run(
                     }
                 };
                 for mut batch in work_rx {
-                    let hints = std::mem::take(&mut batch.hints);
-                    let done = hash_and_compress(store, claimed, &mut compressor, &batch)
-                        .map(|done| Done { hints, ..done });
+                    let done = hash_and_compress(store, claimed, &mut compressor, &mut batch);
                     // The last batch cut from a read buffer gives it back to the reader.
                     if let Some(buf) = Arc::into_inner(batch.data) {
                         let _ = returned.try_send(buf);
@@ -221,7 +219,7 @@ fn hash_and_compress(
     store: &Store,
     claimed: &Mutex<HashSet<ChunkId>>,
     compressor: &mut zstd::bulk::Compressor<'_>,
-    batch: &Batch,
+    batch: &mut Batch,
 ) -> Result<Done> {
     let mut extents = Vec::with_capacity(batch.segments.len());
     let mut new_chunks = Vec::new();
@@ -266,7 +264,8 @@ fn hash_and_compress(
         extents,
         new_chunks,
         dedup,
-        hints: Vec::new(), // moved over by the worker
+        // Moved, not cloned: the batch is dropped after this.
+        hints: std::mem::take(&mut batch.hints),
     })
 }
 

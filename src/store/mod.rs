@@ -415,18 +415,13 @@ impl Store {
         out: &mut [u8],
     ) -> std::result::Result<(), String> {
         codec::decode_chunk_into(value, out)?;
-        if ChunkId::of(out) != *id {
-            return Err("bytes do not match the chunk's BLAKE3 id".to_string());
-        }
-        Ok(())
+        check_id(id, out)
     }
 
     /// Decodes a stored chunk value and checks it against the chunk's id.
     pub fn decode_checked(id: &ChunkId, value: &[u8]) -> std::result::Result<Vec<u8>, String> {
         let raw = codec::decode_chunk(value)?;
-        if ChunkId::of(&raw) != *id {
-            return Err("bytes do not match the chunk's BLAKE3 id".to_string());
-        }
+        check_id(id, &raw)?;
         Ok(raw)
     }
 
@@ -759,4 +754,12 @@ fn open_db(path: &Path, mode: DbMode) -> Result<DB> {
             }
         }
     }
+}
+
+/// Decoded bytes must hash to the chunk id they were stored under.
+fn check_id(id: &ChunkId, bytes: &[u8]) -> std::result::Result<(), String> {
+    if ChunkId::of(bytes) != *id {
+        return Err("bytes do not match the chunk's BLAKE3 id".to_string());
+    }
+    Ok(())
 }
