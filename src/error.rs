@@ -185,6 +185,10 @@ pub enum Error {
     #[error("interrupted")]
     Interrupted,
 
+    /// A broken internal invariant (a bug): nothing was committed.
+    #[error("internal error (please report): {0}")]
+    Internal(String),
+
     /// Any other I/O failure with its context.
     #[error("{context}: {source}")]
     Io {
@@ -271,7 +275,7 @@ impl Error {
             {
                 exit::NO_SPACE
             }
-            Db { .. } | Target { .. } | Io { .. } | Mount { .. } => exit::FAILURE,
+            Db { .. } | Target { .. } | Io { .. } | Mount { .. } | Internal(_) => exit::FAILURE,
         }
     }
 

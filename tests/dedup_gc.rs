@@ -261,3 +261,48 @@ fn hints_name_the_next_chunk_and_gc_removes_them_with_their_chunks() {
         assert!(store.hint(id).is_none(), "hint of removed chunk {id} kept");
     }
 }
+
+#[test]
+fn a_derived_image_hashes_only_its_changed_windows_and_gc_forgets_their_sums() {
+    use imgvault::store::{OpenMode, Store};
+    let s = TestStore::new();
+    let window_sums = || {
+        Store::open(&s.path(), OpenMode::Reader)
+            .unwrap()
+            .window_sum_count()
+            .unwrap()
+    };
+    // 8 MiB of data and a 4 MiB hole, then the same with one byte changed in window 5.
+    let mut disk = random_bytes(8 << 20, 29);
+    disk.extend(vec![0u8; 4 << 20]);
+    let (a, b) = (s.scratch("a.bin"), s.scratch("b.bin"));
+    std::fs::write(&a, &disk).unwrap();
+    disk[5 * (1 << 20) + 777] ^= 1;
+    std::fs::write(&b, &disk).unwrap();
+
+    let report = s.import(&a, "a");
+    assert_eq!(report["windows_hashed"], 12, "{report}");
+    assert_eq!(report["windows_remembered"], 0, "{report}");
+    assert_eq!(window_sums(), 12);
+    let report = s.import(&b, "b");
+    assert_eq!(
+        report["image"]["checksum"].as_str().unwrap(),
+        blake3::hash(&disk).to_hex().as_str(),
+        "the checksum of b is b3sum of its bytes"
+    );
+    // The changed chunk lies in one or two windows; the other ten are remembered.
+    let hashed = report["windows_hashed"].as_u64().unwrap();
+    assert!((1..=2).contains(&hashed), "{report}");
+    assert_eq!(report["windows_remembered"].as_u64().unwrap(), 12 - hashed);
+    assert_eq!(window_sums(), 12 + hashed);
+    s.ok(&["verify", "b"]);
+
+    // The sums naming b's own chunk go with it; those of a's windows stay until a goes.
+    s.ok(&["delete", "b"]);
+    s.ok(&["gc"]);
+    assert_eq!(window_sums(), 12);
+    s.ok(&["delete", "a"]);
+    s.ok(&["gc"]);
+    // Only the zero windows' sums (no chunk) remain: four of the hole.
+    assert_eq!(window_sums(), 4);
+}

@@ -317,6 +317,10 @@ fn assert_nothing_stored(s: &TestStore) {
         gc["orphan_chunks"], 0,
         "the failed import left chunks behind: {gc}"
     );
+    assert_eq!(
+        gc["window_sums"], 0,
+        "the failed import left window sums naming chunks the store does not hold: {gc}"
+    );
     s.ok(&["verify"]);
 }
 

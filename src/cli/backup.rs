@@ -112,6 +112,7 @@ pub fn backup(ctx: &Context, args: BackupArgs) -> anyhow::Result<i32> {
         (None, _) => println!("  hardware model unknown (give --hw-model)"),
     }
     println!("  blake3 {}", img.checksum);
+    output::print_windows(r.windows_hashed, r.windows_remembered);
     Ok(0)
 }
 

@@ -51,6 +51,7 @@ pub fn import(ctx: &Context, args: ImportArgs) -> anyhow::Result<i32> {
             output::bytes((img.virtual_size as f64 / report.seconds.max(1e-9)) as u64)
         );
         println!("  blake3 {}", img.checksum);
+        output::print_windows(report.windows_hashed, report.windows_remembered);
     }
     Ok(0)
 }

@@ -36,6 +36,16 @@ pub fn ratio(num: u64, den: u64) -> String {
     }
 }
 
+/// The checksum line's second half: how much of the disk was hashed for it.
+pub fn print_windows(hashed: u64, remembered: u64) {
+    if remembered > 0 {
+        println!(
+            "  checksum: {hashed} of {} 1 MiB windows hashed, the store knew the rest",
+            hashed + remembered
+        );
+    }
+}
+
 /// UTC time from seconds since the epoch, `YYYY-MM-DD HH:MM:SS`.
 pub fn time(secs: u64) -> String {
     let days = secs / 86_400;

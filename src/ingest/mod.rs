@@ -2,14 +2,17 @@
 //!
 //! ```text
 //! reader thread ──buffers──▶ segmenter thread ──batches──▶ N workers ──results──▶ writer
-//!  (large aligned reads,      (zero runs, FastCDC,         (BLAKE3 per chunk,     (reorders by seq,
-//!   holes not read)            whole-image BLAKE3)          dedup lookup, zstd)    unlogged chunk puts)
+//!  (large aligned reads,      (zero runs, FastCDC,    │    (dedup lookup, zstd)    (reorders by seq,
+//!   holes not read)            BLAKE3 per chunk)      │                             unlogged chunk puts)
+//!                                                     └──▶ window summer (whole-disk BLAKE3 from
+//!                                                          1 MiB windows; see `checksum`)
 //! ```
 //! Every channel is bounded, so memory does not grow with the image. When the stream
 //! ends the writer flushes the chunk column family and commits the image (record, name,
 //! extents, reference increments) in one atomic WriteBatch; until then nothing is visible.
 //! On failure, chunks written by this ingest are deleted again (none is referenced).
 
+mod checksum;
 mod pipeline;
 pub mod source;
 

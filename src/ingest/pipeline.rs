@@ -8,11 +8,12 @@ use crossbeam_channel::{bounded, Receiver};
 use rocksdb::WriteBatch;
 use serde::Serialize;
 
+use super::checksum::{Summed, WindowSummer};
 use super::source::{ImageSource, SourcePiece, SourceStamp, READ_SIZE};
 use super::IngestOptions;
 use crate::catalog::{Catalog, ImageId, ImageRecord, Source};
 use crate::chunk::{
-    hash_zeros, Batch, ChunkId, ChunkerParams, Hint, Piece, Segment, Segmenter, SegmenterStats,
+    Batch, ChunkId, ChunkerParams, Hint, Piece, Segment, Segmenter, SegmenterStats,
 };
 use crate::error::{Error, Result};
 use crate::progress::Progress;
@@ -40,6 +41,10 @@ pub struct ImportReport {
     pub dedup_chunks: u64,
     /// Chunks cut where the store's hints said, without FastCDC (see `store::hints`).
     pub hinted_chunks: u64,
+    /// 1 MiB windows of the disk hashed for its checksum (see `ingest::checksum`).
+    pub windows_hashed: u64,
+    /// Windows whose checksum part the store remembered (not hashed again).
+    pub windows_remembered: u64,
     /// Wall time.
     pub seconds: f64,
 }
@@ -70,6 +75,7 @@ pub(super) fn run(
         n => n,
     };
     let format = source.format().to_string();
+    let virtual_size = source.virtual_size();
     let stamp = SourceStamp::of(source.path());
     progress.start(source.virtual_size());
     let claimed: Mutex<HashSet<ChunkId>> = Mutex::new(HashSet::new());
@@ -88,11 +94,8 @@ pub(super) fn run(
         let (work_tx, work_rx) = bounded::<Batch>(threads);
         let (done_tx, done_rx) = bounded::<Result<Done>>(threads);
 
-        // The reader also computes the whole-disk BLAKE3: it sees every byte in order, and
-        // this keeps the segmenter (the other serial stage) short.
-        let reader = s.spawn(move || -> Result<(u64, blake3::Hash)> {
+        let reader = s.spawn(move || -> Result<u64> {
             let mut bytes = 0u64;
-            let mut whole = blake3::Hasher::new();
             loop {
                 let mut buf = free_rx
                     .try_recv()
@@ -101,25 +104,43 @@ pub(super) fn run(
                     if let Some(stamp) = &stamp {
                         stamp.check_unchanged()?;
                     }
-                    return Ok((bytes, whole.finalize()));
+                    return Ok(bytes);
                 };
-                match piece {
-                    SourcePiece::Data => {
-                        whole.update(&buf[headroom..]);
-                        bytes += (buf.len() - headroom) as u64;
-                    }
-                    SourcePiece::Zeros(n) => hash_zeros(&mut whole, n),
+                if let SourcePiece::Data = piece {
+                    bytes += (buf.len() - headroom) as u64;
                 }
                 if piece_tx.send((piece, buf)).is_err() {
-                    return Ok((bytes, whole.finalize())); // downstream stopped; its error is reported
+                    return Ok(bytes); // downstream stopped; its error is reported
                 }
             }
+        });
+
+        // The whole-disk BLAKE3, from the segments in stream order and the buffers their
+        // chunks point into (see `checksum`): only windows the store has not seen are hashed.
+        let (window_tx, window_rx) = bounded::<(Arc<Vec<u8>>, Vec<Segment>)>(threads + 2);
+        let summed = free_tx.clone();
+        let summer = s.spawn(move || -> Result<Summed> {
+            let mut summer = WindowSummer::new(
+                virtual_size,
+                |layout| store.window_sum(layout),
+                |sums| store.remember_window_sums(sums),
+                move |buf| {
+                    let _ = summed.try_send(buf);
+                },
+            );
+            for (buf, segments) in window_rx {
+                summer.feed(&buf, &segments)?;
+            }
+            summer.finish()
         });
 
         let recycled = free_tx.clone();
         let returned = free_tx.clone();
         let segmenter = s.spawn(move || -> Result<(u64, SegmenterStats)> {
             let mut seg = Segmenter::new(params, |batch| {
+                window_tx
+                    .send((Arc::clone(&batch.data), batch.segments.clone()))
+                    .map_err(|_| Error::Interrupted)?;
                 work_tx.send(batch).map_err(|_| Error::Interrupted)
             })
             .with_hints(|id| store.hint(id))
@@ -174,19 +195,23 @@ pub(super) fn run(
         let collected = collect(store, done_rx, written_ref, progress);
         let read = reader.join().unwrap_or(Err(Error::Interrupted));
         let segmented = segmenter.join().unwrap_or(Err(Error::Interrupted));
-        match (read, segmented, collected) {
-            (Ok((bytes_read, checksum)), Ok((size, cuts)), Ok(collected)) => Ok(CommitInput {
+        let summed = summer.join().unwrap_or(Err(Error::Interrupted));
+        match (read, segmented, summed, collected) {
+            (Ok(bytes_read), Ok((size, cuts)), Ok(summed), Ok(collected)) => Ok(CommitInput {
                 format,
                 bytes_read,
                 size,
-                checksum,
+                summed,
                 collected,
                 hinted_chunks: cuts.hinted,
                 started,
             }),
-            (read, segmented, collected) => {
-                Err(first_cause([read.err(), segmented.err(), collected.err()]))
-            }
+            (read, segmented, summed, collected) => Err(first_cause([
+                read.err(),
+                segmented.err(),
+                summed.err(),
+                collected.err(),
+            ])),
         }
     });
     progress.finish();
@@ -198,6 +223,15 @@ pub(super) fn run(
         for id in &written {
             batch.delete_cf(store.cf(cf::CHUNKS), id.0);
         }
+        let _ = store.commit(batch);
+    }
+    if result.is_err() {
+        // And the window sums this import wrote that name a chunk no image references (the
+        // zero windows' stay: they are true, and save a retry's hashing).
+        let mut batch = WriteBatch::default();
+        let _ = store.batch_forget_window_sums(&mut batch, |id| {
+            store.chunk_is_referenced(id).map(|live| !live)
+        });
         let _ = store.commit(batch);
     }
     result
@@ -323,7 +357,7 @@ struct CommitInput {
     format: String,
     bytes_read: u64,
     size: u64,
-    checksum: blake3::Hash,
+    summed: Summed,
     collected: Collected,
     hinted_chunks: u64,
     started: Instant,
@@ -360,7 +394,7 @@ fn commit(
         data_extents: data.len() as u64,
         new_chunks: sizes.len() as u64,
         new_stored_bytes: sizes.values().map(|(s, _)| *s as u64).sum(),
-        checksum: input.checksum.to_hex().to_string(),
+        checksum: input.summed.checksum.to_hex().to_string(),
         created: now(),
         region: store.config().region.clone(),
         source: record_source,
@@ -382,6 +416,8 @@ fn commit(
         new_stored_bytes: record.new_stored_bytes,
         dedup_chunks: dedup,
         hinted_chunks: input.hinted_chunks,
+        windows_hashed: input.summed.stats.hashed,
+        windows_remembered: input.summed.stats.remembered,
         seconds: input.started.elapsed().as_secs_f64(),
         image: record,
     })

@@ -29,6 +29,8 @@ pub struct GcReport {
     pub removed_bytes: u64,
     /// Garbage chunks kept because a mount holds an image that uses them.
     pub pinned_chunks: u64,
+    /// Remembered window sums dropped with their chunks (see `store::window_sums`).
+    pub window_sums: u64,
     /// Store size on disk before and after.
     pub disk_before: u64,
     /// Store size on disk after compaction.
@@ -130,7 +132,16 @@ pub(super) fn run(store: &Store, pinned: &HashSet<ChunkId>) -> Result<GcReport> 
     })?;
     flush(&mut batch, &mut pending)?;
 
-    // 3. Compact: drops the deleted keys, and blob files whose blobs are all garbage.
+    // 3. Window sums naming a chunk no image references: that layout can only come back
+    // with the chunk. (This also catches sums an import wrote before it failed or crashed.)
+    report.window_sums = store.batch_forget_window_sums(&mut batch, |id| {
+        store.chunk_is_referenced(id).map(|live| !live)
+    })?;
+    if report.window_sums > 0 {
+        store.commit(std::mem::take(&mut batch))?;
+    }
+
+    // 4. Compact: drops the deleted keys, and blob files whose blobs are all garbage.
     if report.unreferenced_chunks + report.orphan_chunks > 0 {
         let mut co = CompactOptions::default();
         co.set_bottommost_level_compaction(BottommostLevelCompaction::Force);

@@ -16,6 +16,7 @@ mod keys;
 mod live;
 mod lock;
 pub mod pins;
+pub mod window_sums;
 
 pub use gc::{GcReport, RepackReport};
 pub use live::LiveStore;

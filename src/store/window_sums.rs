@@ -1,0 +1,153 @@
+//! Remembered window sums (docs/FORMAT.md, `meta` keys `wsum/<layout>`): the BLAKE3 chaining
+//! value of an aligned disk window whose bytes this store has hashed at that offset before,
+//! keyed by the window's layout (which chunks lie where in it). See `ingest::checksum`.
+//!
+//! Like a hint, a sum only saves work: a missing or unreadable one is hashed again. Each
+//! entry lists the chunks of its layout, and gc drops it once one of them is not referenced
+//! (deleted, or never committed: an import that failed or crashed).
+
+use rocksdb::{Direction, IteratorMode, WriteBatch};
+
+use super::{cf, Store};
+use crate::chunk::ChunkId;
+use crate::error::Result;
+
+const PREFIX: &[u8] = b"wsum/";
+
+/// A window's layout digest (see `ingest::checksum::layout_key`).
+pub type LayoutKey = [u8; 32];
+/// A BLAKE3 chaining value.
+pub type ChainingValue = [u8; 32];
+
+/// What a window with a layout sums to, and the chunks the layout names (repeats dropped).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WindowSum {
+    pub layout: LayoutKey,
+    pub cv: ChainingValue,
+    pub chunks: Vec<ChunkId>,
+}
+
+fn key(layout: &LayoutKey) -> Vec<u8> {
+    let mut k = Vec::with_capacity(PREFIX.len() + 32);
+    k.extend_from_slice(PREFIX);
+    k.extend_from_slice(layout);
+    k
+}
+
+fn encode(cv: &ChainingValue, chunks: &[ChunkId]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(32 * (1 + chunks.len()));
+    v.extend_from_slice(cv);
+    for id in chunks {
+        v.extend_from_slice(&id.0);
+    }
+    v
+}
+
+/// The chaining value and the chunk ids of an entry; `None` for a malformed one.
+fn decode(v: &[u8]) -> Option<(ChainingValue, impl Iterator<Item = ChunkId> + '_)> {
+    if v.len() < 32 || !v.len().is_multiple_of(32) {
+        return None;
+    }
+    let cv = v[..32].try_into().ok()?;
+    Some((cv, v[32..].chunks_exact(32).filter_map(ChunkId::from_slice)))
+}
+
+impl Store {
+    /// The remembered chaining value of a window with this layout, if any (a read error or a
+    /// malformed entry counts as none: the window is hashed instead).
+    pub fn window_sum(&self, layout: &LayoutKey) -> Option<ChainingValue> {
+        match self.db().get_pinned_cf(self.cf(cf::META), key(layout)) {
+            Ok(v) => v.and_then(|v| decode(&v).map(|(cv, _)| cv)),
+            Err(e) => {
+                tracing::debug!("reading a window sum: {e}");
+                None
+            }
+        }
+    }
+
+    /// Remembers window sums. Written as the import goes (memory stays flat in the disk's
+    /// size), without waiting for its commit: a sum is a fact about bytes, true whether or
+    /// not the image is committed. Not synced: a sum lost in a crash is hashed again.
+    pub fn remember_window_sums(&self, sums: &[WindowSum]) -> Result<()> {
+        self.require_writer()?;
+        let mut batch = WriteBatch::default();
+        let meta = self.cf(cf::META);
+        for sum in sums {
+            batch.put_cf(meta, key(&sum.layout), encode(&sum.cv, &sum.chunks));
+        }
+        self.db().write(batch).map_err(|e| self.db_err(e))
+    }
+
+    /// Adds the removal of every window sum naming a chunk for which `dead` is true to
+    /// `batch`; returns how many. Malformed entries go too: they would never be used.
+    pub(crate) fn batch_forget_window_sums(
+        &self,
+        batch: &mut WriteBatch,
+        mut dead: impl FnMut(&ChunkId) -> Result<bool>,
+    ) -> Result<u64> {
+        let meta = self.cf(cf::META);
+        let mut removed = 0;
+        for item in self
+            .db()
+            .iterator_cf(meta, IteratorMode::From(PREFIX, Direction::Forward))
+        {
+            let (k, v) = item.map_err(|e| self.db_err(e))?;
+            if !k.starts_with(PREFIX) {
+                break;
+            }
+            let stale = match decode(&v) {
+                Some((_, chunks)) => {
+                    let mut stale = false;
+                    for id in chunks {
+                        if dead(&id)? {
+                            stale = true;
+                            break;
+                        }
+                    }
+                    stale
+                }
+                None => true,
+            };
+            if stale {
+                batch.delete_cf(meta, &k);
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// How many window sums the store holds (for tests and `stats`).
+    pub fn window_sum_count(&self) -> Result<u64> {
+        let mut n = 0;
+        for item in self.db().iterator_cf(
+            self.cf(cf::META),
+            IteratorMode::From(PREFIX, Direction::Forward),
+        ) {
+            let (k, _) = item.map_err(|e| self.db_err(e))?;
+            if !k.starts_with(PREFIX) {
+                break;
+            }
+            n += 1;
+        }
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_round_trip_and_malformed_ones_decode_to_none() {
+        let ids = [ChunkId([1; 32]), ChunkId([2; 32])];
+        let v = encode(&[9; 32], &ids);
+        let (cv, chunks) = decode(&v).expect("well formed");
+        assert_eq!(cv, [9; 32]);
+        assert_eq!(chunks.collect::<Vec<_>>(), ids);
+        let zero_window = encode(&[3; 32], &[]);
+        let (_, none) = decode(&zero_window).expect("a zero window names no chunk");
+        assert_eq!(none.count(), 0);
+        assert!(decode(&v[..40]).is_none());
+        assert!(decode(&v[..31]).is_none());
+    }
+}
