@@ -1252,6 +1252,30 @@ fn clone_shares_every_chunk_survives_its_source_and_gc_reclaims_only_the_unused(
 // ---- copy between regions ------------------------------------------------------------------
 
 #[test]
+fn a_copy_carries_its_window_sums_so_a_derived_import_there_hashes_only_its_changes() {
+    let (base, derived) = disk_images();
+    let a = TestStore::new();
+    let b = TestStore::new();
+    let bpath = b.path().to_str().unwrap().to_string();
+    import_as(&a, "admin", base, "base", &[]);
+    json_as(&a, "admin", &["copy", "base", "--to-store", &bpath]);
+    // Imported here, next to the original, and there, next to the copy: the same windows
+    // are remembered, and the same checksum comes out.
+    let here = import_as(&a, "admin", derived, "app", &[]);
+    let there = import_as(&b, "admin", derived, "app", &[]);
+    let remembered = here["windows_remembered"].as_u64().unwrap();
+    assert!(remembered > 0, "{here}");
+    assert_eq!(
+        there["windows_remembered"].as_u64(),
+        Some(remembered),
+        "{there}"
+    );
+    assert_eq!(there["windows_hashed"], here["windows_hashed"]);
+    assert_eq!(there["image"]["checksum"], here["image"]["checksum"]);
+    b.ok(&["verify"]);
+}
+
+#[test]
 fn copy_between_regions_moves_only_missing_chunks_and_exports_identically() {
     let (base, derived) = disk_images();
     let a = TestStore::uninit();

@@ -15,6 +15,7 @@
 //! CPU (docs/PERFORMANCE.md). `verify` still recomputes each image's checksum from its bytes,
 //! so a wrong remembered value cannot go unnoticed.
 
+use std::cell::RefCell;
 use std::sync::Arc;
 
 use blake3::hazmat::{
@@ -23,6 +24,7 @@ use blake3::hazmat::{
 
 use crate::chunk::{hash_zeros, ChunkId, Segment};
 use crate::error::{Error, Result};
+use crate::store::codec::Extent;
 use crate::store::window_sums::{LayoutKey, WindowSum};
 
 /// Window size: 1 MiB, 1,024 BLAKE3 chunks (a power of two, so aligned windows are subtrees).
@@ -247,6 +249,44 @@ where
     }
 }
 
+/// The layouts of the windows of a disk of `size` bytes with these extents, in order (none
+/// for a disk of one window or less, which is hashed whole): to copy an image's window sums
+/// to another store. It is the summer's own walk with every window taken as remembered, so
+/// the keys are the ones an import computes, and no byte is needed.
+pub(crate) fn window_layouts(extents: &[Extent], size: u64) -> Result<Vec<LayoutKey>> {
+    if size <= WINDOW {
+        return Ok(Vec::new());
+    }
+    let layouts = RefCell::new(Vec::new());
+    let mut summer = WindowSummer::new(
+        size,
+        |layout: &LayoutKey| {
+            layouts.borrow_mut().push(*layout);
+            Some([0; 32]) // never hashed: the root is not wanted
+        },
+        |_: &[WindowSum]| Ok(()),
+        |_| (),
+    );
+    let segments: Vec<Segment> = extents
+        .iter()
+        .map(|e| match e.chunk {
+            Some(id) => Segment::Chunk {
+                offset: e.offset,
+                start: 0,
+                len: e.len as usize,
+                id,
+            },
+            None => Segment::Zero {
+                offset: e.offset,
+                len: e.len,
+            },
+        })
+        .collect();
+    summer.feed(&Arc::new(Vec::new()), &segments)?;
+    summer.finish()?;
+    Ok(layouts.into_inner())
+}
+
 /// The layout digest of window `index`: its parts in order, each a zero run's length or a
 /// chunk's id with the range of it the window holds. Equal digests mean equal bytes at the
 /// same offset (up to BLAKE3 collisions, as for chunk ids).
@@ -427,6 +467,40 @@ mod tests {
             len: 10,
         }];
         assert!(summer.feed(&Arc::new(Vec::new()), &gap).is_err());
+    }
+
+    #[test]
+    fn the_layouts_of_an_image_s_extents_are_the_ones_its_import_remembered() {
+        let d = disk(6, 5_000, 3);
+        let memory = RefCell::new(HashMap::new());
+        let cuts = [70_000, 1_500_000, 3_000_000, 3_100_000];
+        sum(&d, &cuts, 2, &memory);
+        let extents: Vec<Extent> = batches(&d, &cuts, 1)
+            .iter()
+            .flat_map(|(_, segments)| segments.clone())
+            .map(|s| match s {
+                Segment::Chunk {
+                    offset, len, id, ..
+                } => Extent {
+                    offset,
+                    len: len as u64,
+                    chunk: Some(id),
+                },
+                Segment::Zero { offset, len } => Extent {
+                    offset,
+                    len,
+                    chunk: None,
+                },
+            })
+            .collect();
+        let layouts = window_layouts(&extents, d.len() as u64).expect("extents tile the disk");
+        assert_eq!(layouts.len(), 7);
+        for layout in &layouts {
+            assert!(memory.borrow().contains_key(layout));
+        }
+        assert!(window_layouts(&extents[..1], WINDOW)
+            .expect("one window")
+            .is_empty());
     }
 
     proptest! {

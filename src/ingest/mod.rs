@@ -12,7 +12,7 @@
 //! extents, reference increments) in one atomic WriteBatch; until then nothing is visible.
 //! On failure, chunks written by this ingest are deleted again (none is referenced).
 
-mod checksum;
+pub(crate) mod checksum;
 mod pipeline;
 pub mod source;
 

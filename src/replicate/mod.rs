@@ -7,7 +7,7 @@
 //!                                                    │ no
 //!   stored chunk value (as is, still compressed) ◀───┘
 //!     └─ decoded and checked against its BLAKE3 id ──▶ put unlogged ──▶ flush
-//!                  one WriteBatch: record + name + extents + ref increments + succession hints
+//!       one WriteBatch: record + name + extents + ref increments + succession hints + window sums
 //! ```
 //! The copy is an independent image of the target: new id, owner the caller, the name of
 //! the source unless another is given, the source's properties, and
@@ -28,6 +28,7 @@ use serde::Serialize;
 use crate::catalog::{Catalog, ImageId, ImageRecord, Source, Visibility, ADMIN};
 use crate::chunk::ChunkId;
 use crate::error::{Error, Result};
+use crate::ingest::checksum::window_layouts;
 use crate::progress::Progress;
 use crate::store::codec::decode_chunk;
 use crate::store::{cf, now, ChunkerConfig, Store};
@@ -287,6 +288,15 @@ pub fn copy_image(
             if let Some(hint) = source.hint(id) {
                 if target.hint(id) != Some(hint) {
                     target.batch_hint(&mut batch, id, &hint);
+                }
+            }
+        }
+        // So do its window sums: a derived image imported there hashes only its changed
+        // windows for its checksum, as it would here (`ingest::checksum`).
+        for layout in window_layouts(&extents, image.virtual_size)? {
+            if target.window_sum(&layout).is_none() {
+                if let Some(sum) = source.window_sum_entry(&layout) {
+                    target.batch_window_sum(&mut batch, &sum);
                 }
             }
         }

@@ -65,15 +65,37 @@ impl Store {
         }
     }
 
+    /// The whole entry for a layout (to copy it to another store), if any.
+    pub fn window_sum_entry(&self, layout: &LayoutKey) -> Option<WindowSum> {
+        let v = self
+            .db()
+            .get_pinned_cf(self.cf(cf::META), key(layout))
+            .ok()??;
+        let (cv, chunks) = decode(&v)?;
+        Some(WindowSum {
+            layout: *layout,
+            cv,
+            chunks: chunks.collect(),
+        })
+    }
+
+    /// Adds `sum` to `batch`.
+    pub fn batch_window_sum(&self, batch: &mut WriteBatch, sum: &WindowSum) {
+        batch.put_cf(
+            self.cf(cf::META),
+            key(&sum.layout),
+            encode(&sum.cv, &sum.chunks),
+        );
+    }
+
     /// Remembers window sums. Written as the import goes (memory stays flat in the disk's
     /// size), without waiting for its commit: a sum is a fact about bytes, true whether or
     /// not the image is committed. Not synced: a sum lost in a crash is hashed again.
     pub fn remember_window_sums(&self, sums: &[WindowSum]) -> Result<()> {
         self.require_writer()?;
         let mut batch = WriteBatch::default();
-        let meta = self.cf(cf::META);
         for sum in sums {
-            batch.put_cf(meta, key(&sum.layout), encode(&sum.cv, &sum.chunks));
+            self.batch_window_sum(&mut batch, sum);
         }
         self.db().write(batch).map_err(|e| self.db_err(e))
     }
