@@ -77,7 +77,7 @@ pub(super) fn run(
     let format = source.format().to_string();
     let virtual_size = source.virtual_size();
     let stamp = SourceStamp::of(source.path());
-    progress.start(source.virtual_size());
+    progress.start(virtual_size);
     let claimed: Mutex<HashSet<ChunkId>> = Mutex::new(HashSet::new());
     let mut written: Vec<ChunkId> = Vec::new();
 
