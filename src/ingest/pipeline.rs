@@ -229,9 +229,7 @@ pub(super) fn run(
         // And the window sums this import wrote that name a chunk no image references (the
         // zero windows' stay: they are true, and save a retry's hashing).
         let mut batch = WriteBatch::default();
-        let _ = store.batch_forget_window_sums(&mut batch, |id| {
-            store.chunk_is_referenced(id).map(|live| !live)
-        });
+        let _ = store.batch_forget_unreferenced_window_sums(&mut batch);
         let _ = store.commit(batch);
     }
     result

@@ -134,9 +134,7 @@ pub(super) fn run(store: &Store, pinned: &HashSet<ChunkId>) -> Result<GcReport> 
 
     // 3. Window sums naming a chunk no image references: that layout can only come back
     // with the chunk. (This also catches sums an import wrote before it failed or crashed.)
-    report.window_sums = store.batch_forget_window_sums(&mut batch, |id| {
-        store.chunk_is_referenced(id).map(|live| !live)
-    })?;
+    report.window_sums = store.batch_forget_unreferenced_window_sums(&mut batch)?;
     if report.window_sums > 0 {
         store.commit(std::mem::take(&mut batch))?;
     }

@@ -6,6 +6,8 @@
 //! entry lists the chunks of its layout, and gc drops it once one of them is not referenced
 //! (deleted, or never committed: an import that failed or crashed).
 
+use std::collections::HashMap;
+
 use rocksdb::{Direction, IteratorMode, WriteBatch};
 
 use super::{cf, Store};
@@ -100,14 +102,16 @@ impl Store {
         self.db().write(batch).map_err(|e| self.db_err(e))
     }
 
-    /// Adds the removal of every window sum naming a chunk for which `dead` is true to
-    /// `batch`; returns how many. Malformed entries go too: they would never be used.
-    pub(crate) fn batch_forget_window_sums(
+    /// Adds the removal of every window sum naming a chunk no image references to `batch`
+    /// (gc; an import that failed); returns how many. Malformed entries go too: they would
+    /// never be used.
+    pub(crate) fn batch_forget_unreferenced_window_sums(
         &self,
         batch: &mut WriteBatch,
-        mut dead: impl FnMut(&ChunkId) -> Result<bool>,
     ) -> Result<u64> {
         let meta = self.cf(cf::META);
+        // Windows share chunks: look each one up once.
+        let mut live: HashMap<ChunkId, bool> = HashMap::new();
         let mut removed = 0;
         for item in self
             .db()
@@ -121,7 +125,15 @@ impl Store {
                 Some((_, chunks)) => {
                     let mut stale = false;
                     for id in chunks {
-                        if dead(&id)? {
+                        let is_live = match live.get(&id) {
+                            Some(&known) => known,
+                            None => {
+                                let referenced = self.chunk_is_referenced(&id)?;
+                                live.insert(id, referenced);
+                                referenced
+                            }
+                        };
+                        if !is_live {
                             stale = true;
                             break;
                         }
