@@ -402,8 +402,8 @@ mod tests {
         let len = (windows * WINDOW + tail) as usize;
         let mut d = vec![0u8; len];
         for (i, b) in d.iter_mut().enumerate() {
-            // Zero runs of 192 KiB in every 512 KiB.
-            if (i >> 16) % 8 >= 3 {
+            // Zero runs of 384 KiB in every MiB (long enough to be hashed on all cores).
+            if (i >> 17) % 8 >= 3 {
                 *b = (i as u8).wrapping_mul(31).wrapping_add(seed) | 1;
             }
         }
@@ -438,6 +438,16 @@ mod tests {
                 let memory = RefCell::new(HashMap::new());
                 let (root, _) = sum(&d, &[999_999, 12_345_678], 4, &memory);
                 assert_eq!(root, blake3::hash(&d), "{windows} windows + {tail} bytes");
+                // Cut at the zero runs' edges: zero extents of 384 KiB, hashed with rayon.
+                let edges: Vec<usize> = (0..=windows as usize)
+                    .flat_map(|k| [k << 20, (k << 20) + (384 << 10)])
+                    .collect();
+                let (root, _) = sum(&d, &edges, 3, &RefCell::new(HashMap::new()));
+                assert_eq!(
+                    root,
+                    blake3::hash(&d),
+                    "{windows} windows + {tail}, zero extents"
+                );
             }
         }
     }
