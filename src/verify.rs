@@ -2,7 +2,9 @@
 //!
 //! [`verify`] re-reads and re-hashes every chunk of some images and recomputes each image's
 //! whole-disk BLAKE3 from its extents (so an extent map that names valid but wrong chunks is
-//! caught too). [`verify_store`] does that for every image and checks the records against
+//! caught too), window by window as an import does, comparing each window with the store's
+//! remembered sum for its layout (`store::window_sums`), so a wrong one is reported before
+//! more imports use it. [`verify_store`] does that for every image and checks the records against
 //! each other: every image record decodes, names and records point at each other, no extents
 //! or members belong to a missing image, and reference counts equal the number of extents
 //! that name each chunk (a count that is too high is a leak gc would never free; too low,
@@ -26,14 +28,16 @@ use rocksdb::{IteratorMode, WriteBatch};
 use serde::Serialize;
 
 use crate::catalog::{Catalog, ImageId, ImageRecord};
-use crate::chunk::{hash_zeros, ChunkId, Piece, Segment, Segmenter};
+use crate::chunk::{ChunkId, Piece, Segment, Segmenter};
 use crate::error::{Error, Result};
+use crate::ingest::checksum::{WindowSummer, WINDOW as WINDOW_SUM_LEN};
 use crate::ingest::source::{ImageSource, RawSource, SourcePiece};
 use crate::progress::Progress;
 use crate::read::{
     chunk_ids, pair_fetched, split_by_bytes, with_fetch_ahead, Fetched, FETCH_AHEAD, WINDOW,
 };
 use crate::store::codec::{decode_chunk, decode_extent, encode_chunk, Extent, RefEntry};
+use crate::store::window_sums::{LayoutKey, WindowSum};
 use crate::store::{cf, OpenMode, Store};
 
 /// One damaged place.
@@ -72,6 +76,8 @@ pub struct VerifyReport {
     pub bytes: u64,
     /// Images whose whole-disk BLAKE3 was recomputed and matched the record.
     pub checksums_ok: u64,
+    /// Remembered window sums (`ingest::checksum`) checked against the bytes of a window.
+    pub window_sums_checked: u64,
     /// Damage found (empty when all is well).
     pub damage: Vec<Damage>,
     /// Problems with records that are not tied to one extent (image records, names,
@@ -324,10 +330,18 @@ fn check_images(
     };
     for (i, (image, extents)) in images.iter().zip(&maps).enumerate() {
         let Some(extents) = extents else { continue };
-        let sum = hash_image(store, i, extents, &mut checks, report, progress);
+        let (sum, wrong_sums) = hash_image(store, i, extents, &mut checks, report, progress);
         // A damaged image's checksum cannot match; its damage is already reported.
         if checks.damaged_images.contains(&i) {
             continue;
+        }
+        for window in wrong_sums {
+            report.problems.push(format!(
+                "image {}: the store's remembered BLAKE3 of its bytes {}..{} (a window sum) does not match those bytes; imports that used it recorded a wrong checksum: `imgvault gc --drop-window-sums` forgets every sum",
+                label(image),
+                window * WINDOW_SUM_LEN,
+                (window + 1) * WINDOW_SUM_LEN,
+            ));
         }
         if sum == image.checksum {
             report.checksums_ok += 1;
@@ -421,6 +435,10 @@ impl ChunkChecks<'_> {
 /// fetched ahead; window N+1 decoded in parallel while window N is hashed, as export writes)
 /// and returns the BLAKE3 of its raw disk, which means something only when the image has no
 /// damage. Chunks not checked yet are checked against their id; the others only decompressed.
+/// Decodes and checks an image's chunks, and hashes its bytes window by window (as an
+/// import does, `ingest::checksum`) into its whole-disk BLAKE3. Each window's chaining
+/// value is compared with the store's remembered sum for that window's layout, if any:
+/// returns the checksum and the windows whose remembered sum is wrong.
 fn hash_image(
     store: &Store,
     image: usize,
@@ -428,12 +446,32 @@ fn hash_image(
     checks: &mut ChunkChecks<'_>,
     report: &mut VerifyReport,
     progress: &dyn Progress,
-) -> String {
+) -> (String, Vec<u64>) {
     let data_len = |e: &Extent| if e.chunk.is_some() { e.len } else { 0 };
     let windows = split_by_bytes(extents, data_len, WINDOW);
     let ids: Vec<Vec<ChunkId>> = windows.iter().map(|w| chunk_ids(w)).collect();
-    with_fetch_ahead(store, &ids, FETCH_AHEAD, |fetch| {
-        let mut hasher = blake3::Hasher::new();
+    let size = extents.last().map_or(0, |e| e.end());
+    let (mut checked, mut wrong, mut index) = (0u64, Vec::new(), 0u64);
+    let checksum = with_fetch_ahead(store, &ids, FETCH_AHEAD, |fetch| {
+        // Every window is hashed (nothing is taken as remembered); the sums it learns are
+        // the checks.
+        let mut summer = WindowSummer::new(
+            size,
+            |_: &LayoutKey| None,
+            |sums: &[WindowSum]| {
+                for sum in sums {
+                    if let Some(stored) = store.window_sum(&sum.layout) {
+                        checked += 1;
+                        if stored != sum.cv {
+                            wrong.push(index);
+                        }
+                    }
+                    index += 1;
+                }
+                Ok(())
+            },
+            drop,
+        );
         let mut pending: Option<(&[Extent], Vec<Decoded>)> = None;
         for &window in &windows {
             // Decided before the window before is recorded: a chunk first used there and
@@ -447,17 +485,23 @@ fn hash_image(
                 || decode_window(&data, values),
                 || {
                     if let Some((w, d)) = pending.take() {
-                        hash_window(image, w, d, &mut hasher, checks, report, progress);
+                        hash_window(image, w, d, &mut summer, checks, report, progress);
                     }
                 },
             );
             pending = Some((window, decoded));
         }
         if let Some((w, d)) = pending {
-            hash_window(image, w, d, &mut hasher, checks, report, progress);
+            hash_window(image, w, d, &mut summer, checks, report, progress);
         }
-        hasher.finalize().to_hex().to_string()
-    })
+        // The extents tile the image (checked when the map was loaded), so the summer
+        // cannot fail; a failure would only say so here.
+        summer
+            .finish()
+            .map_or_else(|e| e.to_string(), |s| s.checksum.to_hex().to_string())
+    });
+    report.window_sums_checked += checked;
+    (checksum, wrong)
 }
 
 /// A data extent's bytes, or why they could not be read.
@@ -481,30 +525,53 @@ fn decode_window(data: &[(&Extent, bool)], values: Vec<Fetched<'_>>) -> Vec<Deco
         .collect()
 }
 
-/// Records a decoded window and feeds it to `hasher` in disk order, zero extents as zeros.
-fn hash_window(
+/// Records a decoded window and feeds it to `summer` in disk order. A chunk that cannot be
+/// read counts as zeros: its image is reported damaged, and its checksum is not compared.
+fn hash_window<L, M, R>(
     image: usize,
     window: &[Extent],
     decoded: Vec<Decoded>,
-    hasher: &mut blake3::Hasher,
+    summer: &mut WindowSummer<L, M, R>,
     checks: &mut ChunkChecks<'_>,
     report: &mut VerifyReport,
     progress: &dyn Progress,
-) {
+) where
+    L: Fn(&LayoutKey) -> Option<[u8; 32]>,
+    M: FnMut(&[WindowSum]) -> Result<()>,
+    R: FnMut(Vec<u8>),
+{
     // One result per data extent, in order.
     let mut decoded = decoded.into_iter();
+    let none = Arc::new(Vec::new());
     for e in window {
-        let Some(id) = e.chunk else {
-            hash_zeros(hasher, e.len);
-            continue;
+        let zeros = Segment::Zero {
+            offset: e.offset,
+            len: e.len,
         };
-        let result = decoded
-            .next()
-            .unwrap_or_else(|| Err("not decoded".to_string()));
-        if let Some(raw) = checks.record(image, e, id, result, report) {
-            hasher.update(&raw);
+        let fed = match e.chunk {
+            None => summer.feed(&none, &[zeros]),
+            Some(id) => {
+                let result = decoded
+                    .next()
+                    .unwrap_or_else(|| Err("not decoded".to_string()));
+                progress.advance(e.len);
+                match checks.record(image, e, id, result, report) {
+                    Some(raw) => {
+                        let chunk = Segment::Chunk {
+                            offset: e.offset,
+                            start: 0,
+                            len: raw.len(),
+                            id,
+                        };
+                        summer.feed(&Arc::new(raw), &[chunk])
+                    }
+                    None => summer.feed(&none, &[zeros]),
+                }
+            }
+        };
+        if let Err(err) = fed {
+            report.problems.push(format!("image {image}: {err}"));
         }
-        progress.advance(e.len);
     }
 }
 

@@ -562,3 +562,61 @@ fn flipped_bytes_in_table_files_are_caught_by_block_checksums() {
     assert_eq!(c, 6, "{err}");
     assert!(err.contains("Corruption"), "{err}");
 }
+
+#[test]
+fn a_wrong_window_sum_is_reported_by_verify_and_forgotten_by_gc() {
+    let s = TestStore::new();
+    let src = s.scratch("disk.img");
+    std::fs::write(&src, compressible(6 * MIB, 31)).unwrap();
+    s.import(&src, "disk");
+    let (c, v) = verify_json(&s, &[]);
+    assert_eq!(c, 0, "{v}");
+    assert_eq!(v["window_sums_checked"], 6, "{v}");
+
+    // The remembered value of one window, changed.
+    {
+        let w = writer(&s);
+        let layout = w.debug_window_sum_layouts().unwrap()[2];
+        let mut sum = w.window_sum_entry(&layout).unwrap();
+        sum.cv[0] ^= 1;
+        let mut key = b"wsum/".to_vec();
+        key.extend_from_slice(&layout);
+        let mut value = sum.cv.to_vec();
+        for id in &sum.chunks {
+            value.extend_from_slice(&id.0);
+        }
+        w.debug_put_raw(cf::META, &key, &value).unwrap();
+    }
+    let (c, v) = verify_json(&s, &[]);
+    assert_eq!(c, 6, "{v}");
+    let problems = v["problems"].as_array().unwrap();
+    assert_eq!(problems.len(), 1, "{v}");
+    assert!(
+        problems[0]
+            .as_str()
+            .unwrap()
+            .contains("(a window sum) does not match"),
+        "{v}"
+    );
+    // The image itself is intact: its bytes and its recorded checksum.
+    assert!(v["damage"].as_array().unwrap().is_empty(), "{v}");
+    assert_eq!(v["checksums_ok"], 1, "{v}");
+
+    let gc = s.json(&["gc", "--drop-window-sums"]);
+    assert_eq!(gc["window_sums"], 6, "{gc}");
+    let (c, v) = verify_json(&s, &[]);
+    assert_eq!(
+        (c, &v["window_sums_checked"]),
+        (0, &serde_json::json!(0)),
+        "{v}"
+    );
+    // The next import hashes every window and remembers them again.
+    let report = s.import(&src, "again");
+    assert_eq!(report["windows_hashed"], 6, "{report}");
+    let (c, v) = verify_json(&s, &[]);
+    assert_eq!(
+        (c, &v["window_sums_checked"]),
+        (0, &serde_json::json!(12)),
+        "{v}"
+    );
+}

@@ -140,6 +140,10 @@ pub enum Command {
         /// or read)
         #[arg(long)]
         repack: bool,
+        /// Also forget every remembered window sum (a cache that spares imports hashing
+        /// windows they share with earlier images; `verify` reports a wrong one)
+        #[arg(long)]
+        drop_window_sums: bool,
     },
     /// Re-read and re-hash every chunk of an image (or of every image)
     Verify {
@@ -440,7 +444,10 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             tenant,
             max_private,
         } => store_cmds::quota(&ctx, &tenant, max_private),
-        Command::Gc { repack } => store_cmds::gc(&ctx, repack),
+        Command::Gc {
+            repack,
+            drop_window_sums,
+        } => store_cmds::gc(&ctx, repack, drop_window_sums),
         Command::Verify {
             image,
             repair: true,

@@ -75,11 +75,14 @@ pub fn quota(ctx: &Context, tenant: &str, max_private: Option<u64>) -> anyhow::R
     Ok(0)
 }
 
-pub fn gc(ctx: &Context, repack: bool) -> anyhow::Result<i32> {
+pub fn gc(ctx: &Context, repack: bool, drop_window_sums: bool) -> anyhow::Result<i32> {
     let store = ctx.open(true)?;
     // Chunks of images that live mounts hold open (even deleted ones) are kept.
     let pinned = imgvault::store::pins::collect(store.path(), true)?;
-    let report = store.gc(&pinned.chunks)?;
+    let mut report = store.gc(&pinned.chunks)?;
+    if drop_window_sums {
+        report.window_sums += store.drop_window_sums()?;
+    }
     let repacked = if repack { Some(store.repack()?) } else { None };
     if ctx.json {
         let mut value = serde_json::to_value(&report)?;
@@ -98,6 +101,9 @@ pub fn gc(ctx: &Context, repack: bool) -> anyhow::Result<i32> {
         );
         if report.pinned_chunks > 0 {
             println!("kept {} chunks held open by mounts", report.pinned_chunks);
+        }
+        if report.window_sums > 0 {
+            println!("forgot {} window sums", report.window_sums);
         }
         let garbage = store.blob_garbage_bytes()?;
         if repacked.is_none() && garbage > 0 {

@@ -51,7 +51,7 @@ enum Part {
 }
 
 /// What the summer found.
-pub(super) struct Summed {
+pub(crate) struct Summed {
     /// BLAKE3 of the whole disk.
     pub checksum: blake3::Hash,
     pub stats: WindowStats,
@@ -59,7 +59,7 @@ pub(super) struct Summed {
 
 /// How the windows were summed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub(super) struct WindowStats {
+pub(crate) struct WindowStats {
     /// Windows hashed from their bytes.
     pub hashed: u64,
     /// Windows whose chaining value the store remembered.
@@ -68,7 +68,7 @@ pub(super) struct WindowStats {
 
 /// Takes an ingest's segments in stream order, with the buffers their chunks point into,
 /// and yields the whole-disk BLAKE3.
-pub(super) struct WindowSummer<L, M, R> {
+pub(crate) struct WindowSummer<L, M, R> {
     lookup: L,
     remember: M,
     recycle: R,

@@ -150,6 +150,46 @@ impl Store {
         Ok(removed)
     }
 
+    /// Forgets every window sum (`gc --drop-window-sums`); returns how many. Imports then
+    /// hash every window again, and remember anew.
+    pub fn drop_window_sums(&self) -> Result<u64> {
+        self.require_writer()?;
+        let meta = self.cf(cf::META);
+        let mut batch = WriteBatch::default();
+        let mut n = 0;
+        for item in self
+            .db()
+            .iterator_cf(meta, IteratorMode::From(PREFIX, Direction::Forward))
+        {
+            let (k, _) = item.map_err(|e| self.db_err(e))?;
+            if !k.starts_with(PREFIX) {
+                break;
+            }
+            batch.delete_cf(meta, &k);
+            n += 1;
+        }
+        self.commit(batch)?;
+        Ok(n)
+    }
+
+    /// Test hook: the layouts of every window sum, in key order. Only the reliability
+    /// tests use it, to plant a wrong sum.
+    #[doc(hidden)]
+    pub fn debug_window_sum_layouts(&self) -> Result<Vec<LayoutKey>> {
+        let mut layouts = Vec::new();
+        for item in self.db().iterator_cf(
+            self.cf(cf::META),
+            IteratorMode::From(PREFIX, Direction::Forward),
+        ) {
+            let (k, _) = item.map_err(|e| self.db_err(e))?;
+            match k.strip_prefix(PREFIX).and_then(|l| l.try_into().ok()) {
+                Some(layout) => layouts.push(layout),
+                None => break,
+            }
+        }
+        Ok(layouts)
+    }
+
     /// How many window sums the store holds (for tests and `stats`).
     pub fn window_sum_count(&self) -> Result<u64> {
         let mut n = 0;
