@@ -570,8 +570,7 @@ fn a_wrong_window_sum_is_reported_by_verify_and_forgotten_by_gc() {
     std::fs::write(&src, compressible(6 * MIB, 31)).unwrap();
     s.import(&src, "disk");
     let (c, v) = verify_json(&s, &[]);
-    assert_eq!(c, 0, "{v}");
-    assert_eq!(v["window_sums_checked"], 6, "{v}");
+    assert_eq!((c, v["window_sums_checked"].as_u64()), (0, Some(6)), "{v}");
 
     // The remembered value of one window, changed.
     {
@@ -604,19 +603,13 @@ fn a_wrong_window_sum_is_reported_by_verify_and_forgotten_by_gc() {
 
     let gc = s.json(&["gc", "--drop-window-sums"]);
     assert_eq!(gc["window_sums"], 6, "{gc}");
-    let (c, v) = verify_json(&s, &[]);
-    assert_eq!(
-        (c, &v["window_sums_checked"]),
-        (0, &serde_json::json!(0)),
-        "{v}"
-    );
+    let clean_with_sums_checked = |n: u64| {
+        let (c, v) = verify_json(&s, &[]);
+        assert_eq!((c, v["window_sums_checked"].as_u64()), (0, Some(n)), "{v}");
+    };
+    clean_with_sums_checked(0);
     // The next import hashes every window and remembers them again.
     let report = s.import(&src, "again");
     assert_eq!(report["windows_hashed"], 6, "{report}");
-    let (c, v) = verify_json(&s, &[]);
-    assert_eq!(
-        (c, &v["window_sums_checked"]),
-        (0, &serde_json::json!(12)),
-        "{v}"
-    );
+    clean_with_sums_checked(12);
 }

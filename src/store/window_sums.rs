@@ -102,6 +102,21 @@ impl Store {
         self.db().write(batch).map_err(|e| self.db_err(e))
     }
 
+    /// Calls `f` with the key and the value of every window sum, in key order.
+    fn for_each_window_sum(&self, mut f: impl FnMut(&[u8], &[u8]) -> Result<()>) -> Result<()> {
+        for item in self.db().iterator_cf(
+            self.cf(cf::META),
+            IteratorMode::From(PREFIX, Direction::Forward),
+        ) {
+            let (k, v) = item.map_err(|e| self.db_err(e))?;
+            if !k.starts_with(PREFIX) {
+                break;
+            }
+            f(&k, &v)?;
+        }
+        Ok(())
+    }
+
     /// Adds the removal of every window sum naming a chunk no image references to `batch`
     /// (gc; an import that failed); returns how many. Malformed entries go too: they would
     /// never be used.
@@ -109,44 +124,35 @@ impl Store {
         &self,
         batch: &mut WriteBatch,
     ) -> Result<u64> {
-        let meta = self.cf(cf::META);
         // Windows share chunks: look each one up once.
         let mut live: HashMap<ChunkId, bool> = HashMap::new();
         let mut removed = 0;
-        for item in self
-            .db()
-            .iterator_cf(meta, IteratorMode::From(PREFIX, Direction::Forward))
-        {
-            let (k, v) = item.map_err(|e| self.db_err(e))?;
-            if !k.starts_with(PREFIX) {
-                break;
-            }
-            let stale = match decode(&v) {
+        self.for_each_window_sum(|k, v| {
+            let mut stale = k.len() != PREFIX.len() + 32;
+            match decode(v) {
                 Some((_, chunks)) => {
-                    let mut stale = false;
                     for id in chunks {
-                        let is_live = match live.get(&id) {
-                            Some(&known) => known,
+                        if stale {
+                            break;
+                        }
+                        stale = !match live.get(&id) {
+                            Some(&referenced) => referenced,
                             None => {
                                 let referenced = self.chunk_is_referenced(&id)?;
                                 live.insert(id, referenced);
                                 referenced
                             }
                         };
-                        if !is_live {
-                            stale = true;
-                            break;
-                        }
                     }
-                    stale
                 }
-                None => true,
-            };
+                None => stale = true,
+            }
             if stale {
-                batch.delete_cf(meta, &k);
+                batch.delete_cf(self.cf(cf::META), k);
                 removed += 1;
             }
-        }
+            Ok(())
+        })?;
         Ok(removed)
     }
 
@@ -154,20 +160,13 @@ impl Store {
     /// hash every window again, and remember anew.
     pub fn drop_window_sums(&self) -> Result<u64> {
         self.require_writer()?;
-        let meta = self.cf(cf::META);
         let mut batch = WriteBatch::default();
         let mut n = 0;
-        for item in self
-            .db()
-            .iterator_cf(meta, IteratorMode::From(PREFIX, Direction::Forward))
-        {
-            let (k, _) = item.map_err(|e| self.db_err(e))?;
-            if !k.starts_with(PREFIX) {
-                break;
-            }
-            batch.delete_cf(meta, &k);
+        self.for_each_window_sum(|k, _| {
+            batch.delete_cf(self.cf(cf::META), k);
             n += 1;
-        }
+            Ok(())
+        })?;
         self.commit(batch)?;
         Ok(n)
     }
@@ -177,32 +176,22 @@ impl Store {
     #[doc(hidden)]
     pub fn debug_window_sum_layouts(&self) -> Result<Vec<LayoutKey>> {
         let mut layouts = Vec::new();
-        for item in self.db().iterator_cf(
-            self.cf(cf::META),
-            IteratorMode::From(PREFIX, Direction::Forward),
-        ) {
-            let (k, _) = item.map_err(|e| self.db_err(e))?;
-            match k.strip_prefix(PREFIX).and_then(|l| l.try_into().ok()) {
-                Some(layout) => layouts.push(layout),
-                None => break,
+        self.for_each_window_sum(|k, _| {
+            if let Some(layout) = k.strip_prefix(PREFIX).and_then(|l| l.try_into().ok()) {
+                layouts.push(layout);
             }
-        }
+            Ok(())
+        })?;
         Ok(layouts)
     }
 
-    /// How many window sums the store holds (for tests and `stats`).
+    /// How many window sums the store holds (for tests).
     pub fn window_sum_count(&self) -> Result<u64> {
         let mut n = 0;
-        for item in self.db().iterator_cf(
-            self.cf(cf::META),
-            IteratorMode::From(PREFIX, Direction::Forward),
-        ) {
-            let (k, _) = item.map_err(|e| self.db_err(e))?;
-            if !k.starts_with(PREFIX) {
-                break;
-            }
+        self.for_each_window_sum(|_, _| {
             n += 1;
-        }
+            Ok(())
+        })?;
         Ok(n)
     }
 }
