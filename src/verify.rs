@@ -570,7 +570,8 @@ fn hash_window<L, M, R>(
             }
         };
         if let Err(err) = fed {
-            report.problems.push(format!("image {image}: {err}"));
+            let name = checks.images.get(image).map_or_else(String::new, label);
+            report.problems.push(format!("image {name}: {err}"));
         }
     }
 }
