@@ -15,6 +15,11 @@ use fuser::{
 use super::fs::{errno, read_only, ImgvaultFs, TTL};
 use crate::error::Result;
 
+/// The refusal of operation `op`, which would change the read-only mount (EROFS, logged).
+fn refuse(op: &str) -> Errno {
+    errno(op, &read_only(op))
+}
+
 fn reply_xattr(result: Result<Vec<u8>>, size: u32, op: &str, reply: ReplyXattr) {
     match result {
         Ok(data) if size == 0 => reply.size(data.len() as u32),
@@ -201,7 +206,7 @@ impl Filesystem for ImgvaultFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        reply.error(errno("setattr", &read_only("setattr")));
+        reply.error(refuse("setattr"));
     }
 
     fn mknod(
@@ -214,7 +219,7 @@ impl Filesystem for ImgvaultFs {
         _rdev: u32,
         reply: ReplyEntry,
     ) {
-        reply.error(errno("mknod", &read_only("mknod")));
+        reply.error(refuse("mknod"));
     }
 
     fn mkdir(
@@ -226,15 +231,15 @@ impl Filesystem for ImgvaultFs {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        reply.error(errno("mkdir", &read_only("mkdir")));
+        reply.error(refuse("mkdir"));
     }
 
     fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(errno("unlink", &read_only("unlink")));
+        reply.error(refuse("unlink"));
     }
 
     fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(errno("rmdir", &read_only("rmdir")));
+        reply.error(refuse("rmdir"));
     }
 
     fn symlink(
@@ -245,7 +250,7 @@ impl Filesystem for ImgvaultFs {
         _target: &std::path::Path,
         reply: ReplyEntry,
     ) {
-        reply.error(errno("symlink", &read_only("symlink")));
+        reply.error(refuse("symlink"));
     }
 
     fn rename(
@@ -258,7 +263,7 @@ impl Filesystem for ImgvaultFs {
         _flags: fuser::RenameFlags,
         reply: ReplyEmpty,
     ) {
-        reply.error(errno("rename", &read_only("rename")));
+        reply.error(refuse("rename"));
     }
 
     fn link(
@@ -269,7 +274,7 @@ impl Filesystem for ImgvaultFs {
         _newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        reply.error(errno("link", &read_only("link")));
+        reply.error(refuse("link"));
     }
 
     fn write(
@@ -284,7 +289,7 @@ impl Filesystem for ImgvaultFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        reply.error(errno("write", &read_only("write")));
+        reply.error(refuse("write"));
     }
 
     fn create(
@@ -297,7 +302,7 @@ impl Filesystem for ImgvaultFs {
         _flags: i32,
         reply: fuser::ReplyCreate,
     ) {
-        reply.error(errno("create", &read_only("create")));
+        reply.error(refuse("create"));
     }
 
     fn setxattr(
@@ -310,11 +315,11 @@ impl Filesystem for ImgvaultFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        reply.error(errno("setxattr", &read_only("setxattr")));
+        reply.error(refuse("setxattr"));
     }
 
     fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(errno("removexattr", &read_only("removexattr")));
+        reply.error(refuse("removexattr"));
     }
 
     fn fallocate(
@@ -327,7 +332,7 @@ impl Filesystem for ImgvaultFs {
         _mode: i32,
         reply: ReplyEmpty,
     ) {
-        reply.error(errno("fallocate", &read_only("fallocate")));
+        reply.error(refuse("fallocate"));
     }
 
     fn copy_file_range(
@@ -343,6 +348,6 @@ impl Filesystem for ImgvaultFs {
         _flags: fuser::CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        reply.error(errno("copy_file_range", &read_only("copy_file_range")));
+        reply.error(refuse("copy_file_range"));
     }
 }
