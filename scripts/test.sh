@@ -54,7 +54,7 @@ if [ "${free_mb:-0}" -lt 4096 ]; then
     echo "test.sh: WARNING: under 4 GB free under ${TMPDIR:-/tmp}; tests that write disk images may fail with 'No space left on device'" >&2
 fi
 
-step shell-syntax bash -c 'for f in scripts/*.sh tests/fixtures/*.sh .ci/run; do bash -n "$f" || exit 1; done'
+step shell-syntax bash -c 'for f in scripts/*.sh benches/*.sh tests/fixtures/*.sh .ci/run; do bash -n "$f" || exit 1; done'
 step build cargo build --all-targets
 step test cargo test -- --test-threads=2
 if compgen -G "benches/*.rs" >/dev/null; then
