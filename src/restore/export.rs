@@ -43,8 +43,11 @@ pub fn export_raw(
     progress: &dyn Progress,
 ) -> Result<ExportReport> {
     write_export(reader, out, progress, |file, partial| {
-        let direct = DirectFile::open(partial, file);
-        let written = write_all(reader, file, direct, progress)?;
+        let output = match DirectFile::open(partial, file) {
+            Some(direct) => Output::Direct(Box::new(direct)),
+            None => Output::Buffered(file),
+        };
+        let written = write_all(reader, output, progress)?;
         file.set_len(reader.size()).map_err(|e| Error::Target {
             path: partial.to_path_buf(),
             source: e,
@@ -135,12 +138,7 @@ fn partial_path(out: &Path) -> PathBuf {
 /// it; otherwise each extent is its own buffered `pwrite` (writing each run of adjacent
 /// extents at once, up to 16 MiB, took 40% more system time in the kernel's copy into the
 /// page cache: docs/PERFORMANCE.md, "Export from one buffer").
-fn write_all(
-    reader: &ImageReader,
-    file: &File,
-    mut direct: Option<DirectFile>,
-    progress: &dyn Progress,
-) -> Result<u64> {
+fn write_all(reader: &ImageReader, mut output: Output, progress: &dyn Progress) -> Result<u64> {
     let data: Vec<Extent> = reader
         .extents()
         .iter()
@@ -157,12 +155,7 @@ fn write_all(
             let values = fetch.next_batch();
             let (decoded, wrote) = rayon::join(
                 || reader.decode_fetched_into(w, values, &mut decoding),
-                || {
-                    pending.map(|pw| match direct.as_mut() {
-                        Some(d) => d.write_extents(pw, &writing, progress),
-                        None => write_window(file, pw, &writing, progress),
-                    })
-                },
+                || pending.map(|pw| output.write(pw, &writing, progress)),
             );
             written += wrote.transpose()?.unwrap_or(0);
             decoded?;
@@ -170,38 +163,46 @@ fn write_all(
             pending = Some(w);
         }
         if let Some(pw) = pending {
-            written += match direct.as_mut() {
-                Some(d) => d.write_extents(pw, &writing, progress)?,
-                None => write_window(file, pw, &writing, progress)?,
-            };
+            written += output.write(pw, &writing, progress)?;
         }
-        if let Some(d) = direct.as_mut() {
-            d.flush()?;
+        if let Output::Direct(direct) = &mut output {
+            direct.flush()?;
         }
         Ok(written)
     })
 }
 
-/// Writes `bytes`, the decoded `extents` back to back, each at its offset; returns the bytes
-/// written.
-fn write_window(
-    file: &File,
-    extents: &[Extent],
-    bytes: &[u8],
-    progress: &dyn Progress,
-) -> Result<u64> {
-    let mut at = 0usize;
-    for e in extents {
-        let len = e.len as usize;
-        file.write_all_at(&bytes[at..at + len], e.offset)
-            .map_err(|err| Error::Target {
-                path: PathBuf::from(format!("export file at byte offset {}", e.offset)),
-                source: err,
-            })?;
-        at += len;
+/// Where an export's bytes go: the file through the page cache, or [`DirectFile`].
+enum Output<'a> {
+    Buffered(&'a File),
+    Direct(Box<DirectFile>),
+}
+
+impl Output<'_> {
+    /// Writes `bytes`, the decoded `extents` back to back, each at its offset; returns the
+    /// bytes written.
+    fn write(&mut self, extents: &[Extent], bytes: &[u8], progress: &dyn Progress) -> Result<u64> {
+        let mut at = 0usize;
+        for e in extents {
+            let piece = &bytes[at..at + e.len as usize];
+            match self {
+                Output::Buffered(file) => file
+                    .write_all_at(piece, e.offset)
+                    .map_err(|err| write_error(e.offset, err))?,
+                Output::Direct(direct) => direct.put(e.offset, piece)?,
+            }
+            at += piece.len();
+        }
+        progress.advance(at as u64);
+        Ok(at as u64)
     }
-    progress.advance(at as u64);
-    Ok(at as u64)
+}
+
+fn write_error(offset: u64, err: std::io::Error) -> Error {
+    Error::Target {
+        path: PathBuf::from(format!("export file at byte offset {offset}")),
+        source: err,
+    }
 }
 
 /// Alignment of direct I/O: buffer addresses, file offsets and lengths (4 KiB suits every
@@ -248,43 +249,31 @@ impl DirectFile {
         })
     }
 
-    fn write_extents(
-        &mut self,
-        extents: &[Extent],
-        bytes: &[u8],
-        progress: &dyn Progress,
-    ) -> Result<u64> {
-        let mut at = 0usize;
-        for e in extents {
-            let mut off = e.offset;
-            let mut src = &bytes[at..at + e.len as usize];
-            while !src.is_empty() {
-                if off < self.start || off >= self.start + DIRECT_WINDOW as u64 {
-                    self.flush()?;
-                    self.start = off - off % DIRECT_WINDOW as u64;
-                }
-                let inner = (off - self.start) as usize;
-                let n = src.len().min(DIRECT_WINDOW - inner);
-                // A block this copy covers only in part, and met first in this window, holds
-                // the previous window's bytes: zero it (data and holes meet on 4 KiB
-                // boundaries, so this is rare, and whole blocks need no clearing).
-                for edge in [inner, inner + n - 1] {
-                    let block = edge / DIRECT_ALIGN;
-                    if !self.dirty[block] {
-                        self.buf.as_mut()[block * DIRECT_ALIGN..(block + 1) * DIRECT_ALIGN].fill(0);
-                    }
-                }
-                self.buf.as_mut()[inner..inner + n].copy_from_slice(&src[..n]);
-                for b in &mut self.dirty[inner / DIRECT_ALIGN..(inner + n).div_ceil(DIRECT_ALIGN)] {
-                    *b = true;
-                }
-                off += n as u64;
-                src = &src[n..];
+    /// Places `src`, the bytes at file offset `off`, in the window (writing the window
+    /// first when `off` lies past it). Offsets only grow.
+    fn put(&mut self, mut off: u64, mut src: &[u8]) -> Result<()> {
+        while !src.is_empty() {
+            if off < self.start || off >= self.start + DIRECT_WINDOW as u64 {
+                self.flush()?;
+                self.start = off - off % DIRECT_WINDOW as u64;
             }
-            at += e.len as usize;
+            let inner = (off - self.start) as usize;
+            let n = src.len().min(DIRECT_WINDOW - inner);
+            // A block this copy covers only in part, and met first in this window, holds
+            // the previous window's bytes: zero it (data and holes meet on 4 KiB
+            // boundaries, so this is rare, and whole blocks need no clearing).
+            for edge in [inner, inner + n - 1] {
+                let block = edge / DIRECT_ALIGN;
+                if !self.dirty[block] {
+                    self.buf.as_mut()[block * DIRECT_ALIGN..(block + 1) * DIRECT_ALIGN].fill(0);
+                }
+            }
+            self.buf.as_mut()[inner..inner + n].copy_from_slice(&src[..n]);
+            self.dirty[inner / DIRECT_ALIGN..(inner + n).div_ceil(DIRECT_ALIGN)].fill(true);
+            off += n as u64;
+            src = &src[n..];
         }
-        progress.advance(at as u64);
-        Ok(at as u64)
+        Ok(())
     }
 
     /// Writes the window's runs of data blocks and clears them for the next window.
@@ -308,10 +297,7 @@ impl DirectFile {
                 self.direct = false;
                 wrote = self.buffered.write_all_at(bytes, offset);
             }
-            wrote.map_err(|err| Error::Target {
-                path: PathBuf::from(format!("export file at byte offset {offset}")),
-                source: err,
-            })?;
+            wrote.map_err(|err| write_error(offset, err))?;
             self.dirty[i..i + run].fill(false);
             i += run;
         }
@@ -351,7 +337,7 @@ impl Drop for AlignedBuf {
 
 #[cfg(test)]
 mod tests {
-    use super::{DirectFile, Extent, DIRECT_WINDOW};
+    use super::{DirectFile, Extent, Output, DIRECT_WINDOW};
     use crate::chunk::ChunkId;
     use crate::progress::NoProgress;
 
@@ -364,7 +350,7 @@ mod tests {
         let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).expect("temp dir");
         let path = dir.path().join("out.raw");
         let buffered = std::fs::File::create(&path).expect("create");
-        let Some(mut direct) = DirectFile::open(&path, &buffered) else {
+        let Some(direct) = DirectFile::open(&path, &buffered) else {
             eprintln!(
                 "SKIPPED: the filesystem under {} refuses O_DIRECT",
                 dir.path().display()
@@ -397,12 +383,17 @@ mod tests {
             bytes.extend_from_slice(&data);
         }
         // Two calls, as two decoded windows would be; the first leaves the buffer dirty.
-        direct
-            .write_extents(&extents[..3], &bytes[..5000 + 8192 + 7000], &NoProgress)
-            .expect("write");
-        direct
-            .write_extents(&extents[3..], &bytes[5000 + 8192 + 7000..], &NoProgress)
-            .expect("write");
+        let mut output = Output::Direct(Box::new(direct));
+        let first = 5000 + 8192 + 7000;
+        for (e, b) in [
+            (&extents[..3], &bytes[..first]),
+            (&extents[3..], &bytes[first..]),
+        ] {
+            output.write(e, b, &NoProgress).expect("write");
+        }
+        let Output::Direct(mut direct) = output else {
+            unreachable!()
+        };
         direct.flush().expect("flush");
         buffered.set_len(size).expect("set_len");
         let got = std::fs::read(&path).expect("read back");
