@@ -432,13 +432,12 @@ impl ChunkChecks<'_> {
 }
 
 /// Reads image `image` front to back in windows of about WINDOW data bytes (stored values
-/// fetched ahead; window N+1 decoded in parallel while window N is hashed, as export writes)
-/// and returns the BLAKE3 of its raw disk, which means something only when the image has no
-/// damage. Chunks not checked yet are checked against their id; the others only decompressed.
-/// Decodes and checks an image's chunks, and hashes its bytes window by window (as an
-/// import does, `ingest::checksum`) into its whole-disk BLAKE3. Each window's chaining
-/// value is compared with the store's remembered sum for that window's layout, if any:
-/// returns the checksum and the windows whose remembered sum is wrong.
+/// fetched ahead; window N+1 decoded in parallel while window N is hashed, as export writes).
+/// Chunks not checked yet are checked against their id; the others only decompressed. The
+/// bytes are hashed 1 MiB window by window as an import does (`ingest::checksum`), and each
+/// window's chaining value is compared with the store's remembered sum for its layout, if
+/// any. Returns the BLAKE3 of the raw disk (meaningful only when the image has no damage)
+/// and the windows whose remembered sum is wrong.
 fn hash_image(
     store: &Store,
     image: usize,

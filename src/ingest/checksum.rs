@@ -267,24 +267,26 @@ pub(crate) fn window_layouts(extents: &[Extent], size: u64) -> Result<Vec<Layout
         |_: &[WindowSum]| Ok(()),
         |_| (),
     );
-    let segments: Vec<Segment> = extents
-        .iter()
-        .map(|e| match e.chunk {
-            Some(id) => Segment::Chunk {
-                offset: e.offset,
-                start: 0,
-                len: e.len as usize,
-                id,
-            },
-            None => Segment::Zero {
-                offset: e.offset,
-                len: e.len,
-            },
-        })
-        .collect();
+    let segments: Vec<Segment> = extents.iter().map(segment_of).collect();
     summer.feed(&Arc::new(Vec::new()), &segments)?;
     summer.finish()?;
     Ok(layouts.into_inner())
+}
+
+/// The segment an extent was cut as (a chunk's bytes at the start of no buffer).
+fn segment_of(e: &Extent) -> Segment {
+    match e.chunk {
+        Some(id) => Segment::Chunk {
+            offset: e.offset,
+            start: 0,
+            len: e.len as usize,
+            id,
+        },
+        None => Segment::Zero {
+            offset: e.offset,
+            len: e.len,
+        },
+    }
 }
 
 /// The layout digest of window `index`: its parts in order, each a zero run's length or a

@@ -217,13 +217,15 @@ const DIRECT_WINDOW: usize = 8 << 20;
 /// into an aligned window of the file at their offsets; only 4 KiB blocks holding data are
 /// written, so holes stay holes.
 struct DirectFile {
+    /// Opened with `O_DIRECT`, until a direct write is refused; then the same file without it.
     file: File,
-    /// The same file without `O_DIRECT`, for when a direct write is refused (EINVAL: an
-    /// alignment the filesystem does not accept): the rest is written through it.
-    buffered: File,
-    direct: bool,
-    buf: AlignedBuf,
-    /// File offset of the window in `buf`.
+    /// The file without `O_DIRECT`, taken when a direct write is refused (EINVAL: an
+    /// alignment the filesystem does not accept): the rest goes through the page cache.
+    fallback: Option<File>,
+    /// `DIRECT_WINDOW` bytes from `at`, aligned to `DIRECT_ALIGN`, are the window.
+    buf: Vec<u8>,
+    at: usize,
+    /// File offset of the window.
     start: u64,
     /// Which 4 KiB blocks of the window hold data.
     dirty: Vec<bool>,
@@ -239,14 +241,22 @@ impl DirectFile {
             .custom_flags(libc::O_DIRECT)
             .open(path)
             .ok()?;
+        // Room to start the window on an aligned address.
+        let buf = vec![0u8; DIRECT_WINDOW + DIRECT_ALIGN];
+        let at = buf.as_ptr().align_offset(DIRECT_ALIGN);
         Some(DirectFile {
             file,
-            buffered: buffered.try_clone().ok()?,
-            direct: true,
-            buf: AlignedBuf::new(DIRECT_WINDOW)?,
+            fallback: Some(buffered.try_clone().ok()?),
+            buf,
+            at,
             start: 0,
             dirty: vec![false; DIRECT_WINDOW / DIRECT_ALIGN],
         })
+    }
+
+    /// The window's bytes.
+    fn window(&mut self) -> &mut [u8] {
+        &mut self.buf[self.at..self.at + DIRECT_WINDOW]
     }
 
     /// Places `src`, the bytes at file offset `off`, in the window (writing the window
@@ -265,10 +275,10 @@ impl DirectFile {
             for edge in [inner, inner + n - 1] {
                 let block = edge / DIRECT_ALIGN;
                 if !self.dirty[block] {
-                    self.buf.as_mut()[block * DIRECT_ALIGN..(block + 1) * DIRECT_ALIGN].fill(0);
+                    self.window()[block * DIRECT_ALIGN..(block + 1) * DIRECT_ALIGN].fill(0);
                 }
             }
-            self.buf.as_mut()[inner..inner + n].copy_from_slice(&src[..n]);
+            self.window()[inner..inner + n].copy_from_slice(&src[..n]);
             self.dirty[inner / DIRECT_ALIGN..(inner + n).div_ceil(DIRECT_ALIGN)].fill(true);
             off += n as u64;
             src = &src[n..];
@@ -287,51 +297,19 @@ impl DirectFile {
             let run = self.dirty[i..].iter().take_while(|d| **d).count();
             let (from, to) = (i * DIRECT_ALIGN, (i + run) * DIRECT_ALIGN);
             let offset = self.start + from as u64;
-            let bytes = &self.buf.as_mut()[from..to];
-            let mut wrote = if self.direct {
-                self.file.write_all_at(bytes, offset)
-            } else {
-                self.buffered.write_all_at(bytes, offset)
-            };
-            if self.direct && matches!(&wrote, Err(e) if e.raw_os_error() == Some(libc::EINVAL)) {
-                self.direct = false;
-                wrote = self.buffered.write_all_at(bytes, offset);
+            let (file, bytes) = (&self.file, &self.buf[self.at + from..self.at + to]);
+            let mut wrote = file.write_all_at(bytes, offset);
+            if matches!(&wrote, Err(e) if e.raw_os_error() == Some(libc::EINVAL)) {
+                if let Some(buffered) = self.fallback.take() {
+                    wrote = buffered.write_all_at(bytes, offset);
+                    self.file = buffered;
+                }
             }
             wrote.map_err(|err| write_error(offset, err))?;
             self.dirty[i..i + run].fill(false);
             i += run;
         }
         Ok(())
-    }
-}
-
-/// A zeroed buffer aligned for direct I/O.
-struct AlignedBuf {
-    ptr: std::ptr::NonNull<u8>,
-    layout: std::alloc::Layout,
-}
-
-// The buffer is owned memory like a Vec's.
-unsafe impl Send for AlignedBuf {}
-
-impl AlignedBuf {
-    fn new(len: usize) -> Option<Self> {
-        let layout = std::alloc::Layout::from_size_align(len, DIRECT_ALIGN).ok()?;
-        // SAFETY: the layout has a non-zero size.
-        let ptr = std::ptr::NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) })?;
-        Some(AlignedBuf { ptr, layout })
-    }
-
-    fn as_mut(&mut self) -> &mut [u8] {
-        // SAFETY: ptr points to layout.size() initialised bytes owned by self.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
     }
 }
 
@@ -346,17 +324,31 @@ mod tests {
     /// data, zeros elsewhere, whatever the previous window left in the buffer.
     #[test]
     fn direct_writes_give_the_exact_bytes_with_holes_between() {
+        write_spans_and_compare(false);
+    }
+
+    /// A direct write the filesystem refuses (here: a window at an unaligned address, EINVAL)
+    /// falls back to the page cache and gives the same bytes.
+    #[test]
+    fn a_refused_direct_write_falls_back_to_the_page_cache() {
+        write_spans_and_compare(true);
+    }
+
+    fn write_spans_and_compare(misaligned: bool) {
         // Under the build directory: /tmp may be tmpfs, which refuses O_DIRECT.
         let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).expect("temp dir");
         let path = dir.path().join("out.raw");
         let buffered = std::fs::File::create(&path).expect("create");
-        let Some(direct) = DirectFile::open(&path, &buffered) else {
+        let Some(mut direct) = DirectFile::open(&path, &buffered) else {
             eprintln!(
                 "SKIPPED: the filesystem under {} refuses O_DIRECT",
                 dir.path().display()
             );
             return;
         };
+        if misaligned {
+            direct.at += 1; // the buffer has DIRECT_ALIGN bytes of room
+        }
         let w = DIRECT_WINDOW as u64;
         let size = 3 * w + 5 * 512;
         let spans = [
@@ -395,6 +387,11 @@ mod tests {
             unreachable!()
         };
         direct.flush().expect("flush");
+        assert_eq!(
+            direct.fallback.is_none(),
+            misaligned,
+            "fell back to the page cache"
+        );
         buffered.set_len(size).expect("set_len");
         let got = std::fs::read(&path).expect("read back");
         assert_eq!(got.len(), expected.len());
