@@ -23,9 +23,11 @@ APT_OPTS=(-y -q -o DPkg::Lock::Timeout=300 -o Dpkg::Use-Pty=0)
 
 # build-essential/pkg-config: C++ build of bundled RocksDB; libclang-dev/clang: its bindgen;
 # fuse3: fusermount3; e2fsprogs/fdisk: test disk images (mkfs.ext4, debugfs, sfdisk);
-# util-linux: losetup; fio/b3sum/zstd: benches and cross-checks.
+# util-linux: losetup; fio/b3sum/zstd: benches and cross-checks; busybox-static, syslinux,
+# syslinux-common, mtools, dosfstools, cpio: the bootable disk of tests/boot.rs (qemu-system-x86
+# is installed below, matched to qemu-utils).
 PKGS=(build-essential pkg-config libclang-dev clang fuse3 e2fsprogs fdisk util-linux
-      fio b3sum zstd coreutils)
+      fio b3sum zstd coreutils busybox-static syslinux syslinux-common mtools dosfstools cpio)
 if [ "$PEERS" -eq 1 ]; then
     PKGS+=(casync borgbackup restic python3-pyfuse3 time)
 fi
@@ -70,6 +72,42 @@ else
     fi
 fi
 
+# qemu-system-x86 (tests/boot.rs boots VMs from the mount) must come from the same release as
+# qemu-utils: bookworm's 7.2 would remove the backports qemu-utils 10.x these machines carry.
+# So when qemu-utils is a backports build, take qemu-system-x86 of exactly that version from
+# bookworm-backports, through a private source list (the machine's own lists stay as they are).
+install_qemu_system() {
+    local v d rc=0
+    v=$(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null || true)
+    if [ -z "$v" ] || [ "${v#*bpo}" = "$v" ]; then
+        echo "install-deps: installing qemu-system-x86 (bookworm)"
+        apt-get "${APT_OPTS[@]}" --no-remove --no-install-recommends install qemu-system-x86
+        return
+    fi
+    echo "install-deps: installing qemu-system-x86 $v from bookworm-backports (as qemu-utils)"
+    d=$(mktemp -d)
+    mkdir -p "$d/lists/partial" "$d/archives/partial"
+    printf 'deb http://deb.debian.org/debian %s main\n' bookworm bookworm-updates bookworm-backports \
+        >"$d/sources.list"
+    echo 'deb http://deb.debian.org/debian-security bookworm-security main' >>"$d/sources.list"
+    local o=(-o "Dir::Etc::sourcelist=$d/sources.list" -o Dir::Etc::sourceparts=-
+             -o "Dir::State::lists=$d/lists" -o "Dir::Cache::archives=$d/archives"
+             -o APT::Sandbox::User=root)
+    apt-get "${APT_OPTS[@]}" "${o[@]}" update >/dev/null &&
+        apt-get "${APT_OPTS[@]}" "${o[@]}" -t bookworm-backports --no-remove \
+            --no-install-recommends install "qemu-system-x86=$v" "qemu-system-common=$v" \
+            "qemu-system-data=$v" "qemu-utils=$v" || rc=$?
+    rm -rf -- "$d"
+    return "$rc"
+}
+if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "install-deps: must run as root to install qemu-system-x86" >&2
+        exit 1
+    fi
+    install_qemu_system
+fi
+
 # The Rust toolchain is preinstalled via rustup; never download one here.
 if ! command -v cargo >/dev/null 2>&1 && [ -f "$HOME/.cargo/env" ]; then
     # shellcheck disable=SC1091
@@ -77,7 +115,8 @@ if ! command -v cargo >/dev/null 2>&1 && [ -f "$HOME/.cargo/env" ]; then
 fi
 
 status=0
-for t in cc c++ pkg-config clang mkfs.ext4 debugfs e2fsck sfdisk losetup qemu-img fio b3sum zstd fusermount3; do
+for t in cc c++ pkg-config clang mkfs.ext4 debugfs e2fsck sfdisk losetup qemu-img fio b3sum zstd fusermount3 \
+         qemu-system-x86_64 busybox syslinux mcopy mkfs.vfat cpio; do
     command -v "$t" >/dev/null 2>&1 || { echo "install-deps: missing tool after install: $t" >&2; status=1; }
 done
 if command -v cargo >/dev/null 2>&1; then
@@ -91,5 +130,5 @@ if [ "$PEERS" -eq 1 ]; then
         command -v "$t" >/dev/null 2>&1 || { echo "install-deps: missing peer tool after install: $t" >&2; status=1; }
     done
 fi
-echo "install-deps: $(qemu-img --version | head -n1)"
+echo "install-deps: $(qemu-img --version | head -n1); $(qemu-system-x86_64 --version | head -n1)"
 exit "$status"

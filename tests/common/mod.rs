@@ -270,6 +270,27 @@ pub fn disk_images() -> &'static (PathBuf, PathBuf) {
     })
 }
 
+/// A BIOS-bootable disk (GPT, syslinux, Debian's kernel, busybox root) built by
+/// tests/fixtures/make-bootable.sh. Built once, then reused.
+pub fn bootable_image() -> &'static PathBuf {
+    static DISK: OnceLock<PathBuf> = OnceLock::new();
+    DISK.get_or_init(|| {
+        let dir = fixture_dir();
+        let script = repo().join("tests/fixtures/make-bootable.sh");
+        let img = dir.join("bootable.img");
+        let lock = dir.join("build.lock");
+        sh(&format!(
+            "exec 9>'{lock}'; flock 9; \
+             if [ ! -s '{img}.done' ]; then \
+               bash '{script}' '{img}' >/dev/null && echo ok > '{img}.done'; fi",
+            lock = lock.display(),
+            img = img.display(),
+            script = script.display(),
+        ));
+        img
+    })
+}
+
 /// Byte offset of the first partition of a disk image.
 pub fn partition_offset(img: &Path) -> u64 {
     let script = repo().join("tests/fixtures/make-disk.sh");
