@@ -76,12 +76,12 @@ for round in $(seq "${ROUNDS:-3}"); do
         import_c=$(secs run "$v" --store "$S" -q import "$I/c.img" --name c)
         rm -rf -- "$S"
         find "$SHARED" -type f -exec cat {} + >/dev/null
-        export_c=$(secs run "$v" --store "$SHARED" -q export c "$T/c.out")
+        export_c=$(secs run "$v" --store "$SHARED" -q export --force c "$T/c.out")
         rm -f -- "$T/c.out"
         verify_c=$(secs run "$v" --store "$SHARED" -q verify c)
         mount_c=$(mount_dd "$v" warm)
         sync; echo 3 > /proc/sys/vm/drop_caches
-        export_cold=$(secs run "$v" --store "$SHARED" -q export c "$T/c.out")
+        export_cold=$(secs run "$v" --store "$SHARED" -q export --force c "$T/c.out")
         rm -f -- "$T/c.out"
         mount_cold=$(mount_dd "$v" cold)
         echo "${v%%=*} round $round: import b $import_b, c $import_c; warm: export c $export_c, verify c $verify_c, mount dd c $mount_c; cold: export c $export_cold, mount dd c $mount_cold; peak RSS importing a $((rss / 1024)) MiB"

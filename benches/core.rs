@@ -173,7 +173,7 @@ fn ingest_and_read(c: &mut Criterion) {
             Arc::new(ChunkCache::new(64 << 20)),
         )
         .unwrap();
-        b.iter(|| imgvault::restore::export_raw(&reader, &out, &NoProgress).unwrap())
+        b.iter(|| imgvault::restore::export_raw(&reader, &out, true, &NoProgress).unwrap())
     });
     g.finish();
 }

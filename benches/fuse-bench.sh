@@ -95,7 +95,7 @@ mnt_dd_direct() { fresh_mount; dd_rate "$FILE" iflag=direct; }
 export_rate() {
     unmount; drop
     local t0 t1; t0=$(date +%s.%N)
-    iv -q export bench "$OUT" >/dev/null
+    iv -q export --force bench "$OUT" >/dev/null
     t1=$(date +%s.%N); rm -f "$OUT"
     python3 -c "print(round($SIZE/($t1-$t0)/1e6))"
 }

@@ -25,7 +25,7 @@ rss_file=$work/rss.txt
 t_imp=$(secs /usr/bin/time -f %M -o "$rss_file" "$bin" --store "$work/store" import "$disk" --name a)
 rss_kib=$(cat "$rss_file")
 t_dup=$(secs "$bin" --store "$work/store" import "$disk" --name b)
-t_exp=$(secs "$bin" --store "$work/store" export a "$work/out.img")
+t_exp=$(secs "$bin" --store "$work/store" export --force a "$work/out.img")
 cmp "$disk" "$work/out.img"
 stored=$("$bin" --store "$work/store" --json stats | sed -n 's/.*"stored_bytes": \([0-9]*\).*/\1/p')
 mb() { echo "scale=0; $1 / 1000000" | bc; }

@@ -219,11 +219,11 @@ extract() {
 }
 log "extract $E.img"
 put load.extract "$(load1)"
-extract imgvault "$IV_STORE" "$OUT/$E.img" "$IV" --store "$IV_STORE" -q export "$E" "$OUT/$E.img" || true
+extract imgvault "$IV_STORE" "$OUT/$E.img" "$IV" --store "$IV_STORE" -q export --force "$E" "$OUT/$E.img" || true
 # imgvault's export also cold (store not re-read), to compare with its cold mount read like for like.
 for run in $(seq "$EXTRACT_RUNS"); do
     rm -rf -- "$OUT"; mkdir -p "$OUT"; drop
-    timed "extractcold.imgvault.$run" "$IV" --store "$IV_STORE" -q export "$E" "$OUT/$E.img" || true
+    timed "extractcold.imgvault.$run" "$IV" --store "$IV_STORE" -q export --force "$E" "$OUT/$E.img" || true
     rm -rf -- "$OUT"
 done
 put_best extractcold.imgvault

@@ -40,7 +40,7 @@ for setting in "${SETTINGS[@]}"; do
     size=$(du -sb "$S" | cut -f1)
     rm -f -- "$W/knobs-c.img"; sync
     t0=$(now)
-    "$IV" --store "$S" -q export c "$W/knobs-c.img" >/dev/null
+    "$IV" --store "$S" -q export --force c "$W/knobs-c.img" >/dev/null
     ex=$(secs "$t0" "$(now)")
     cmp -s "$W/knobs-c.img" "$W/images/c.img" || { echo "store-knobs: export of c differs ($setting)" >&2; exit 1; }
     rm -f -- "$W/knobs-c.img"

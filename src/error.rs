@@ -123,7 +123,7 @@ pub enum Error {
     ImageNotFound { image: String, tenant: String },
 
     /// An id prefix matches several images.
-    #[error("image reference '{image}' is ambiguous: matches {count} images; use OWNER/NAME or more characters of the id")]
+    #[error("image reference '{image}' is ambiguous: matches {count} images; use OWNER/NAME, or more characters of the id (a full id is never ambiguous)")]
     AmbiguousImage { image: String, count: usize },
 
     /// The tenant already owns an image with that name.

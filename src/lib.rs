@@ -21,7 +21,7 @@
 //! let store = Arc::new(store);
 //! let image = Catalog::new(&store).resolve_readable("admin", "debian-12", "export")?;
 //! let reader = read::ImageReader::open(store.clone(), image, Arc::new(read::ChunkCache::new(64 << 20)))?;
-//! restore::export_raw(&reader, "copy.raw".as_ref(), &NoProgress)?;
+//! restore::export_raw(&reader, "copy.raw".as_ref(), false, &NoProgress)?;
 //! # Ok(()) }
 //! ```
 
@@ -36,6 +36,7 @@ pub const VERSION: &str = concat!(
 
 pub mod catalog;
 pub mod chunk;
+pub mod cleanup;
 pub mod error;
 pub mod formats;
 pub mod fuse;

@@ -25,10 +25,16 @@ fn main() {
         .with_writer(std::io::stderr)
         .without_time()
         .init();
+    // Ctrl-C and kill remove what a command leaves half-written (the mount has its own).
+    if !matches!(args.command, cli::Command::Mount(_)) {
+        if let Err(e) = cli::signals::exit_cleanly_on_stop_signal() {
+            tracing::warn!("{e:#}: an interrupted export or restore may leave files behind");
+        }
+    }
     let code = match cli::run(args) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("imgvault: error: {err:#}");
+            eprintln!("imgvault: error: {}", message(&err));
             exit_code(&err)
         }
     };
@@ -57,6 +63,20 @@ fn tune_allocator() {
             libc::mallopt(libc::M_TRIM_THRESHOLD, 8 << 20);
         }
     }
+}
+
+/// The error and its causes on one line, each cause once: library errors already quote
+/// their source (`FILE: No such file or directory (os error 2)`), so `{:#}` would repeat it.
+fn message(err: &anyhow::Error) -> String {
+    let mut msg = err.to_string();
+    for cause in err.chain().skip(1) {
+        let cause = cause.to_string();
+        if !msg.contains(&cause) {
+            msg.push_str(": ");
+            msg.push_str(&cause);
+        }
+    }
+    msg
 }
 
 /// Library errors carry their own code; anything else is a general failure.

@@ -589,7 +589,7 @@ fn mount_listing(fx: &Fixture) -> Option<BTreeMap<(usize, usize), Cell>> {
 // ---- sharing -------------------------------------------------------------------------------
 
 #[test]
-fn pending_and_rejected_members_show_by_id_only() {
+fn pending_and_rejected_members_see_it_by_id_or_owner_name_only() {
     let s = TestStore::new();
     let f = data_file(&s, "w.bin", 1 << 20, 11);
     let id = import_as(&s, "alice", &f, "web", &[])["image"]["id"]
@@ -601,11 +601,17 @@ fn pending_and_rejected_members_show_by_id_only() {
         json_as(&s, "alice", &["members", "web"]),
         json!([{"tenant": "carol", "status": "pending"}])
     );
-    // Pending: show by id, nothing else; not listed; by name it does not exist.
+    // Pending: shown by id or OWNER/NAME (what the share names), not listed, and a bare
+    // name does not reach it.
     assert_eq!(json_as(&s, "carol", &["show", &id])["access"], "invited");
+    assert_eq!(
+        json_as(&s, "carol", &["show", "alice/web"])["access"],
+        "invited"
+    );
     assert!(listed(&s, "carol", &[]).is_empty());
-    refused_as(&s, "carol", &["show", "alice/web"], 3, "not found");
     refused_as(&s, "carol", &["show", "web"], 3, "not found");
+    // Not shared with dave: alice/web does not exist for him.
+    refused_as(&s, "dave", &["show", "alice/web"], 3, "not found");
     let out = s.scratch("o.raw");
     refused_as(
         &s,
@@ -614,8 +620,15 @@ fn pending_and_rejected_members_show_by_id_only() {
         4,
         "not been accepted",
     );
-    // Accepted: listed, readable by name.
-    s.ok_as("carol", &["accept", &id[..12]]);
+    refused_as(
+        &s,
+        "carol",
+        &["export", "alice/web", out.to_str().unwrap()],
+        4,
+        "not been accepted",
+    );
+    // Accepted (by OWNER/NAME, as `accept --help` says): listed, readable by name.
+    s.ok_as("carol", &["accept", "alice/web"]);
     assert_eq!(listed(&s, "carol", &[]), vec![id.clone()]);
     s.ok_as("carol", &["export", "alice/web", out.to_str().unwrap()]);
     assert_files_equal(&f, &out);

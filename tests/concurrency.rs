@@ -420,10 +420,11 @@ fn a_pinned_reader_survives_delete_and_gc_an_unpinned_one_would_not() {
     assert!(gc["unreferenced_chunks"].as_u64().unwrap() > 0, "{gc}");
 
     let out = s.scratch("pinned.out");
-    imgvault::restore::export_raw(&pinned, &out, &NoProgress).unwrap();
+    imgvault::restore::export_raw(&pinned, &out, false, &NoProgress).unwrap();
     assert_files_equal(&src, &out);
-    let err = imgvault::restore::export_raw(&unpinned, &s.scratch("unpinned.out"), &NoProgress)
-        .expect_err("an unpinned snapshot cannot read chunks gc removed");
+    let err =
+        imgvault::restore::export_raw(&unpinned, &s.scratch("unpinned.out"), false, &NoProgress)
+            .expect_err("an unpinned snapshot cannot read chunks gc removed");
     eprintln!("unpinned reader after delete + gc (expected to fail): {err}");
     drop(pinned);
     let gc = s.json(&["gc"]);

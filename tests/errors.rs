@@ -207,3 +207,167 @@ fn options_out_of_range() {
     assert_eq!(code, 2, "{stderr}");
     assert!(!t.path().join("db").exists());
 }
+
+#[test]
+fn os_errors_are_told_once() {
+    let s = store_with_one_image();
+    let missing = s.scratch("nope.img");
+    let (_, stderr) = s.fail(&["import", missing.to_str().unwrap(), "--name", "x"]);
+    assert_eq!(stderr.matches("os error 2").count(), 1, "{stderr}");
+}
+
+#[test]
+fn names_with_outer_white_space_or_the_form_of_an_id_are_refused() {
+    let s = store_with_one_image();
+    let src = s.scratch("two.bin");
+    std::fs::write(&src, random_bytes(1 << 20, 4)).unwrap();
+    let src = src.to_str().unwrap();
+    for name in [" ", " web", "web\u{3000}"] {
+        refused(
+            &s,
+            &["import", src, "--name", name],
+            2,
+            "must not begin or end with white space",
+        );
+    }
+    refused(
+        &s,
+        &["import", src, "--name", "0123456789abcdef0123456789ABCDEF"],
+        2,
+        "has the form of an image id",
+    );
+    // Hex names of other lengths are names like any other.
+    s.ok(&["import", src, "--name", "deadbeef0"]);
+}
+
+#[test]
+fn a_name_that_is_also_the_prefix_of_another_image_s_id_is_ambiguous() {
+    let s = store_with_one_image();
+    let one_id = s.json(&["show", "one"])["id"].as_str().unwrap().to_string();
+    let src = s.scratch("two.bin");
+    std::fs::write(&src, random_bytes(1 << 20, 4)).unwrap();
+    // An image named like the first 8 digits of `one`'s id.
+    let prefix = &one_id[..8];
+    s.import(&src, prefix);
+    let (code, stderr) = s.fail(&["delete", prefix]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("ambiguous"), "{stderr}");
+    // The full id and OWNER/NAME each name one image.
+    assert_eq!(s.json(&["show", &one_id])["name"], "one");
+    assert_eq!(
+        s.json(&["show", &format!("admin/{prefix}")])["name"],
+        prefix
+    );
+    assert_eq!(s.json(&["list"]).as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn an_empty_disk_is_refused() {
+    let s = store_with_one_image();
+    let empty = s.scratch("empty.raw");
+    std::fs::write(&empty, b"").unwrap();
+    refused(
+        &s,
+        &["import", empty.to_str().unwrap(), "--name", "x"],
+        3,
+        "disk of 0 bytes",
+    );
+    let q = s.scratch("empty.qcow2");
+    sh(&format!("qemu-img create -q -f qcow2 '{}' 0", q.display()));
+    refused(
+        &s,
+        &["import", q.to_str().unwrap(), "--name", "x"],
+        3,
+        "qcow2 disk of 0 bytes",
+    );
+}
+
+#[test]
+fn a_fifo_without_a_writer_is_refused_at_once() {
+    let s = store_with_one_image();
+    let fifo = s.scratch("pipe");
+    sh(&format!("mkfifo '{}'", fifo.display()));
+    let t0 = std::time::Instant::now();
+    refused(
+        &s,
+        &["import", fifo.to_str().unwrap(), "--name", "x"],
+        3,
+        "neither a regular file nor a block device",
+    );
+    assert!(t0.elapsed() < std::time::Duration::from_secs(30));
+}
+
+#[test]
+fn export_refuses_an_existing_file_unless_forced() {
+    let s = store_with_one_image();
+    let out = s.scratch("precious.raw");
+    std::fs::write(&out, b"precious").unwrap();
+    let args = ["export", "one", out.to_str().unwrap()];
+    refused(&s, &args, 4, "the file exists");
+    assert_eq!(std::fs::read(&out).unwrap(), b"precious");
+    for format in ["raw", "qcow2"] {
+        refused(
+            &s,
+            &[&args[..], &["--format", format]].concat(),
+            4,
+            "exists",
+        );
+    }
+    s.ok(&["export", "--force", "one", out.to_str().unwrap()]);
+    assert_eq!(std::fs::metadata(&out).unwrap().len(), 1 << 20);
+}
+
+#[test]
+fn export_and_restore_never_write_the_store_s_own_files() {
+    let s = store_with_one_image();
+    let db = s.path().join("db");
+    let current = db.join("CURRENT");
+    let blob = std::fs::read_dir(&db)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "blob"))
+        .expect("a blob file");
+    for target in [&current, &blob] {
+        let t = target.to_str().unwrap();
+        refused(
+            &s,
+            &["export", "--force", "one", t],
+            2,
+            "is inside the store",
+        );
+        refused(
+            &s,
+            &["restore", "--force", "one", t],
+            2,
+            "is inside the store",
+        );
+    }
+    // The same files under another name.
+    for (name, target) in [("current-link", &current), ("blob-link", &blob)] {
+        let link = s.scratch(name);
+        std::fs::hard_link(target, &link).unwrap();
+        let l = link.to_str().unwrap();
+        refused(
+            &s,
+            &["export", "--force", "one", l],
+            2,
+            "hard link to the store's file",
+        );
+        refused(
+            &s,
+            &["restore", "--force", "one", l],
+            2,
+            "hard link to the store's file",
+        );
+    }
+    s.ok(&["verify"]);
+}
+
+#[test]
+fn restore_does_not_create_files_under_dev() {
+    let s = store_with_one_image();
+    let target = format!("/dev/imgvault-test-no-such-disk-{}", std::process::id());
+    refused(&s, &["restore", "one", &target], 3, "no such device");
+    assert!(!std::path::Path::new(&target).exists());
+}

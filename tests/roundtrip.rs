@@ -68,16 +68,6 @@ fn size_not_multiple_of_4096_round_trips() {
 }
 
 #[test]
-fn empty_file_round_trips() {
-    let s = TestStore::new();
-    let src = s.scratch("empty.bin");
-    std::fs::write(&src, b"").unwrap();
-    let report = s.import(&src, "empty");
-    assert_eq!(report["image"]["virtual_size"], 0);
-    s.assert_round_trip("empty", &src);
-}
-
-#[test]
 fn checksum_is_the_blake3_of_the_whole_disk() {
     let s = TestStore::new();
     let src = s.scratch("sum.bin");

@@ -38,9 +38,20 @@ pub fn validate_tenant(tenant: &str) -> Result<()> {
 }
 
 /// Validates an image name: 1-200 bytes, no `/`, no control characters, not `.` or `..`
-/// (names become file names under the FUSE mount).
+/// (names become file names under the FUSE mount), and not 32 hex digits: a full image id
+/// always means that image, never an image named like it.
 pub fn validate_name(name: &str) -> Result<()> {
-    validate_label("image name", name, 200)
+    validate_label("image name", name, 200)?;
+    if name.len() == 32 && name.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(Error::invalid(
+            "image name",
+            format!(
+                "{} has the form of an image id (32 hex digits); choose another name",
+                shown(name)
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn validate_label(what: &str, s: &str, max: usize) -> Result<()> {
@@ -58,6 +69,8 @@ fn validate_label(what: &str, s: &str, max: usize) -> Result<()> {
              name look like another)"
                 .to_string(),
         )
+    } else if s.trim() != s {
+        Some("must not begin or end with white space".to_string())
     } else if s == "." || s == ".." {
         Some("must not be '.' or '..'".to_string())
     } else {
@@ -179,10 +192,12 @@ impl<'s> Catalog<'s> {
 
     /// Resolves a user's reference to an image the tenant can see.
     ///
-    /// Accepted forms, tried in order: `OWNER/NAME`; a name the tenant owns; the name of a
-    /// public image or of an image shared with the tenant; a full id or a unique id prefix
-    /// of at least 8 hex digits. An image the tenant may not see is reported as not found,
-    /// so that names of other tenants' images do not leak.
+    /// Accepted forms: a full id (32 hex digits, which no name may be); `OWNER/NAME` (also
+    /// for a member whose share is pending); a name the tenant owns; the name of a public
+    /// image or of an accepted share; a unique id prefix of at least 8 hex digits. A prefix
+    /// that is also a name the tenant can use, of another image, is ambiguous. An image the
+    /// tenant may not see is reported as not found, so that names of other tenants' images do
+    /// not leak.
     pub fn resolve(&self, tenant: &str, reference: &str) -> Result<(ImageRecord, Access)> {
         let not_found = || Error::ImageNotFound {
             image: reference.to_string(),
@@ -191,28 +206,66 @@ impl<'s> Catalog<'s> {
         let visible = |rec: ImageRecord| -> Result<Option<(ImageRecord, Access)>> {
             Ok(self.access(tenant, &rec)?.map(|a| (rec, a)))
         };
+        let lower = reference.to_ascii_lowercase();
+        let id_like = lower.len() >= 8 && lower.chars().all(|c| c.is_ascii_hexdigit());
+        if let Some(id) = ImageId::from_hex(&lower) {
+            if let Some(found) = self.get(&id)?.map(visible).transpose()?.flatten() {
+                return Ok(found);
+            }
+        }
+        // Every record, read once and only when a name or prefix search needs it (a damaged
+        // record then fails only the searches that meet it).
+        let all_cell = std::cell::OnceCell::new();
+        let all = || -> Result<&Vec<ImageRecord>> {
+            if let Some(all) = all_cell.get() {
+                return Ok(all);
+            }
+            let loaded = self.all()?;
+            Ok(all_cell.get_or_init(|| loaded))
+        };
+        let id_hits = || -> Result<Vec<(ImageRecord, Access)>> {
+            let mut hits = Vec::new();
+            if id_like {
+                for rec in all()?.iter().filter(|r| r.id.to_hex().starts_with(&lower)) {
+                    if let Some(found) = visible(rec.clone())? {
+                        hits.push(found);
+                    }
+                }
+            }
+            Ok(hits)
+        };
         if let Some((owner, name)) = reference.split_once('/') {
             if let Some(id) = self.id_by_name(owner, name)? {
                 if let Some(rec) = self.get(&id)? {
                     if let Some(found) = visible(rec)? {
-                        // A name reference lists-like access: invited members use the id.
-                        if found.1 != Access::Invited {
-                            return Ok(found);
-                        }
+                        return Ok(found);
                     }
                 }
             }
             return Err(not_found());
         }
+        // A name match, unless the reference is also a prefix of another visible image's id.
+        let by_name_or_id = |found: (ImageRecord, Access)| -> Result<(ImageRecord, Access)> {
+            let others = id_hits()?
+                .into_iter()
+                .filter(|(r, _)| r.id != found.0.id)
+                .count();
+            if others > 0 {
+                return Err(Error::AmbiguousImage {
+                    image: reference.to_string(),
+                    count: others + 1,
+                });
+            }
+            Ok(found)
+        };
         if let Some(id) = self.id_by_name(tenant, reference)? {
             if let Some(rec) = self.get(&id)? {
-                return Ok((rec, Access::Owner));
+                return by_name_or_id((rec, Access::Owner));
             }
         }
-        let all = self.all()?;
         // Names of public images and of accepted shares.
         let mut by_name = Vec::new();
-        for rec in all.iter().filter(|r| r.name == reference) {
+        for rec in all()?.iter().filter(|r| r.name == reference) {
             if let Some(a) = self.access(tenant, rec)? {
                 if a != Access::Invited {
                     by_name.push((rec.clone(), a));
@@ -220,7 +273,7 @@ impl<'s> Catalog<'s> {
             }
         }
         match by_name.len() {
-            1 => return Ok(by_name.remove(0)),
+            1 => return by_name_or_id(by_name.remove(0)),
             n if n > 1 => {
                 return Err(Error::AmbiguousImage {
                     image: reference.to_string(),
@@ -229,29 +282,15 @@ impl<'s> Catalog<'s> {
             }
             _ => {}
         }
-        // Ids and id prefixes.
-        let lower = reference.to_ascii_lowercase();
-        if lower.len() >= 8 && lower.chars().all(|c| c.is_ascii_hexdigit()) {
-            let mut hits = Vec::new();
-            for rec in all {
-                if rec.id.to_hex().starts_with(&lower) {
-                    if let Some(found) = visible(rec)? {
-                        hits.push(found);
-                    }
-                }
-            }
-            match hits.len() {
-                0 => {}
-                1 => return Ok(hits.remove(0)),
-                n => {
-                    return Err(Error::AmbiguousImage {
-                        image: reference.to_string(),
-                        count: n,
-                    })
-                }
-            }
+        let mut hits = id_hits()?;
+        match hits.len() {
+            0 => Err(not_found()),
+            1 => Ok(hits.remove(0)),
+            n => Err(Error::AmbiguousImage {
+                image: reference.to_string(),
+                count: n,
+            }),
         }
-        Err(not_found())
     }
 
     /// Resolves and requires at least reader access (`action` names the operation).

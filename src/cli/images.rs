@@ -62,6 +62,7 @@ pub fn export(
     out: &Path,
     format: &str,
     compress: bool,
+    replace: bool,
 ) -> anyhow::Result<i32> {
     if compress && format != "qcow2" {
         return Err(
@@ -74,10 +75,10 @@ pub fn export(
     let reader = ImageReader::open_pinned(store, rec, Arc::new(ChunkCache::new(64 << 20)))?;
     let bar = Bar::new("export", ctx.progress);
     let report = if format == "qcow2" {
-        let opts = imgvault::formats::Qcow2ExportOptions { compress };
+        let opts = imgvault::formats::Qcow2ExportOptions { compress, replace };
         imgvault::formats::export_qcow2(&reader, out, &opts, &bar)?
     } else {
-        restore::export_raw(&reader, out, &bar)?
+        restore::export_raw(&reader, out, replace, &bar)?
     };
     if ctx.json {
         output::json(&report)?;

@@ -6,6 +6,7 @@ mod images;
 mod mount;
 mod output;
 mod repair;
+pub mod signals;
 mod store_cmds;
 
 use std::path::PathBuf;
@@ -70,6 +71,9 @@ pub enum Command {
         /// Compress qcow2 data clusters with zlib (as `qemu-img convert -c`)
         #[arg(long)]
         compress: bool,
+        /// Replace OUT if it exists (otherwise an existing file is refused)
+        #[arg(long)]
+        force: bool,
     },
     /// List the images the tenant can see
     List(ListArgs),
@@ -429,7 +433,8 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             out,
             format,
             compress,
-        } => images::export(&ctx, &image, &out, &format, compress),
+            force,
+        } => images::export(&ctx, &image, &out, &format, compress, force),
         Command::List(args) => images::list(&ctx, args),
         Command::Show { image } => images::show(&ctx, &image),
         Command::Delete { image } => images::delete(&ctx, &image),

@@ -17,6 +17,7 @@ use imgvault::store::{self, OpenMode, Store};
 use imgvault::Error;
 
 use super::output;
+use super::signals::block_stop_signals;
 use super::Context;
 
 /// `mount` flags.
@@ -49,9 +50,6 @@ pub struct MountArgs {
 
 /// How often the mount looks for commits of the writer.
 const REFRESH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
-
-/// Signals that unmount.
-const STOP_SIGNALS: [i32; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
 
 pub fn mount(ctx: &Context, args: MountArgs) -> anyhow::Result<i32> {
     // Checked here, before detaching, so the caller sees these errors directly.
@@ -124,25 +122,6 @@ fn serve(mounted: Mounted, signals: libc::sigset_t, verbose: bool) -> anyhow::Re
         eprintln!("imgvault: unmounted {}", mountpoint.display());
     }
     Ok(0)
-}
-
-/// Blocks the stop signals in this thread, and so in every thread started after it; the
-/// signal thread takes them with sigwait.
-fn block_stop_signals() -> anyhow::Result<libc::sigset_t> {
-    // SAFETY: sigset_t is plain data; sigemptyset initialises it before use.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: valid pointers to a local sigset_t.
-    let rc = unsafe {
-        libc::sigemptyset(&mut set);
-        for s in STOP_SIGNALS {
-            libc::sigaddset(&mut set, s);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
-    };
-    if rc != 0 {
-        return Err(Error::io("block signals", std::io::Error::from_raw_os_error(rc)).into());
-    }
-    Ok(set)
 }
 
 fn spawn_signal_thread(mountpoint: PathBuf, set: libc::sigset_t) -> anyhow::Result<()> {

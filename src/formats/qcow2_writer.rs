@@ -41,6 +41,8 @@ const MIN_SAVING: usize = 512;
 pub struct Qcow2ExportOptions {
     /// Compress data clusters with zlib (deflate), as `qemu-img convert -c` does.
     pub compress: bool,
+    /// Replace an existing file at the target (otherwise it is refused).
+    pub replace: bool,
 }
 
 struct Writer {
@@ -114,7 +116,7 @@ pub fn export_qcow2(
     opts: &Qcow2ExportOptions,
     progress: &dyn Progress,
 ) -> Result<ExportReport> {
-    crate::restore::write_export(reader, out, progress, |file, partial| {
+    crate::restore::write_export(reader, out, opts.replace, progress, |file, partial| {
         write_image(reader, file, partial, opts, progress)
     })
 }

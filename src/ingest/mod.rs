@@ -93,6 +93,15 @@ pub fn import_path_as(
     } else {
         crate::formats::open_source(path, format)?
     };
+    if source.virtual_size() == 0 {
+        return Err(Error::BadSource {
+            path: path.to_path_buf(),
+            reason: format!(
+                "is a {} disk of 0 bytes: there is nothing to make an image of",
+                source.format()
+            ),
+        });
+    }
     let record_source = if opts.backup {
         Source::Backup {
             path: path.display().to_string(),

@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
@@ -57,10 +57,15 @@ pub struct RawSource {
 impl RawSource {
     /// Opens `path`, which must be a regular file or a block device.
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).map_err(|e| Error::Source {
-            path: path.to_path_buf(),
-            source: e,
-        })?;
+        // O_NONBLOCK: a FIFO without a writer would block open() forever; it is refused below.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(|e| Error::Source {
+                path: path.to_path_buf(),
+                source: e,
+            })?;
         let md = file.metadata().map_err(|e| Error::Source {
             path: path.to_path_buf(),
             source: e,
@@ -81,6 +86,14 @@ impl RawSource {
                 reason: "is neither a regular file nor a block device".into(),
             });
         };
+        // Files and devices read as usual from here on.
+        // SAFETY: fcntl on an open descriptor.
+        unsafe {
+            let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+            if flags >= 0 {
+                libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK);
+            }
+        }
         // Read-ahead hint for the whole sequential pass; failure only costs speed.
         unsafe {
             libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL);

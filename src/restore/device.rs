@@ -165,8 +165,19 @@ pub fn restore(
         overridden.push(format!("in use: {reason}"));
     }
 
-    let file = open_target(target, &inspected, opts.force)?;
     let created = !inspected.exists;
+    // Stopped by a signal: a file we create goes (as on error, below); a disk that held
+    // something keeps what was written, and the user is told how to finish.
+    let _on_signal = if created {
+        crate::cleanup::remove_on_signal(target)
+    } else {
+        crate::cleanup::note_on_signal(format!(
+            "{} was restored in part: run the same restore again to finish (it writes only \
+             what differs)",
+            target.display()
+        ))
+    };
+    let file = open_target(target, &inspected, opts.force)?;
     let t = Target {
         file: &file,
         path: target,
@@ -271,6 +282,15 @@ fn inspect(path: &Path) -> Result<Inspected> {
                 .parent()
                 .filter(|p| !p.as_os_str().is_empty())
                 .unwrap_or(Path::new("."));
+            // A disk that is not there (a typo, or udev has not made the partition's node
+            // yet) must not become a regular file in /dev's memory-backed filesystem.
+            let canonical = std::fs::canonicalize(parent).unwrap_or_default();
+            if canonical.starts_with("/dev") {
+                return Err(Error::BadSource {
+                    path: path.to_path_buf(),
+                    reason: "no such device (restore does not create files under /dev)".into(),
+                });
+            }
             return match std::fs::metadata(parent) {
                 Ok(m) if m.is_dir() => Ok(Inspected {
                     kind: TargetKind::File,
@@ -329,27 +349,12 @@ fn inspect(path: &Path) -> Result<Inspected> {
     }
 }
 
-/// Never write into the store's own directory.
+/// Never write into the store's own directory or files.
 fn refuse_store_path(reader: &ImageReader, target: &Path) -> Result<()> {
-    let abs = |p: &Path| {
-        std::fs::canonicalize(p).ok().or_else(|| {
-            let parent = p.parent().filter(|x| !x.as_os_str().is_empty())?;
-            Some(std::fs::canonicalize(parent).ok()?.join(p.file_name()?))
-        })
-    };
-    if let (Some(store), Some(t)) = (abs(reader.store().path()), abs(target)) {
-        if t.starts_with(&store) {
-            return Err(Error::invalid(
-                "restore target",
-                format!(
-                    "{} is inside the store {}",
-                    target.display(),
-                    store.display()
-                ),
-            ));
-        }
+    match safety::inside_store(reader.store().path(), target) {
+        Some(reason) => Err(Error::invalid("restore target", reason)),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 fn check_size(

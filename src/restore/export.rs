@@ -36,13 +36,15 @@ pub struct ExportReport {
     pub seconds: f64,
 }
 
-/// Writes the image read by `reader` to `out`.
+/// Writes the image read by `reader` to `out`; an existing file there is replaced only when
+/// `replace` is set.
 pub fn export_raw(
     reader: &ImageReader,
     out: &Path,
+    replace: bool,
     progress: &dyn Progress,
 ) -> Result<ExportReport> {
-    write_export(reader, out, progress, |file, partial| {
+    write_export(reader, out, replace, progress, |file, partial| {
         let output = match DirectFile::open(partial, file) {
             Some(direct) => Output::Direct(Box::new(direct)),
             None => Output::Buffered(file),
@@ -57,17 +59,27 @@ pub fn export_raw(
 }
 
 /// The common frame of every export format: refuses a target that is not a regular file
-/// (the rename below would replace a device node, FIFO or socket such as `/dev/null`), lets
-/// `write` fill a new file beside the target, and renames it into place only on success, so
-/// a failed export never leaves a file with missing or wrong bytes under the target name.
-/// `write` returns the data bytes it wrote. No fsync (like cp and qemu-img convert).
+/// (the rename below would replace a device node, FIFO or socket such as `/dev/null`), an
+/// existing file unless `replace`, and any path into the store; lets `write` fill a new file
+/// beside the target, and renames it into place only on success, so a failed or interrupted
+/// export never leaves a file with missing or wrong bytes under the target name (nor the
+/// temporary file: it is removed on error, and on SIGINT/SIGTERM through
+/// [`crate::cleanup`]). `write` returns the data bytes it wrote. No fsync (like cp and
+/// qemu-img convert).
 pub(crate) fn write_export(
     reader: &ImageReader,
     out: &Path,
+    replace: bool,
     progress: &dyn Progress,
     write: impl FnOnce(&File, &Path) -> Result<u64>,
 ) -> Result<ExportReport> {
     let started = Instant::now();
+    let partial = partial_path(out);
+    for path in [out, partial.as_path()] {
+        if let Some(reason) = super::safety::inside_store(reader.store().path(), path) {
+            return Err(Error::invalid("export target", reason));
+        }
+    }
     if let Ok(md) = std::fs::metadata(out) {
         let ft = md.file_type();
         let refuse = |reason: &str| {
@@ -88,15 +100,29 @@ pub(crate) fn write_export(
                  and renames it into place, so give a file name",
             );
         }
+        if !replace {
+            return Err(Error::UnsafeTarget {
+                target: out.to_path_buf(),
+                reason: "the file exists".into(),
+            });
+        }
     }
-    let partial = partial_path(out);
+    // Errors name the target the user gave, and say where the bytes were going.
+    let named = |e: Error| match e {
+        Error::Target { path, source } => Error::io(
+            format!("export to {} ({})", out.display(), path.display()),
+            source,
+        ),
+        other => other,
+    };
+    let _cleanup = crate::cleanup::remove_on_signal(&partial);
     let file = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .open(&partial)
         .map_err(|e| Error::Target {
-            path: partial.clone(),
+            path: out.to_path_buf(),
             source: e,
         })?;
     progress.start(reader.size());
@@ -106,7 +132,7 @@ pub(crate) fn write_export(
         Ok(w) => w,
         Err(e) => {
             let _ = std::fs::remove_file(&partial);
-            return Err(e);
+            return Err(named(e));
         }
     };
     std::fs::rename(&partial, out).map_err(|e| Error::Target {
@@ -200,7 +226,7 @@ impl Output<'_> {
 
 fn write_error(offset: u64, err: std::io::Error) -> Error {
     Error::Target {
-        path: PathBuf::from(format!("export file at byte offset {offset}")),
+        path: PathBuf::from(format!("at byte offset {offset}")),
         source: err,
     }
 }

@@ -333,6 +333,49 @@ pub fn disk_uses(path: &Path, range: (u64, u64)) -> Vec<DiskUse> {
     out
 }
 
+/// Why writing `target` would write into the store at `store`, if it would: the target's path
+/// lies inside the store's directory (through symlinks and `..` too), or the target is one of
+/// the store's files under another name (a hard link). `None` when it is elsewhere.
+pub fn inside_store(store: &Path, target: &Path) -> Option<String> {
+    let abs = |p: &Path| {
+        fs::canonicalize(p).ok().or_else(|| {
+            let parent = p.parent().filter(|x| !x.as_os_str().is_empty())?;
+            Some(fs::canonicalize(parent).ok()?.join(p.file_name()?))
+        })
+    };
+    let store_abs = abs(store)?;
+    if abs(target).is_some_and(|t| t.starts_with(&store_abs)) {
+        return Some(format!(
+            "{} is inside the store {}",
+            target.display(),
+            store_abs.display()
+        ));
+    }
+    let md = fs::metadata(target).ok()?;
+    if !md.file_type().is_file() || md.nlink() < 2 {
+        return None;
+    }
+    let id = (md.dev(), md.ino());
+    let mut dirs = vec![store_abs.clone()];
+    while let Some(dir) = dirs.pop() {
+        for entry in fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let Ok(m) = fs::symlink_metadata(entry.path()) else {
+                continue;
+            };
+            if m.is_dir() {
+                dirs.push(entry.path());
+            } else if (m.dev(), m.ino()) == id {
+                return Some(format!(
+                    "{} is a hard link to the store's file {}",
+                    target.display(),
+                    entry.path().display()
+                ));
+            }
+        }
+    }
+    None
+}
+
 /// The hardware model of this host from DMI (`/sys/class/dmi/id/product_name`), when readable
 /// and meaningful.
 pub fn host_hw_model() -> Option<String> {

@@ -137,7 +137,7 @@ impl TestStore {
     /// Exports `image` to `out` and asserts it equals `original` byte for byte.
     pub fn assert_round_trip(&self, image: &str, original: &Path) {
         let out = self.scratch(&format!("{image}.exported"));
-        self.ok(&["export", image, out.to_str().unwrap()]);
+        self.ok(&["export", "--force", image, out.to_str().unwrap()]);
         assert_files_equal(original, &out);
     }
 }

@@ -1,0 +1,117 @@
+//! What an interrupted command must not leave behind.
+//!
+//! A command that writes outside the store registers what a stop by SIGINT, SIGTERM or SIGHUP
+//! would leave: export's temporary file, a file restore created, or a note for the user (a
+//! device restored in part). The CLI's signal thread calls [`on_signal`] and exits as the
+//! signal would have, minus the leftovers. The store needs no entry here: an image is
+//! committed in one write batch at the end, so a stop before it leaves only unreferenced
+//! chunks for `gc`. A library user that installs no signal thread is unaffected.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+enum Action {
+    Remove(PathBuf),
+    Note(String),
+}
+
+/// Registered actions; the process has one ([`GLOBAL`]), tests make their own.
+struct Registry {
+    entries: Mutex<Vec<(u64, Action)>>,
+    next: AtomicU64,
+}
+
+static GLOBAL: Registry = Registry::new();
+
+impl Registry {
+    const fn new() -> Self {
+        Registry {
+            entries: Mutex::new(Vec::new()),
+            next: AtomicU64::new(1),
+        }
+    }
+
+    fn register(&'static self, action: Action) -> Registered {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.lock().push((id, action));
+        Registered { registry: self, id }
+    }
+
+    /// A thread that panicked holding the lock left the list intact: use it anyway.
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(u64, Action)>> {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn run(&self) -> Vec<String> {
+        self.lock()
+            .iter()
+            .filter_map(|(_, action)| match action {
+                Action::Remove(path) => match std::fs::remove_file(path) {
+                    Ok(()) => Some(format!("removed the unfinished {}", path.display())),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                    Err(e) => Some(format!("could not remove {}: {e}", path.display())),
+                },
+                Action::Note(note) => Some(note.clone()),
+            })
+            .collect()
+    }
+}
+
+/// An entry in the registry, unregistered when dropped (the work it guards is done).
+#[must_use = "the entry is unregistered when this is dropped"]
+pub struct Registered {
+    registry: &'static Registry,
+    id: u64,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.registry.lock().retain(|(id, _)| *id != self.id);
+    }
+}
+
+/// Removes `path` if the process is stopped by a signal while the guard lives. Register
+/// before creating the file: removing a file that does not exist yet costs nothing.
+pub fn remove_on_signal(path: &Path) -> Registered {
+    GLOBAL.register(Action::Remove(path.to_path_buf()))
+}
+
+/// Prints `note` if the process is stopped by a signal while the guard lives.
+pub fn note_on_signal(note: impl Into<String>) -> Registered {
+    GLOBAL.register(Action::Note(note.into()))
+}
+
+/// Carries out every registered action; returns one line per action for the user.
+pub fn on_signal() -> Vec<String> {
+    GLOBAL.run()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_live_entries_act() {
+        let registry: &'static Registry = Box::leak(Box::new(Registry::new()));
+        let dir = tempfile::tempdir().unwrap();
+        let (kept, done) = (dir.path().join("kept"), dir.path().join("done"));
+        std::fs::write(&kept, b"x").unwrap();
+        std::fs::write(&done, b"x").unwrap();
+        let live = registry.register(Action::Remove(kept.clone()));
+        drop(registry.register(Action::Remove(done.clone())));
+        let note = registry.register(Action::Note("half written".into()));
+        let said = registry.run();
+        assert!(!kept.exists());
+        assert!(done.exists(), "an unregistered file was removed");
+        assert_eq!(
+            said,
+            vec![
+                format!("removed the unfinished {}", kept.display()),
+                "half written".to_string()
+            ]
+        );
+        drop((live, note));
+        assert!(registry.run().is_empty());
+    }
+}
