@@ -1190,6 +1190,21 @@ fn owners_update_properties_and_market_fields_go_on_public_images_only() {
         2,
         "market",
     );
+    // The same rule when the image is made: a private import or backup cannot carry them
+    // (it would then refuse every later `update`).
+    let f = data_file(&s, "p.bin", 1 << 20, 41);
+    let f = f.to_str().unwrap();
+    for extra in [["--publisher", "ACME"], ["--category", "db"]] {
+        for cmd in ["import", "backup"] {
+            refused_as(
+                &s,
+                "alice",
+                &[&[cmd, f, "--name", "p"][..], &extra[..]].concat(),
+                2,
+                "market",
+            );
+        }
+    }
     refused_as(
         &s,
         "bob",

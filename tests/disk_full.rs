@@ -15,12 +15,46 @@ use common::*;
 
 const MIB: usize = 1 << 20;
 
-/// A tmpfs of `mib` MiB mounted on a fresh directory, unmounted when dropped.
+/// A small filesystem (tmpfs, or ext4 on a loop device) mounted on a fresh directory,
+/// unmounted when dropped.
 struct SmallFs {
     dir: tempfile::TempDir,
+    /// The ext4 image file's directory (kept until unmounted).
+    _backing: Option<tempfile::TempDir>,
 }
 
 impl SmallFs {
+    /// An ext4 filesystem of `mib` MiB (RocksDB polls ext4 for free space and waits for it,
+    /// which tmpfs does not show).
+    fn ext4(mib: u64) -> Option<SmallFs> {
+        if !is_root() {
+            return None;
+        }
+        let backing = tempfile::tempdir().unwrap();
+        let img = backing.path().join("fs.img");
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "truncate -s {mib}M '{img}' && mkfs.ext4 -q -F '{img}' && mount -o loop '{img}' '{dir}'",
+                img = img.display(),
+                dir = dir.path().display()
+            ))
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            eprintln!(
+                "cannot mount an ext4 loop filesystem: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return None;
+        }
+        Some(SmallFs {
+            dir,
+            _backing: Some(backing),
+        })
+    }
+
     fn new(mib: u64) -> Option<SmallFs> {
         if !is_root() {
             return None;
@@ -38,7 +72,10 @@ impl SmallFs {
             );
             return None;
         }
-        Some(SmallFs { dir })
+        Some(SmallFs {
+            dir,
+            _backing: None,
+        })
     }
 
     fn path(&self) -> &Path {
@@ -155,6 +192,48 @@ fn an_import_larger_than_the_disk_fails_with_enospc_and_gc_reclaims_it() {
         after <= baseline + 2 * MIB as u64,
         "store uses {after} bytes after gc, {baseline} before the failed import"
     );
+    let small = scratch.path().join("small.img");
+    std::fs::write(&small, random_bytes(4 * MIB, 3)).unwrap();
+    ok(
+        &store,
+        &["import", small.to_str().unwrap(), "--name", "small"],
+    );
+    ok(&store, &["verify"]);
+}
+
+#[test]
+fn a_full_ext4_store_fails_the_import_instead_of_waiting_for_space() {
+    let Some(fs) = SmallFs::ext4(96) else {
+        eprintln!("SKIP a_full_ext4_store_fails_the_import_instead_of_waiting_for_space: needs root to mount a loop filesystem");
+        return;
+    };
+    let scratch = tempfile::tempdir().unwrap();
+    let store = fs.path().join("store");
+    ok(&store, &["init"]);
+    let keep = scratch.path().join("keep.img");
+    std::fs::write(&keep, random_bytes(2 * MIB, 1)).unwrap();
+    ok(
+        &store,
+        &["import", keep.to_str().unwrap(), "--name", "keep"],
+    );
+    let big = scratch.path().join("big.img");
+    std::fs::write(&big, random_bytes(150 * MIB, 2)).unwrap();
+    // After a flush hits ENOSPC, RocksDB stops writes until 64 MiB are free again; an import
+    // used to wait there for ever. The kill after 120 s turns such a hang into a failure.
+    let out = Command::new("timeout")
+        .args(["-s", "KILL", "120"])
+        .arg(bin())
+        .arg("--store")
+        .arg(&store)
+        .args(["import", big.to_str().unwrap(), "--name", "big"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(137), "the import hung: {err}");
+    assert_eq!(out.status.code(), Some(7), "{err}");
+    assert!(err.contains("no space left"), "{err}");
+    assert_consistent(&store, &keep, scratch.path());
+    ok(&store, &["gc"]);
     let small = scratch.path().join("small.img");
     std::fs::write(&small, random_bytes(4 * MIB, 3)).unwrap();
     ok(

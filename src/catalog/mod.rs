@@ -54,6 +54,27 @@ pub fn validate_name(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Checks the properties an image of `visibility` may carry (on import, backup and update):
+/// each valid, and publisher and category only on public (market) images.
+pub fn check_properties(
+    props: &Properties,
+    visibility: Visibility,
+    owner: &str,
+    name: &str,
+) -> Result<()> {
+    validate_properties(props)?;
+    if (props.publisher.is_some() || props.category.is_some()) && visibility != Visibility::Public {
+        return Err(Error::invalid(
+            "properties",
+            format!(
+                "image '{name}' of tenant '{owner}' is {visibility}: publisher and category mark \
+                 market images, which are public images published by admin"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn validate_label(what: &str, s: &str, max: usize) -> Result<()> {
     let reason = if s.is_empty() {
         Some("must not be empty".to_string())
@@ -545,19 +566,7 @@ impl<'s> Catalog<'s> {
     /// image is protected; publisher and category only go on public (market) images.
     pub fn set_properties(&self, rec: &ImageRecord, props: Properties) -> Result<ImageRecord> {
         require_unprotected(rec)?;
-        validate_properties(&props)?;
-        if (props.publisher.is_some() || props.category.is_some())
-            && rec.visibility != Visibility::Public
-        {
-            return Err(Error::invalid(
-                "properties",
-                format!(
-                    "image '{}' of tenant '{}' is {}: publisher and category mark market \
-                     images, which are public images published by admin",
-                    rec.name, rec.owner, rec.visibility
-                ),
-            ));
-        }
+        check_properties(&props, rec.visibility, &rec.owner, &rec.name)?;
         let mut updated = rec.clone();
         updated.properties = props;
         if updated != *rec {

@@ -153,6 +153,7 @@ pub fn import(
             ),
         ));
     }
+    crate::catalog::check_properties(&opts.properties, opts.visibility, &opts.owner, &opts.name)?;
     crate::catalog::Catalog::new(store).check_create(&opts.owner, &opts.name, opts.visibility)?;
     pipeline::run(store, source, record_source, opts, params, level, progress)
 }

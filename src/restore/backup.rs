@@ -113,7 +113,7 @@ pub fn backup(
     } else {
         "none"
     };
-    crate::catalog::validate_properties(&properties)?;
+    crate::catalog::check_properties(&properties, Visibility::Private, &opts.owner, &opts.name)?;
     let warnings = source_warnings(source);
     let mut io = IngestOptions::new(&opts.name, &opts.owner);
     io.visibility = Visibility::Private;

@@ -353,7 +353,57 @@ impl Store {
         self.require_writer()?;
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
-        self.db.write_opt(batch, &wo).map_err(|e| self.db_err(e))
+        let data = batch.data().to_vec();
+        let mut first = Some(batch);
+        self.write_unless_stopped(
+            || first.take().unwrap_or_else(|| WriteBatch::from_data(&data)),
+            &mut wo,
+        )
+    }
+
+    /// Writes the batch `make` builds, waiting out write stalls as RocksDB would, except one
+    /// that only space can end. After a background error from a full disk (a flush or
+    /// compaction that hit ENOSPC), RocksDB stops writes and waits, polling every 5 s, until
+    /// 64 MiB are free again: a writer would hang there for good. So writes never block
+    /// inside RocksDB (`no_slowdown`); a stalled one is retried every 2 ms, and given up with
+    /// [`Error::NoSpace`] once the database reports writes stopped by a background error.
+    fn write_unless_stopped(
+        &self,
+        mut make: impl FnMut() -> WriteBatch,
+        wo: &mut WriteOptions,
+    ) -> Result<()> {
+        wo.set_no_slowdown(true);
+        loop {
+            match self.db.write_opt(make(), wo) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == rocksdb::ErrorKind::Incomplete => {
+                    if let Some(err) = self.writes_stopped_by_error() {
+                        return Err(err);
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
+                Err(e) => return Err(self.db_err(e)),
+            }
+        }
+    }
+
+    /// `Some` when RocksDB stopped writes after a background error (they will not resume by
+    /// waiting), with what the store's filesystem has left.
+    fn writes_stopped_by_error(&self) -> Option<Error> {
+        let int = |name: &str| self.db.property_int_value(name).ok().flatten().unwrap_or(0);
+        if int("rocksdb.is-write-stopped") == 0 || int("rocksdb.background-errors") == 0 {
+            return None;
+        }
+        let free = free_bytes(&self.path);
+        Some(Error::NoSpace {
+            what: format!("writing the store {}", self.path.display()),
+            detail: format!(
+                "a background flush or compaction failed and the database stopped writes; \
+                 the store's filesystem has {} bytes free (see {}/LOG)",
+                free.map_or_else(|| "an unknown number of".to_string(), |b| b.to_string()),
+                self.path.join("db").display()
+            ),
+        })
     }
 
     pub(crate) fn require_writer(&self) -> Result<()> {
@@ -379,7 +429,19 @@ impl Store {
         }
         let mut wo = WriteOptions::default();
         wo.disable_wal(true);
-        self.db.write_opt(batch, &wo).map_err(|e| self.db_err(e))
+        let mut first = Some(batch);
+        self.write_unless_stopped(
+            || {
+                first.take().unwrap_or_else(|| {
+                    let mut batch = WriteBatch::default();
+                    for (id, value) in chunks {
+                        batch.put_cf(cf, id.0, value);
+                    }
+                    batch
+                })
+            },
+            &mut wo,
+        )
     }
 
     /// Persists all chunk values written so far.
@@ -583,6 +645,18 @@ fn validate_region(region: &str) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Bytes available to unprivileged users on the filesystem holding `path`.
+fn free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs fills a plain struct from a NUL-terminated path.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
 pub(crate) fn db_err(path: &Path, e: rocksdb::Error) -> Error {
