@@ -130,12 +130,12 @@ pub enum Error {
     #[error("tenant '{tenant}' already has an image named '{name}'")]
     NameTaken { tenant: String, name: String },
 
-    /// The tenant may not do this to the image.
-    #[error("tenant '{tenant}' may not {action} image '{image}': {reason}")]
+    /// The tenant may not do this to the object (`image 'NAME'`, `tenant 'T'`).
+    #[error("tenant '{tenant}' may not {action} {object}: {reason}")]
     PermissionDenied {
         tenant: String,
         action: &'static str,
-        image: String,
+        object: String,
         reason: String,
     },
 
@@ -177,9 +177,18 @@ pub enum Error {
     #[error("verify found {count} damaged place(s); first: {first}")]
     VerifyFailed { count: usize, first: String },
 
-    /// A mount-related failure (mountpoint missing, busy, not a mount).
+    /// A mount or unmount failed while running (the kernel, fusermount3, the daemon).
     #[error("mount {}: {reason}", mountpoint.display())]
     Mount { mountpoint: PathBuf, reason: String },
+
+    /// The path given as a mountpoint cannot be used: missing, not an empty directory,
+    /// already mounted, or (to unmount) not an imgvault mount.
+    #[error("mountpoint {}: {reason}", mountpoint.display())]
+    BadMountpoint { mountpoint: PathBuf, reason: String },
+
+    /// The mount cannot be unmounted now: files on it are open.
+    #[error("mountpoint {}: {reason}", mountpoint.display())]
+    MountBusy { mountpoint: PathBuf, reason: String },
 
     /// The operation was interrupted by a signal.
     #[error("interrupted")]
@@ -247,7 +256,7 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         use Error::*;
         match self {
-            InvalidArgument { .. } | ChunkerMismatch { .. } => exit::USAGE,
+            InvalidArgument { .. } | ChunkerMismatch { .. } | BadMountpoint { .. } => exit::USAGE,
             Source { .. }
             | BadSource { .. }
             | BadImage { .. }
@@ -264,7 +273,9 @@ impl Error {
             | TargetTooSmall { .. }
             | UnsupportedImage { .. }
             | FormatVersion { .. } => exit::REFUSED,
-            StoreBusy { .. } | ReadersActive { .. } | Repacking { .. } => exit::BUSY,
+            StoreBusy { .. } | ReadersActive { .. } | Repacking { .. } | MountBusy { .. } => {
+                exit::BUSY
+            }
             CorruptRecord { .. } | CorruptChunk { .. } | VerifyFailed { .. } => exit::CORRUPT,
             NoSpace { .. } => exit::NO_SPACE,
             Interrupted => exit::INTERRUPTED,
@@ -285,7 +296,8 @@ impl Error {
         match self {
             ImageNotFound { .. } => libc::ENOENT,
             PermissionDenied { .. } => libc::EACCES,
-            InvalidArgument { .. } => libc::EINVAL,
+            InvalidArgument { .. } | BadMountpoint { .. } => libc::EINVAL,
+            MountBusy { .. } => libc::EBUSY,
             NoSpace { .. } => libc::ENOSPC,
             Repacking { .. } => libc::EBUSY,
             Interrupted => libc::EINTR,

@@ -874,7 +874,7 @@ fn quota_fills_to_n_and_refuses_n_plus_one_with_nothing_stored() {
         "alice",
         &["quota", "alice", "--max-private", "100"],
         4,
-        "only admin sets quotas",
+        "tenant 'alice' may not set the quota of tenant 'alice': only admin sets quotas",
     );
     s.ok(&["quota", "alice", "--max-private", "3"]);
     for i in 0..3 {

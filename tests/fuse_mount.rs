@@ -673,22 +673,27 @@ fn bad_mountpoints_are_refused_clearly() {
     require_mount!("bad_mountpoints_are_refused_clearly");
     let s = TestStore::new();
     let missing = s.scratch("missing");
-    let (_, e) = s.fail(&["mount", missing.to_str().unwrap()]);
+    // A mountpoint that cannot be used is a usage error (2); a busy one is 5.
+    let (code, e) = s.fail(&["mount", missing.to_str().unwrap()]);
     assert!(e.contains("does not exist"), "{e}");
+    assert_eq!(code, 2, "{e}");
     let file = s.scratch("file");
     std::fs::write(&file, b"x").unwrap();
-    let (_, e) = s.fail(&["mount", file.to_str().unwrap()]);
+    let (code, e) = s.fail(&["mount", file.to_str().unwrap()]);
     assert!(e.contains("not a directory"), "{e}");
+    assert_eq!(code, 2, "{e}");
     let full = s.scratch("full");
     std::fs::create_dir_all(&full).unwrap();
     std::fs::write(full.join("f"), b"x").unwrap();
-    let (_, e) = s.fail(&["mount", full.to_str().unwrap()]);
+    let (code, e) = s.fail(&["mount", full.to_str().unwrap()]);
     assert!(e.contains("not empty"), "{e}");
+    assert_eq!(code, 2, "{e}");
     let m = mount_as(&s, "admin", "mnt", &[]);
     let (_, e) = s.fail(&["mount", m.path.to_str().unwrap()]);
     assert!(e.contains("already a mountpoint"), "{e}");
-    let (_, e) = s.fail(&["umount", full.to_str().unwrap()]);
+    let (code, e) = s.fail(&["umount", full.to_str().unwrap()]);
     assert!(e.contains("not a mountpoint"), "{e}");
+    assert_eq!(code, 2, "{e}");
     let (_, e) = s.fail(&["umount", "/proc"]);
     assert!(e.contains("not an imgvault"), "{e}");
     // No store: the error comes back before detaching.
@@ -707,8 +712,9 @@ fn bad_mountpoints_are_refused_clearly() {
         .exists())
     .is_some());
     let held = File::open(m.file("private/img.raw")).unwrap();
-    let (_, e) = s.fail(&["umount", m.path.to_str().unwrap()]);
+    let (code, e) = s.fail(&["umount", m.path.to_str().unwrap()]);
     assert!(e.contains("busy"), "{e}");
+    assert_eq!(code, 5, "{e}");
     drop(held);
     s.ok(&["umount", m.path.to_str().unwrap()]);
     assert!(!is_mountpoint(&m.path));

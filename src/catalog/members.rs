@@ -177,7 +177,7 @@ impl Catalog<'_> {
             return Err(Error::PermissionDenied {
                 tenant: member.to_string(),
                 action,
-                image: format!("{}/{}", rec.owner, rec.name),
+                object: format!("image '{}/{}'", rec.owner, rec.name),
                 reason,
             });
         }

@@ -326,7 +326,7 @@ impl<'s> Catalog<'s> {
             return Err(Error::PermissionDenied {
                 tenant: tenant.to_string(),
                 action,
-                image: reference.to_string(),
+                object: format!("image '{reference}'"),
                 reason: "the share has not been accepted (run `imgvault accept`)".into(),
             });
         }
@@ -345,7 +345,7 @@ impl<'s> Catalog<'s> {
             return Err(Error::PermissionDenied {
                 tenant: tenant.to_string(),
                 action,
-                image: reference.to_string(),
+                object: format!("image '{reference}'"),
                 reason: format!("only its owner '{}' may", rec.owner),
             });
         }
@@ -448,7 +448,7 @@ impl<'s> Catalog<'s> {
             return Err(Error::PermissionDenied {
                 tenant: owner.to_string(),
                 action: "create",
-                image: name.to_string(),
+                object: format!("image '{name}'"),
                 reason: "only admin creates public images".into(),
             });
         }

@@ -344,14 +344,17 @@ pub struct CloneOverlayArgs {
 pub fn clone_overlay(ctx: &Context, args: CloneOverlayArgs) -> anyhow::Result<i32> {
     let store = Store::open(&ctx.store_path, OpenMode::Reader)?;
     let rec = Catalog::new(&store).resolve_readable(&ctx.tenant, &args.image, "clone")?;
-    let mnt = args.mount.canonicalize().map_err(|e| Error::Mount {
-        mountpoint: args.mount.clone(),
-        reason: format!("cannot resolve: {e}"),
-    })?;
+    let mnt = args
+        .mount
+        .canonicalize()
+        .map_err(|e| Error::BadMountpoint {
+            mountpoint: args.mount.clone(),
+            reason: format!("cannot resolve: {e}"),
+        })?;
     match fuse::sys::mount_at(&mnt)? {
         Some(m) if m.is_fuse() => {}
         _ => {
-            return Err(Error::Mount {
+            return Err(Error::BadMountpoint {
                 mountpoint: args.mount.clone(),
                 reason: "is not an imgvault mount (run `imgvault mount` first)".into(),
             }

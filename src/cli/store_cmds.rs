@@ -45,7 +45,7 @@ pub fn quota(ctx: &Context, tenant: &str, max_private: Option<u64>) -> anyhow::R
         return Err(Error::PermissionDenied {
             tenant: ctx.tenant.clone(),
             action: "see the quota of",
-            image: format!("(tenant {tenant})"),
+            object: format!("tenant '{tenant}'"),
             reason: "a tenant sees only its own quota".into(),
         }
         .into());
@@ -56,8 +56,8 @@ pub fn quota(ctx: &Context, tenant: &str, max_private: Option<u64>) -> anyhow::R
         if ctx.tenant != imgvault::catalog::ADMIN {
             return Err(Error::PermissionDenied {
                 tenant: ctx.tenant.clone(),
-                action: "set quota of",
-                image: format!("(tenant {tenant})"),
+                action: "set the quota of",
+                object: format!("tenant '{tenant}'"),
                 reason: "only admin sets quotas".into(),
             }
             .into());

@@ -101,6 +101,13 @@ fn mount_err(mountpoint: &Path, reason: impl Into<String>) -> Error {
     }
 }
 
+fn bad_mountpoint(mountpoint: &Path, reason: impl Into<String>) -> Error {
+    Error::BadMountpoint {
+        mountpoint: mountpoint.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
 /// Checks that `path` can be mounted on: an existing, empty directory that is not already
 /// a mountpoint. Returns its canonical path.
 pub fn check_mountpoint(path: &Path) -> Result<PathBuf> {
@@ -111,7 +118,7 @@ pub fn check_mountpoint(path: &Path) -> Result<PathBuf> {
         } else {
             "unmount it first".to_string()
         };
-        return Err(mount_err(
+        return Err(bad_mountpoint(
             path,
             format!(
                 "already a mountpoint ({} from {}); {hint}",
@@ -122,13 +129,13 @@ pub fn check_mountpoint(path: &Path) -> Result<PathBuf> {
     let md = match std::fs::metadata(path) {
         Ok(md) => md,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(mount_err(
+            return Err(bad_mountpoint(
                 path,
                 "does not exist (create the directory first)",
             ))
         }
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
-            return Err(mount_err(
+            return Err(bad_mountpoint(
                 path,
                 format!(
                     "is a FUSE mount whose daemon is gone; run `imgvault umount {}`",
@@ -136,26 +143,26 @@ pub fn check_mountpoint(path: &Path) -> Result<PathBuf> {
                 ),
             ))
         }
-        Err(e) => return Err(mount_err(path, format!("cannot stat: {e}"))),
+        Err(e) => return Err(bad_mountpoint(path, format!("cannot stat: {e}"))),
     };
     if !md.is_dir() {
-        return Err(mount_err(path, "is not a directory"));
+        return Err(bad_mountpoint(path, "is not a directory"));
     }
     let canonical = path
         .canonicalize()
-        .map_err(|e| mount_err(path, format!("cannot resolve: {e}")))?;
+        .map_err(|e| bad_mountpoint(path, format!("cannot resolve: {e}")))?;
     if canonical != abs {
         if let Some(m) = mount_at(&canonical)? {
-            return Err(mount_err(
+            return Err(bad_mountpoint(
                 path,
                 format!("already a mountpoint ({} from {})", m.fstype, m.source),
             ));
         }
     }
-    let mut entries =
-        std::fs::read_dir(&canonical).map_err(|e| mount_err(path, format!("cannot list: {e}")))?;
+    let mut entries = std::fs::read_dir(&canonical)
+        .map_err(|e| bad_mountpoint(path, format!("cannot list: {e}")))?;
     if entries.next().is_some() {
-        return Err(mount_err(
+        return Err(bad_mountpoint(
             path,
             "is not empty (mounting would hide its files; use an empty directory)",
         ));
@@ -207,10 +214,10 @@ fn fusermount_unmount(path: &Path, lazy: bool) -> Result<()> {
 pub fn unmount(path: &Path, lazy: bool) -> Result<()> {
     let target = resolve(path)?;
     let Some(m) = mount_at(&target)? else {
-        return Err(mount_err(path, "is not a mountpoint"));
+        return Err(bad_mountpoint(path, "is not a mountpoint"));
     };
     if !m.is_fuse() {
-        return Err(mount_err(
+        return Err(bad_mountpoint(
             path,
             format!(
                 "is a {} mount of {}, not an imgvault (FUSE) mount; refusing to unmount it",
@@ -221,11 +228,12 @@ pub fn unmount(path: &Path, lazy: bool) -> Result<()> {
     let flags = if lazy { libc::MNT_DETACH } else { 0 };
     match umount2(&target, flags) {
         Ok(()) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Err(mount_err(
-            path,
-            "is busy: files on it are open (close them, or pass --lazy to detach it now \
-             and let open files finish)",
-        )),
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Err(Error::MountBusy {
+            mountpoint: path.to_path_buf(),
+            reason: "is busy: files on it are open (close them, or pass --lazy to detach it \
+                     now and let open files finish)"
+                .into(),
+        }),
         Err(e) if e.raw_os_error() == Some(libc::EPERM) => fusermount_unmount(&target, lazy),
         Err(e) => Err(mount_err(path, format!("umount failed: {e}"))),
     }

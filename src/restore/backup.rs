@@ -94,7 +94,7 @@ pub fn backup(
                 return Err(Error::PermissionDenied {
                     tenant: opts.owner.clone(),
                     action: "use as the parent of a backup",
-                    image: reference.clone(),
+                    object: format!("image '{reference}'"),
                     reason: format!(
                         "a backup's parent must be one of the tenant's own images; it belongs to '{}'",
                         rec.owner
