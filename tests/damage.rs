@@ -438,6 +438,43 @@ fn damaged_extent_records_are_detected() {
 }
 
 #[test]
+fn a_store_config_with_impossible_settings_is_refused_at_open() {
+    for (field, value, needle) in [
+        ("min_size", 0, "chunk min size"),
+        ("avg_size", 3, "chunk average size"),
+        ("zstd_level", 99, "zstd level 99"),
+    ] {
+        let s = TestStore::new();
+        {
+            let w = writer(&s);
+            let mut config = serde_json::to_value(w.config()).unwrap();
+            let slot = match config.get_mut(field) {
+                Some(slot) => slot,
+                None => config["chunker"]
+                    .get_mut(field)
+                    .unwrap_or_else(|| panic!("no {field} in the config")),
+            };
+            *slot = value.into();
+            w.debug_put_raw(cf::META, b"config", &serde_json::to_vec(&config).unwrap())
+                .unwrap();
+        }
+        let src = s.scratch("x.img");
+        std::fs::write(&src, random_bytes(MIB, 5)).unwrap();
+        for args in [
+            &["list"][..],
+            &["import", src.to_str().unwrap(), "--name", "x"],
+        ] {
+            let (c, _, err) = code(&s, args);
+            assert_eq!(c, 6, "{field}={value} {args:?}: {err}");
+            assert!(
+                err.contains("store config") && err.contains(needle),
+                "{err}"
+            );
+        }
+    }
+}
+
+#[test]
 fn damaged_image_records_are_detected() {
     let s = TestStore::new();
     let data = random_bytes(3 * MIB, 31);

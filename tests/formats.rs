@@ -219,6 +219,14 @@ fn qcow2_overlay_imports_as_a_full_image_deduplicated_against_its_base() {
     // A missing backing file: a clear error naming it, nothing stored.
     std::fs::rename(dir.join("base.qcow2"), dir.join("moved.qcow2")).unwrap();
     refused(&s, &dir.join("overlay.qcow2"), 3, "base.qcow2");
+    // A backing file that is not what the overlay says: the error names the backing file.
+    std::fs::write(dir.join("base.qcow2"), vec![0u8; 1 << 20]).unwrap();
+    refused(
+        &s,
+        &dir.join("overlay.qcow2"),
+        3,
+        &format!("backing file '{}'", dir.join("base.qcow2").display()),
+    );
 }
 
 /// Runs a failing import of `file` and checks the store did not change.

@@ -730,6 +730,7 @@ impl OpenCtx {
             ));
         }
         let file = FileAt::open(&canon).map_err(io_err)?;
+        let shown = canon.display().to_string();
         let mut chain = self.chain.clone();
         chain.push(canon.clone());
         let ctx = OpenCtx {
@@ -737,11 +738,24 @@ impl OpenCtx {
             depth: self.depth + 1,
             chain,
         };
+        // What is wrong inside the backing file is said of the backing file, not of the
+        // overlay the user named.
+        let of_backing = |e: FormatError| match e {
+            FormatError::Corrupt { format, reason } => FormatError::Corrupt {
+                format,
+                reason: format!("backing file '{shown}': {reason}"),
+            },
+            FormatError::Unsupported { format, feature } => FormatError::Unsupported {
+                format,
+                feature: format!("backing file '{shown}': {feature}"),
+            },
+            io @ FormatError::Io { .. } => io,
+        };
         let format = match format {
             Some(f) => f,
-            None => probe(&file)?,
+            None => probe(&file).map_err(of_backing)?,
         };
-        open_disk(Box::new(file), format, &ctx)
+        open_disk(Box::new(file), format, &ctx).map_err(of_backing)
     }
 }
 

@@ -294,6 +294,26 @@ impl Store {
                 expected: FORMAT_VERSION,
             });
         }
+        // What `init` refuses must not come in through a damaged record either: a chunker of
+        // min/avg/max 0/3/1 would cut every byte into its own chunk.
+        let levels = zstd::compression_level_range();
+        let invalid = match config.chunker.params.validate() {
+            Err(e) => Some(e.to_string()),
+            Ok(()) if !levels.contains(&config.zstd_level) => Some(format!(
+                "zstd level {} is outside {}..={}",
+                config.zstd_level,
+                levels.start(),
+                levels.end()
+            )),
+            Ok(()) => None,
+        };
+        if let Some(reason) = invalid {
+            return Err(Error::CorruptRecord {
+                what: "store config",
+                key: "meta/config".into(),
+                reason,
+            });
+        }
         Ok(Store {
             path: path.to_path_buf(),
             db,
