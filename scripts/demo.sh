@@ -179,7 +179,7 @@ if [ -e /dev/fuse ] && "$IMGVAULT" mount --help >/dev/null 2>&1; then
     # A small BIOS-bootable disk: GPT, syslinux, Debian's kernel, a busybox root whose init
     # checks every payload file and counts its boots (tests/fixtures/make-bootable.sh).
     bash "$ROOT/tests/fixtures/make-bootable.sh" "$DEMO_DIR/bootable.img"
-    iv import "$DEMO_DIR/bootable.img" --name mini-linux --visibility public --os-type linux
+    iv import "$DEMO_DIR/bootable.img" --name mini-linux --os-type linux
     iv clone-overlay mini-linux "$DEMO_DIR/vm1.qcow2" --mount "$MNT"
     echo "+ qemu-system-x86_64 -accel tcg -m 256 -drive file=vm1.qcow2,if=virtio (serial console below)"
     timeout 600 qemu-system-x86_64 -accel tcg -m 256 -display none -no-reboot \
@@ -189,7 +189,7 @@ if [ -e /dev/fuse ] && "$IMGVAULT" mount --help >/dev/null 2>&1; then
     grep -aq 'imgvault-boot: payload verified' "$DEMO_DIR/console.log" \
         || die "the VM did not boot from the mounted image (console: $DEMO_DIR/console.log)"
     echo "the VM booted from the mounted image; its writes went to vm1.qcow2 ($(du -h "$DEMO_DIR/vm1.qcow2" | cut -f1)), the image is unchanged:"
-    b3sum --no-names "$MNT/public/mini-linux.raw"
+    b3sum --no-names "$MNT/private/mini-linux.raw"
     iv --json show mini-linux | grep '"checksum"'
     echo "+ imgvault umount $MNT"
     "$IMGVAULT" umount "$MNT"
@@ -198,8 +198,9 @@ else
 fi
 done_in
 
-section "delete app-server, then gc"
+section "delete app-server (and the VM's image), then gc"
 iv delete app-server
+if iv list | grep -q ' mini-linux '; then iv delete mini-linux; fi
 iv gc
 done_in
 

@@ -64,6 +64,7 @@ fn flipped_byte_is_reported_by_verify_and_export_refuses() {
         stderr.contains("image victim: corrupt data at byte offset"),
         "{stderr}"
     );
+    assert_eq!(stderr.trim().lines().count(), 1, "said once: {stderr}");
     assert!(!exported.exists(), "export left a file with wrong bytes");
     let leftovers: Vec<_> = std::fs::read_dir(s.dir.path())
         .unwrap()

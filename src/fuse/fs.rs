@@ -82,11 +82,12 @@ thread_local! {
 /// The errno a failed request returns: the one place FUSE maps errors.
 pub(super) fn errno(op: &str, e: &Error) -> Errno {
     let n = e.errno();
-    match e {
-        // The reader has already logged the image and offset.
-        Error::CorruptChunk { .. } => {}
-        _ if n == libc::EIO => tracing::error!("{op}: {e}"),
-        _ => tracing::debug!("{op}: {e}"),
+    // EIO is damage or a failing disk: always worth the log (a corrupt chunk's message names
+    // the image and byte offset). Other errnos are the caller's business.
+    if n == libc::EIO {
+        tracing::error!("{op}: {e}");
+    } else {
+        tracing::debug!("{op}: {e}");
     }
     Errno::from_i32(n)
 }

@@ -151,7 +151,8 @@ impl ImageReader {
             chunk: extent.chunk.unwrap_or(ChunkId([0; 32])),
             reason,
         };
-        tracing::error!("{err}");
+        // Returned, not logged here: the CLI prints it once; the mount logs failed requests.
+        tracing::debug!("{err}");
         err
     }
 
