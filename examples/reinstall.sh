@@ -58,5 +58,5 @@ print(json.dumps({"image": sys.argv[1], "id": sys.argv[2], "target": r["target"]
                   "backup_first": json.loads(sys.argv[3]),
                   "bytes_written": r["bytes_written"], "bytes_skipped": r["bytes_skipped"],
                   "zero_bytes_written": r["zero_bytes_written"],
-                  "verified": r["verified"], "seconds": r["seconds"]}))
+                  "verified": r["verified"], "seconds": round(r["seconds"], 2)}))
 ' "$LABEL" "$ID" "$BACKUP"

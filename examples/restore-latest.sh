@@ -49,6 +49,6 @@ print(json.dumps({"server": sys.argv[1], "image": sys.argv[2], "id": sys.argv[3]
                   "target": r["target"], "bytes_compared": r["bytes_compared"],
                   "bytes_written": r["bytes_written"], "bytes_skipped": r["bytes_skipped"],
                   "zero_bytes_written": r["zero_bytes_written"],
-                  "verified": r["verified"], "seconds": r["seconds"]}))
+                  "verified": r["verified"], "seconds": round(r["seconds"], 2)}))
 ' "$SERVER" "$NAME" "$ID"
 log "done: $(printf '%s' "$IV_OUT" | json '"wrote %d of %d compared bytes%s" % (d["bytes_written"], d["bytes_compared"], ", verified" if d["verified"] else "")')"

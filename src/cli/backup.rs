@@ -169,12 +169,12 @@ pub fn restore(ctx: &Context, args: RestoreArgs) -> anyhow::Result<i32> {
         output::bytes(report.bytes_skipped)
     );
     println!(
-        "  zeros: {} in zero extents: {} zeroed ({}), {} discarded, {} already zero",
+        "  zeros: {} in zero extents: {} zeroed, {} discarded, {} already zero (by: {})",
         output::bytes(report.zero_bytes),
         output::bytes(report.zero_bytes_written),
-        report.zeroing,
         output::bytes(report.zero_bytes_discarded),
-        output::bytes(report.zero_bytes_skipped)
+        output::bytes(report.zero_bytes_skipped),
+        report.zeroing
     );
     println!("  hardware: {}", report.hw_model_check);
     for o in &report.overridden {
