@@ -150,7 +150,7 @@ pub(super) fn run(store: &Store, pinned: &HashSet<ChunkId>) -> Result<GcReport> 
     for name in cf::ALL {
         db.flush_cf(store.cf(name)).map_err(|e| store.db_err(e))?;
     }
-    report.disk_after = store.disk_usage();
+    report.disk_after = disk_usage_settled(store);
     Ok(report)
 }
 
@@ -208,8 +208,8 @@ pub(super) fn repack(store: &Store) -> Result<RepackReport> {
     // Back to normal whatever happened: automatic blob GC would move live chunks at every
     // compaction (see docs/ARCHITECTURE.md).
     set(false)?;
+    report.disk_after = disk_usage_settled(store);
     report.blob_files_after = blob_files(store);
-    report.disk_after = store.disk_usage();
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
 }
@@ -223,4 +223,15 @@ fn blob_files(store: &Store) -> u64 {
                 .count() as u64
         })
         .unwrap_or(0)
+}
+
+/// The store's disk use once RocksDB has deleted the files the compactions made obsolete:
+/// it deletes them later, in the background (or at close), so a figure taken at once still
+/// counted the blob files gc had just freed. Re-enabling file deletions purges them now.
+fn disk_usage_settled(store: &Store) -> u64 {
+    let db = store.db();
+    if db.disable_file_deletions().is_ok() {
+        let _ = db.enable_file_deletions();
+    }
+    store.disk_usage()
 }
