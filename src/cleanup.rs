@@ -11,12 +11,16 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
+#[derive(Debug)]
 enum Action {
     Remove(PathBuf),
+    /// Bookkeeping (a pin file): removed without a word.
+    RemoveQuietly(PathBuf),
     Note(String),
 }
 
 /// Registered actions; the process has one ([`GLOBAL`]), tests make their own.
+#[derive(Debug)]
 struct Registry {
     entries: Mutex<Vec<(u64, Action)>>,
     next: AtomicU64,
@@ -52,6 +56,10 @@ impl Registry {
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
                     Err(e) => Some(format!("could not remove {}: {e}", path.display())),
                 },
+                Action::RemoveQuietly(path) => {
+                    let _ = std::fs::remove_file(path);
+                    None
+                }
                 Action::Note(note) => Some(note.clone()),
             })
             .collect()
@@ -60,6 +68,7 @@ impl Registry {
 
 /// An entry in the registry, unregistered when dropped (the work it guards is done).
 #[must_use = "the entry is unregistered when this is dropped"]
+#[derive(Debug)]
 pub struct Registered {
     registry: &'static Registry,
     id: u64,
@@ -75,6 +84,12 @@ impl Drop for Registered {
 /// before creating the file: removing a file that does not exist yet costs nothing.
 pub fn remove_on_signal(path: &Path) -> Registered {
     GLOBAL.register(Action::Remove(path.to_path_buf()))
+}
+
+/// Removes `path` without a word if the process is stopped by a signal while the guard
+/// lives (files that are bookkeeping, not the user's).
+pub fn remove_quietly_on_signal(path: &Path) -> Registered {
+    GLOBAL.register(Action::RemoveQuietly(path.to_path_buf()))
 }
 
 /// Prints `note` if the process is stopped by a signal while the guard lives.

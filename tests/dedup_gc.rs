@@ -306,3 +306,91 @@ fn a_derived_image_hashes_only_its_changed_windows_and_gc_forgets_their_sums() {
     // Only the zero windows' sums (no chunk) remain: four of the hole.
     assert_eq!(window_sums(), 4);
 }
+
+#[test]
+fn gc_frees_what_a_failed_import_wrote() {
+    let s = TestStore::new();
+    let src = s.scratch("changing.raw");
+    std::fs::write(&src, random_bytes(256 << 20, 91)).unwrap();
+    let empty = du(&s.path());
+    let child = std::process::Command::new(bin())
+        .arg("--store")
+        .arg(s.path())
+        .args(["import", src.to_str().unwrap(), "--name", "c"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once chunk values reach a blob file, change the source: the import must fail.
+    let db = s.path().join("db");
+    let t0 = std::time::Instant::now();
+    while !std::fs::read_dir(&db).unwrap().flatten().any(|e| {
+        e.path().extension().is_some_and(|x| x == "blob") && e.metadata().is_ok_and(|m| m.len() > 0)
+    }) {
+        assert!(t0.elapsed() < std::time::Duration::from_secs(60));
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    sh(&format!("touch '{}'", src.display()));
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("source changed"), "{stderr}");
+    assert!(s.json(&["list"]).as_array().unwrap().is_empty());
+    // Nothing references what it wrote; gc gives the space back.
+    s.ok(&["gc"]);
+    let after = du(&s.path());
+    assert!(
+        after < empty + (8 << 20),
+        "store holds {after} bytes after gc, {empty} when new"
+    );
+}
+
+#[test]
+fn gc_frees_the_blob_files_of_writers_killed_mid_flush() {
+    let s = TestStore::new();
+    let keep = s.scratch("keep.raw");
+    std::fs::write(&keep, random_bytes(4 << 20, 92)).unwrap();
+    s.import(&keep, "keep");
+    let src = s.scratch("big.raw");
+    std::fs::write(&src, random_bytes(256 << 20, 93)).unwrap();
+    let baseline = du(&s.path());
+    let db = s.path().join("db");
+    let blobs = || -> usize {
+        std::fs::read_dir(&db)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "blob"))
+            .count()
+    };
+    let before = blobs();
+    // Killed while the flushes of its chunk values write blob files, three times.
+    for round in 0..3 {
+        let mut child = std::process::Command::new(bin())
+            .arg("--store")
+            .arg(s.path())
+            .args([
+                "import",
+                src.to_str().unwrap(),
+                "--name",
+                &format!("k{round}"),
+            ])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let t0 = std::time::Instant::now();
+        while blobs() < before + 1 + round {
+            assert!(t0.elapsed() < std::time::Duration::from_secs(60));
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(150));
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    s.ok(&["gc"]);
+    let after = du(&s.path());
+    assert!(
+        after < baseline + (8 << 20),
+        "store holds {after} bytes after gc, {baseline} before the killed imports"
+    );
+    s.assert_round_trip("keep", &keep);
+    s.ok(&["verify"]);
+}

@@ -361,7 +361,76 @@ fn export_and_restore_never_write_the_store_s_own_files() {
             "hard link to the store's file",
         );
     }
+    // Or through a loop device over one of them.
+    if is_root() {
+        let dev = sh(&format!("losetup -f --show '{}'", blob.display()));
+        let dev = dev.trim();
+        let (code, stderr) = s.fail(&["restore", "--force", "one", dev]);
+        sh(&format!("losetup -d {dev}"));
+        assert_eq!(code, 2, "{stderr}");
+        assert!(stderr.contains("loop device"), "{stderr}");
+    } else {
+        eprintln!("SKIP the loop-device part of export_and_restore_never_write_the_store_s_own_files: needs root");
+    }
     s.ok(&["verify"]);
+}
+
+#[test]
+fn restore_refuses_a_dangling_link_and_a_read_only_device() {
+    let s = store_with_one_image();
+    let link = s.scratch("dangling");
+    std::os::unix::fs::symlink("/nonexistent/disk", &link).unwrap();
+    refused(
+        &s,
+        &["restore", "one", link.to_str().unwrap()],
+        3,
+        "is a symbolic link to /nonexistent/disk, which does not exist",
+    );
+    if !is_root() {
+        eprintln!("SKIP restore_refuses_a_dangling_link_and_a_read_only_device (read-only loop device): needs root");
+        return;
+    }
+    let backing = s.scratch("disk.raw");
+    std::fs::write(&backing, vec![0u8; 2 << 20]).unwrap();
+    let dev = sh(&format!("losetup -r -f --show '{}'", backing.display()));
+    let dev = dev.trim().to_string();
+    let (code, stderr) = s.fail(&["restore", "one", &dev]);
+    sh(&format!("losetup -d {dev}"));
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("is a read-only device"), "{stderr}");
+}
+
+#[test]
+fn restore_refuses_a_file_whose_loop_device_is_active_swap() {
+    if !is_root() {
+        eprintln!("SKIP restore_refuses_a_file_whose_loop_device_is_active_swap: needs root");
+        return;
+    }
+    let s = store_with_one_image();
+    let file = s.scratch("swap.img");
+    std::fs::write(&file, vec![0u8; 16 << 20]).unwrap();
+    let dev = sh(&format!("losetup -f --show '{}'", file.display()));
+    let dev = dev.trim().to_string();
+    let swapped = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!("mkswap -q {dev} && swapon {dev}"))
+        .status()
+        .unwrap()
+        .success();
+    if !swapped {
+        sh(&format!("losetup -d {dev}"));
+        eprintln!(
+            "SKIP restore_refuses_a_file_whose_loop_device_is_active_swap: swapon failed here"
+        );
+        return;
+    }
+    let before = std::fs::read(&file).unwrap();
+    let (code, stderr) = s.fail(&["restore", "one", file.to_str().unwrap()]);
+    let after = std::fs::read(&file).unwrap();
+    sh(&format!("swapoff {dev}; losetup -d {dev}"));
+    assert_eq!(code, 4, "{stderr}");
+    assert!(stderr.contains(&dev), "{stderr}");
+    assert!(before == after, "the swap file was written");
 }
 
 #[test]

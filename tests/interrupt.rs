@@ -118,3 +118,32 @@ fn an_interrupted_restore_removes_the_file_it_created_and_says_what_it_left() {
     ]);
     s.ok(&["verify"]);
 }
+
+#[test]
+fn a_second_restore_onto_the_same_file_is_refused_while_the_first_writes() {
+    let s = store_with_a_big_image();
+    let target = s.scratch("one-target.raw");
+    let first = spawn(&s, &["restore", "big", target.to_str().unwrap()]);
+    let t0 = Instant::now();
+    while !target.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the first restore never started"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let (code, stderr) = s.fail(&["restore", "--force", "big", target.to_str().unwrap()]);
+    let out = first.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(code, 4, "{stderr}");
+    assert!(
+        stderr.contains("another imgvault restore is writing it"),
+        "{stderr}"
+    );
+    // The first one's result is whole.
+    s.ok(&["restore", "--verify", "big", target.to_str().unwrap()]);
+}

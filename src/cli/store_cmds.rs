@@ -102,6 +102,13 @@ pub fn gc(ctx: &Context, repack: bool, drop_window_sums: bool) -> anyhow::Result
         if report.pinned_chunks > 0 {
             println!("kept {} chunks held open by mounts", report.pinned_chunks);
         }
+        if report.orphan_blob_files > 0 {
+            println!(
+                "removed {} blob file(s) no image could use ({}), left by a writer that was stopped",
+                report.orphan_blob_files,
+                output::bytes(report.orphan_blob_bytes)
+            );
+        }
         if report.window_sums > 0 {
             println!("forgot {} window sums", report.window_sums);
         }

@@ -154,6 +154,9 @@ pub fn copy_image(
     catalog.check_create(&opts.owner, &name, visibility)?;
 
     let extents = Catalog::new(source).extents(image)?;
+    // As export does: a delete + gc of the image in the source store during the copy cannot
+    // free its chunks, and an image already gone is reported as such.
+    let _pin = crate::store::pins::hold(source, image, &extents)?;
     // Distinct chunks in image order, each with the first offset that uses it (for errors).
     let mut first_use: BTreeMap<ChunkId, u64> = BTreeMap::new();
     let mut order: Vec<ChunkId> = Vec::new();

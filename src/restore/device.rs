@@ -16,6 +16,7 @@
 //! passed, a device with `O_EXCL`, and is fdatasync'ed at the end.
 
 use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
@@ -168,7 +169,7 @@ pub fn restore(
     let created = !inspected.exists;
     // Stopped by a signal: a file we create goes (as on error, below); a disk that held
     // something keeps what was written, and the user is told how to finish.
-    let _on_signal = if created {
+    let mut on_signal = Some(if created {
         crate::cleanup::remove_on_signal(target)
     } else {
         crate::cleanup::note_on_signal(format!(
@@ -176,7 +177,7 @@ pub fn restore(
              what differs)",
             target.display()
         ))
-    };
+    });
     let file = open_target(target, &inspected, opts.force)?;
     let t = Target {
         file: &file,
@@ -195,6 +196,8 @@ pub fn restore(
         if created {
             sync_parent(target);
         }
+        // Written in full: a stop during the verify pass leaves nothing to undo or finish.
+        drop(on_signal.take());
         let target_size = t.size()?;
         let mut verify_seconds = 0.0;
         if opts.verify {
@@ -278,6 +281,16 @@ fn inspect(path: &Path) -> Result<Inspected> {
     let md = match std::fs::metadata(path) {
         Ok(md) => md,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Ok(link) = std::fs::read_link(path) {
+                // Creating a file would fail (O_EXCL does not follow links) or land elsewhere.
+                return Err(Error::BadSource {
+                    path: path.to_path_buf(),
+                    reason: format!(
+                        "is a symbolic link to {}, which does not exist",
+                        link.display()
+                    ),
+                });
+            }
             let parent = path
                 .parent()
                 .filter(|p| !p.as_os_str().is_empty())
@@ -323,6 +336,18 @@ fn inspect(path: &Path) -> Result<Inspected> {
             id: (md.dev(), md.ino()),
         })
     } else if ft.is_block_device() {
+        let (major, minor) = safety::dev_numbers(md.rdev());
+        let ro = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/ro"));
+        if ro.is_ok_and(|v| v.trim() == "1") {
+            return Err(Error::invalid(
+                "restore target",
+                format!(
+                    "{} is a read-only device (a loop device attached with -r, or a \
+                     write-protected disk)",
+                    path.display()
+                ),
+            ));
+        }
         let f = File::open(path).map_err(target_err)?;
         Ok(Inspected {
             kind: TargetKind::BlockDevice,
@@ -432,6 +457,14 @@ fn open_target(path: &Path, t: &Inspected, force: bool) -> Result<File> {
     };
     if !same {
         return Err(unsafe_target("it was replaced while restore started"));
+    }
+    // One restore per target: two would leave a mix of both images (files and forced
+    // devices have no O_EXCL to stop the second). Held until the file is closed.
+    // SAFETY: flock on an open descriptor.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(unsafe_target(
+            "another imgvault restore is writing it (wait for it to finish)",
+        ));
     }
     Ok(file)
 }

@@ -10,7 +10,7 @@
 //! device with `O_EXCL`, so the kernel's own view (any exclusive claim) has the last word.
 
 use std::fs;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 /// One way a disk is in use.
@@ -266,7 +266,27 @@ fn loop_uses(sys: &System, l: &LoopDev) -> Vec<DiskUse> {
         "/dev/{} (over {} from byte {})",
         l.name, l.backing_path, l.offset
     );
-    device_and_partition_uses(sys, l.dev, None, &label)
+    let mut uses = device_and_partition_uses(sys, l.dev, None, &label);
+    if uses.is_empty() {
+        // What the tables do not show (swap on it or a partition, an exclusive opener): the
+        // kernel refuses an exclusive open of a device that is claimed.
+        let claimed = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_EXCL)
+            .open(Path::new("/dev").join(&l.name))
+            .err()
+            .is_some_and(|e| e.raw_os_error() == Some(libc::EBUSY));
+        if claimed {
+            uses.push(DiskUse {
+                what: format!(
+                    "{label} is claimed by the kernel (active swap, mounted, or opened \
+                     exclusively)"
+                ),
+                writable: true,
+            });
+        }
+    }
+    uses
 }
 
 /// Uses of a file's bytes `start..end` through loop devices and swap.
@@ -334,8 +354,9 @@ pub fn disk_uses(path: &Path, range: (u64, u64)) -> Vec<DiskUse> {
 }
 
 /// Why writing `target` would write into the store at `store`, if it would: the target's path
-/// lies inside the store's directory (through symlinks and `..` too), or the target is one of
-/// the store's files under another name (a hard link). `None` when it is elsewhere.
+/// lies inside the store's directory (through symlinks and `..` too), the target is one of
+/// the store's files under another name (a hard link), or it is a loop device (or a partition
+/// of one) over such a file. `None` when it is elsewhere.
 pub fn inside_store(store: &Path, target: &Path) -> Option<String> {
     let abs = |p: &Path| {
         fs::canonicalize(p).ok().or_else(|| {
@@ -352,11 +373,26 @@ pub fn inside_store(store: &Path, target: &Path) -> Option<String> {
         ));
     }
     let md = fs::metadata(target).ok()?;
-    if !md.file_type().is_file() || md.nlink() < 2 {
+    let (file, through) = if md.file_type().is_file() {
+        if md.nlink() < 2 {
+            return None;
+        }
+        ((md.dev(), md.ino()), None)
+    } else if md.file_type().is_block_device() {
+        let l = loop_device_of(&System::load(), dev_numbers(md.rdev()))?;
+        if Path::new(&l.backing_path).starts_with(&store_abs) {
+            return Some(format!(
+                "{} is a loop device over {}, inside the store {}",
+                target.display(),
+                l.backing_path,
+                store_abs.display()
+            ));
+        }
+        (l.backing, Some(l.name))
+    } else {
         return None;
-    }
-    let id = (md.dev(), md.ino());
-    let mut dirs = vec![store_abs.clone()];
+    };
+    let mut dirs = vec![store_abs];
     while let Some(dir) = dirs.pop() {
         for entry in fs::read_dir(&dir).into_iter().flatten().flatten() {
             let Ok(m) = fs::symlink_metadata(entry.path()) else {
@@ -364,9 +400,13 @@ pub fn inside_store(store: &Path, target: &Path) -> Option<String> {
             };
             if m.is_dir() {
                 dirs.push(entry.path());
-            } else if (m.dev(), m.ino()) == id {
+            } else if (m.dev(), m.ino()) == file {
+                let how = match &through {
+                    Some(name) => format!("a loop device (/dev/{name}) over"),
+                    None => "a hard link to".to_string(),
+                };
                 return Some(format!(
-                    "{} is a hard link to the store's file {}",
+                    "{} is {how} the store's file {}",
                     target.display(),
                     entry.path().display()
                 ));
@@ -374,6 +414,16 @@ pub fn inside_store(store: &Path, target: &Path) -> Option<String> {
         }
     }
     None
+}
+
+/// The loop device that is `dev`, or whose partition `dev` is.
+fn loop_device_of(sys: &System, dev: (u32, u32)) -> Option<LoopDev> {
+    loop_devices(sys).into_iter().find(|l| {
+        l.dev == dev
+            || partitions(&sys.sys.join("block").join(&l.name))
+                .iter()
+                .any(|(_, p)| *p == dev)
+    })
 }
 
 /// The hardware model of this host from DMI (`/sys/class/dmi/id/product_name`), when readable

@@ -216,7 +216,12 @@ impl Target<'_> {
                         Err(e)
                             if matches!(
                                 e.raw_os_error(),
-                                Some(libc::ENOTTY) | Some(libc::EOPNOTSUPP) | Some(libc::EINVAL)
+                                Some(libc::ENOTTY)
+                                    | Some(libc::EOPNOTSUPP)
+                                    | Some(libc::EINVAL)
+                                    // Claimed by another opener (restore --force): the
+                                    // kernel refuses the ioctl but not plain writes.
+                                    | Some(libc::EBUSY)
                             ) => {}
                         Err(e) => return Err(self.io_err("zero (BLKZEROOUT)", a, e)),
                     }
@@ -238,7 +243,10 @@ impl Target<'_> {
             Err(e)
                 if matches!(
                     e.raw_os_error(),
-                    Some(libc::ENOTTY) | Some(libc::EOPNOTSUPP) | Some(libc::EINVAL)
+                    Some(libc::ENOTTY)
+                        | Some(libc::EOPNOTSUPP)
+                        | Some(libc::EINVAL)
+                        | Some(libc::EBUSY)
                 ) =>
             {
                 Ok(None)

@@ -16,7 +16,7 @@ use serde::Serialize;
 use super::codec::RefEntry;
 use super::{cf, Store};
 use crate::chunk::ChunkId;
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// What a gc run did.
 #[derive(Debug, Default, Clone, Serialize)]
@@ -31,6 +31,11 @@ pub struct GcReport {
     pub pinned_chunks: u64,
     /// Remembered window sums dropped with their chunks (see `store::window_sums`).
     pub window_sums: u64,
+    /// Blob files no version of the database refers to (left by a writer killed while a
+    /// flush wrote them), removed, and their bytes.
+    pub orphan_blob_files: u64,
+    /// Bytes of those files.
+    pub orphan_blob_bytes: u64,
     /// Store size on disk before and after.
     pub disk_before: u64,
     /// Store size on disk after compaction.
@@ -56,6 +61,7 @@ const DELETE_BATCH: usize = 4096;
 
 pub(super) fn run(store: &Store, pinned: &HashSet<ChunkId>) -> Result<GcReport> {
     store.require_writer()?;
+    let started = std::time::SystemTime::now();
     let db = store.db();
     let (chunks, refs) = (store.cf(cf::CHUNKS), store.cf(cf::REFS));
     let mut report = GcReport {
@@ -139,16 +145,24 @@ pub(super) fn run(store: &Store, pinned: &HashSet<ChunkId>) -> Result<GcReport> 
         store.commit(std::mem::take(&mut batch))?;
     }
 
-    // 4. Compact: drops the deleted keys, and blob files whose blobs are all garbage.
-    if report.unreferenced_chunks + report.orphan_chunks > 0 {
-        let mut co = CompactOptions::default();
-        co.set_bottommost_level_compaction(BottommostLevelCompaction::Force);
-        for name in [cf::CHUNKS, cf::REFS, cf::EXTENTS] {
-            db.compact_range_cf_opt(store.cf(name), None::<&[u8]>, None::<&[u8]>, &co);
-        }
+    // 4. Compact: drops the deleted keys, and blob files whose blobs are all garbage. Also
+    // when this gc removed nothing: a failed import deletes its own chunk values, and only a
+    // compaction turns those deletions into freed blob files. It rewrites the tables of
+    // keys and blob references, not the chunk data, so it is cheap.
+    let mut co = CompactOptions::default();
+    co.set_bottommost_level_compaction(BottommostLevelCompaction::Force);
+    for name in [cf::CHUNKS, cf::REFS, cf::EXTENTS] {
+        db.compact_range_cf_opt(store.cf(name), None::<&[u8]>, None::<&[u8]>, &co);
     }
     for name in cf::ALL {
         db.flush_cf(store.cf(name)).map_err(|e| store.db_err(e))?;
+    }
+    match remove_orphan_blob_files(store, started) {
+        Ok((files, bytes)) => {
+            report.orphan_blob_files = files;
+            report.orphan_blob_bytes = bytes;
+        }
+        Err(e) => tracing::warn!("looking for orphan blob files: {e}"),
     }
     report.disk_after = disk_usage_settled(store);
     Ok(report)
@@ -234,4 +248,45 @@ fn disk_usage_settled(store: &Store) -> u64 {
         let _ = db.enable_file_deletions();
     }
     store.disk_usage()
+}
+
+/// Removes the blob files in `db/` that the database does not refer to: a writer killed while
+/// a flush wrote one leaves it behind, and RocksDB does not delete such files when it opens
+/// (measured: a 3-7 MiB file after each import stopped at about 1 s). The live set is what a
+/// checkpoint links; only files older than this gc are candidates (the writer lock means no
+/// other process writes, and this one writes no chunk values). Returns (files, bytes).
+fn remove_orphan_blob_files(store: &Store, started: std::time::SystemTime) -> Result<(u64, u64)> {
+    let db_dir = store.path().join("db");
+    let checkpoint = store.path().join(".gc-live-files");
+    let _ = std::fs::remove_dir_all(&checkpoint);
+    let live: HashSet<std::ffi::OsString> = {
+        let made = rocksdb::checkpoint::Checkpoint::new(store.db())
+            .and_then(|c| c.create_checkpoint(&checkpoint));
+        let names = made.map_err(|e| store.db_err(e)).and_then(|()| {
+            std::fs::read_dir(&checkpoint)
+                .map_err(|e| Error::io(format!("list {}", checkpoint.display()), e))
+                .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        });
+        let _ = std::fs::remove_dir_all(&checkpoint);
+        names?
+    };
+    let mut removed = (0, 0);
+    let dir = std::fs::read_dir(&db_dir)
+        .map_err(|e| Error::io(format!("list {}", db_dir.display()), e))?;
+    for entry in dir.flatten() {
+        let name = entry.file_name();
+        if !name.to_string_lossy().ends_with(".blob") || live.contains(&name) {
+            continue;
+        }
+        let Ok(md) = entry.metadata() else { continue };
+        if md.modified().map_or(true, |t| t >= started) {
+            continue;
+        }
+        if std::fs::remove_file(entry.path()).is_ok() {
+            tracing::info!("removed orphan blob file {}", entry.path().display());
+            removed.0 += 1;
+            removed.1 += md.len();
+        }
+    }
+    Ok(removed)
 }

@@ -33,6 +33,8 @@ pub fn dir(store: &Path) -> PathBuf {
 #[derive(Debug)]
 pub struct Pin {
     path: PathBuf,
+    /// A stop by signal removes the pin too (a later process may reuse the pid).
+    _on_signal: crate::cleanup::Registered,
 }
 
 impl Pin {
@@ -77,6 +79,7 @@ pub fn write(
         }
     }
     let tmp = d.join(format!(".{pid}-{image}{SUFFIX}.tmp"));
+    let on_signal = crate::cleanup::remove_quietly_on_signal(&path);
     let result = std::fs::File::create(&tmp)
         .and_then(|mut f| {
             f.write_all(&bytes)?;
@@ -87,7 +90,10 @@ pub fn write(
         let _ = std::fs::remove_file(&tmp);
         return Err(Error::io(format!("write pin {}", path.display()), e));
     }
-    Ok(Pin { path })
+    Ok(Pin {
+        path,
+        _on_signal: on_signal,
+    })
 }
 
 /// Pins the chunks of `image` (whose extent map is `extents`) for a reader in a process
