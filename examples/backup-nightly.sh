@@ -37,9 +37,12 @@ done
 [ $# -eq 2 ] || usage
 SERVER=$1 SOURCE=$2
 case $KEEP in ''|*[!0-9]*) die 2 "--keep needs a number, got '$KEEP'" ;; esac
+# Backups are found again (parent, retention) by the name SERVER-<time>: keep both parts plain.
+case $SERVER in ''|-*|*/*|*[[:space:]]*) die 2 "SERVER must be a plain name (no spaces or '/', not starting with '-'), got '$SERVER'" ;; esac
 [ -e "$SOURCE" ] || die 3 "no such disk: $SOURCE"
 
 STAMP=${BACKUP_TIME:-$(date -u +%Y%m%dT%H%M%SZ)}
+[[ $STAMP =~ ^[0-9]{8}T[0-9]{6}Z$ ]] || die 2 "BACKUP_TIME must look like 20250103T023000Z, got '$STAMP'"
 NAME="$SERVER-$STAMP"
 
 # 1. The previous backup becomes the parent.

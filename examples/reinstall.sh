@@ -21,10 +21,11 @@ usage() { sed -n '4,11s/^# \{0,1\}//p' "$0" >&2; exit 2; }
 
 BACKUP_SERVER=""
 OPTS=()
+HW=()
 while [ $# -gt 0 ]; do
     case $1 in
         --backup-first) [ $# -ge 2 ] || usage; BACKUP_SERVER=$2; shift 2 ;;
-        --hw-model) [ $# -ge 2 ] || usage; OPTS+=(--hw-model "$2"); shift 2 ;;
+        --hw-model) [ $# -ge 2 ] || usage; OPTS+=(--hw-model "$2"); HW=(--hw-model "$2"); shift 2 ;;
         --force) OPTS+=(--force); shift ;;
         -h|--help) usage ;;
         --) shift; break ;;
@@ -45,7 +46,7 @@ BACKUP=null
 if [ -n "$BACKUP_SERVER" ]; then
     [ -e "$TARGET" ] || die 3 "--backup-first: no disk at $TARGET to back up"
     log "backing up the current disk of $BACKUP_SERVER first"
-    OUT=$("$HERE/backup-nightly.sh" --keep 0 "$BACKUP_SERVER" "$TARGET") || exit $?
+    OUT=$("$HERE/backup-nightly.sh" --keep 0 "${HW[@]+"${HW[@]}"}" "$BACKUP_SERVER" "$TARGET") || exit $?
     BACKUP=$(printf '%s' "$OUT" | json 'json.dumps(d["image"])')
 fi
 

@@ -864,6 +864,20 @@ fn example_scripts_back_up_nightly_restore_reinstall_and_provision() {
         assert_eq!(code, 0, "backup-nightly.sh failed");
         j
     };
+    // Names the script could not find again (parent, retention) are refused.
+    for (server, stamp) in [
+        ("web-01", "x y"),
+        ("", "20250101T023000Z"),
+        ("-x", "20250101T023000Z"),
+    ] {
+        let (code, _, err) = script(
+            &s,
+            "backup-nightly.sh",
+            &[server, p(&server_disk)],
+            &[("BACKUP_TIME", stamp)],
+        );
+        assert_eq!(code, 2, "server {server:?}, BACKUP_TIME {stamp:?}: {err}");
+    }
     let n1 = night("20250101T023000Z");
     assert_eq!(n1["image"], "web-01-20250101T023000Z");
     assert_eq!(n1["parent"], Value::Null);
