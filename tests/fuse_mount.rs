@@ -751,3 +751,108 @@ fn foreground_mount_unmounts_on_sigterm() {
     assert!(!is_mountpoint(&dir), "still mounted after SIGTERM");
     assert!(listing(&s.path().join("mounts")).is_empty());
 }
+
+/// Mount points under /proc/self/mountinfo equal to `p` (stacked mounts count each).
+fn mounts_at(p: &Path) -> usize {
+    let p = p.canonicalize().unwrap();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.split(' ').nth(4) == Some(p.to_str().unwrap()))
+        .count()
+}
+
+#[test]
+fn a_detached_mount_ending_later_leaves_the_next_mount_alone() {
+    require_mount!("a_detached_mount_ending_later_leaves_the_next_mount_alone");
+    let s = TestStore::new();
+    let a = s.scratch("a.raw");
+    std::fs::write(&a, random_bytes(MIB, 3)).unwrap();
+    s.import(&a, "img");
+    let dir = s.scratch("mp");
+    std::fs::create_dir_all(&dir).unwrap();
+    let _guard = MountGuard { path: dir.clone() };
+
+    // 1. Detached by `umount --lazy` while a file is open; a new mount comes; the file closes.
+    s.ok(&["mount", dir.to_str().unwrap()]);
+    let held = File::open(dir.join("private/img.raw")).unwrap();
+    s.ok(&["umount", "--lazy", dir.to_str().unwrap()]);
+    std::thread::sleep(Duration::from_millis(500));
+    s.ok(&["mount", dir.to_str().unwrap()]);
+    drop(held);
+    // The detached daemon exits within a couple of seconds; the new mount must stay.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(mounts_at(&dir), 1, "the new mount was taken down");
+    assert_files_equal(&a, &dir.join("private/img.raw"));
+    s.ok(&["umount", dir.to_str().unwrap()]);
+
+    // 2. The same through SIGTERM to a foreground daemon (a service stopped while a VM still
+    // holds its disk, then started again).
+    let mut child = Command::new(bin())
+        .arg("--store")
+        .arg(s.path())
+        .args(["mount", "--foreground"])
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(10), || is_mountpoint(&dir)).is_some());
+    let held = File::open(dir.join("private/img.raw")).unwrap();
+    // SAFETY: sending a signal to our child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(wait_until(Duration::from_secs(10), || !is_mountpoint(&dir)).is_some());
+    s.ok(&["mount", dir.to_str().unwrap()]);
+    drop(held);
+    child.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(mounts_at(&dir), 1, "the new mount was taken down");
+    assert_files_equal(&a, &dir.join("private/img.raw"));
+}
+
+#[test]
+fn a_detached_mount_holds_nothing_it_inherited_and_refuses_odd_places_and_values() {
+    require_mount!("a_detached_mount_holds_nothing_it_inherited_and_refuses_odd_places_and_values");
+    let s = TestStore::new();
+    let dir = s.scratch("mp");
+    std::fs::create_dir_all(&dir).unwrap();
+    let _guard = MountGuard { path: dir.clone() };
+    // The daemon must not keep the pipe to `cat` open, or the pipeline never ends.
+    let t0 = Instant::now();
+    sh(&format!(
+        "timeout 30 bash -c \"( '{}' --store '{}' mount '{}' >/dev/null ) 3>&1 | cat\"",
+        bin(),
+        s.path().display(),
+        dir.display()
+    ));
+    assert!(t0.elapsed() < Duration::from_secs(20));
+    assert!(is_mountpoint(&dir));
+    s.ok(&["umount", dir.to_str().unwrap()]);
+
+    let inner = s.path().join("inner");
+    std::fs::create_dir_all(&inner).unwrap();
+    let (code, e) = s.fail(&["mount", inner.to_str().unwrap()]);
+    assert_eq!(code, 2, "{e}");
+    assert!(e.contains("inside the store"), "{e}");
+    let log = dir.join("x.log");
+    let (code, e) = s.fail(&[
+        "mount",
+        dir.to_str().unwrap(),
+        "--log-file",
+        log.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2, "{e}");
+    assert!(!log.exists(), "the log file was created in the mountpoint");
+    for bad in [
+        &["--prefetch-mb", "33"][..],
+        &["--read-ahead-kb", "1"],
+        &["--read-ahead-kb", "999999999"],
+        &["--cache-mb", "18446744073709551615"],
+    ] {
+        let mut args = vec!["mount", dir.to_str().unwrap()];
+        args.extend_from_slice(bad);
+        let (code, e) = s.fail(&args);
+        assert_eq!(code, 2, "{bad:?}: {e}");
+        assert!(!is_mountpoint(&dir));
+    }
+}

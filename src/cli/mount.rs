@@ -7,7 +7,7 @@
 //! unmount cleanly (lazily when files are still open, so they are served until closed).
 
 use std::io::{Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use clap::Args;
@@ -29,7 +29,8 @@ pub struct MountArgs {
     #[arg(long)]
     pub foreground: bool,
     /// Decoded-chunk cache size in MiB
-    #[arg(long, default_value_t = 256, value_name = "MIB")]
+    #[arg(long, default_value_t = 256, value_name = "MIB",
+          value_parser = clap::value_parser!(u64).range(0..=1 << 20))]
     pub cache_mb: u64,
     /// Threads serving requests, each with its own /dev/fuse fd
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
@@ -37,11 +38,12 @@ pub struct MountArgs {
     /// Let other users read the mount (e.g. the user qemu runs as)
     #[arg(long)]
     pub allow_other: bool,
-    /// Kernel read-ahead window of the mount in KiB (0: the kernel's default)
-    #[arg(long, default_value_t = 1024, value_name = "KIB")]
+    /// Kernel read-ahead window of the mount in KiB, 4 to 65536 (0: the kernel's default)
+    #[arg(long, default_value_t = 1024, value_name = "KIB", value_parser = read_ahead_kb)]
     pub read_ahead_kb: u32,
     /// MiB per window decoded ahead of a sequential reader, up to 32; six windows (0: off)
-    #[arg(long, default_value_t = 8, value_name = "MIB")]
+    #[arg(long, default_value_t = 8, value_name = "MIB",
+          value_parser = clap::value_parser!(u64).range(0..=32))]
     pub prefetch_mb: u64,
     /// Where a detached mount writes its log [default: nowhere; use --foreground to watch]
     #[arg(long, value_name = "FILE")]
@@ -51,9 +53,46 @@ pub struct MountArgs {
 /// How often the mount looks for commits of the writer.
 const REFRESH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
 
+/// `--read-ahead-kb`: 0, or a window the kernel takes as given (under 4 KiB it would turn
+/// read-ahead off; above 64 MiB it only wastes memory).
+fn read_ahead_kb(s: &str) -> Result<u32, String> {
+    let kb: u32 = s.parse().map_err(|e| format!("{e}"))?;
+    if kb == 0 || (4..=65536).contains(&kb) {
+        Ok(kb)
+    } else {
+        Err(format!(
+            "{kb} is outside 4..=65536 (0: the kernel's default)"
+        ))
+    }
+}
+
 pub fn mount(ctx: &Context, args: MountArgs) -> anyhow::Result<i32> {
     // Checked here, before detaching, so the caller sees these errors directly.
     fuse::check_mountpoint(&args.mountpoint)?;
+    if let Some(reason) = imgvault::restore::safety::inside_store(&ctx.store_path, &args.mountpoint)
+    {
+        return Err(Error::BadMountpoint {
+            mountpoint: args.mountpoint.clone(),
+            reason: format!("{reason}: a mount there would be counted as the store's own data"),
+        }
+        .into());
+    }
+    if let Some(log) = &args.log_file {
+        let inside = |p: &std::path::Path| {
+            std::fs::canonicalize(p.parent().unwrap_or(p))
+                .is_ok_and(|d| d.starts_with(args.mountpoint.canonicalize().unwrap_or_default()))
+        };
+        if inside(log) {
+            return Err(Error::invalid(
+                "--log-file",
+                format!(
+                    "{} is inside the mountpoint, which the mount hides",
+                    log.display()
+                ),
+            )
+            .into());
+        }
+    }
     if !store::exists(&ctx.store_path) {
         return Err(Error::NoStore {
             path: ctx.store_path.clone(),
@@ -114,9 +153,9 @@ fn report_ready(ctx: &Context, mounted: &Mounted, pid: u32) -> anyhow::Result<()
 }
 
 /// Serves until unmounted; a signal thread unmounts on SIGINT/SIGTERM/SIGHUP.
-fn serve(mounted: Mounted, signals: libc::sigset_t, verbose: bool) -> anyhow::Result<i32> {
+fn serve(mut mounted: Mounted, signals: libc::sigset_t, verbose: bool) -> anyhow::Result<i32> {
     let mountpoint = mounted.mountpoint().to_path_buf();
-    spawn_signal_thread(mountpoint.clone(), signals)?;
+    spawn_signal_thread(mounted.shutdown_handle(), signals)?;
     mounted.run()?;
     if verbose {
         eprintln!("imgvault: unmounted {}", mountpoint.display());
@@ -124,7 +163,10 @@ fn serve(mounted: Mounted, signals: libc::sigset_t, verbose: bool) -> anyhow::Re
     Ok(0)
 }
 
-fn spawn_signal_thread(mountpoint: PathBuf, set: libc::sigset_t) -> anyhow::Result<()> {
+fn spawn_signal_thread(
+    mut handle: fuse::ShutdownHandle,
+    set: libc::sigset_t,
+) -> anyhow::Result<()> {
     std::thread::Builder::new()
         .name("imgvault-signals".into())
         .spawn(move || {
@@ -140,14 +182,32 @@ fn spawn_signal_thread(mountpoint: PathBuf, set: libc::sigset_t) -> anyhow::Resu
                     std::process::exit(imgvault::error::exit::INTERRUPTED);
                 }
                 stopping = true;
-                tracing::info!("signal {sig}: unmounting {}", mountpoint.display());
-                if let Err(e) = fuse::unmount_for_shutdown(&mountpoint) {
+                tracing::info!("signal {sig}: unmounting");
+                if let Err(e) = handle.unmount() {
                     tracing::error!("{e}");
                 }
             }
         })
         .map_err(|e| Error::io("start the signal thread", e))?;
     Ok(())
+}
+
+/// Closes every descriptor from 3 up except `keep`.
+fn close_inherited_fds(keep: i32) {
+    let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    for fd in fds {
+        if fd > 2 && fd != keep {
+            // SAFETY: closing a descriptor this single-threaded child inherited and does not
+            // use (the one read_dir used is already closed; EBADF is harmless).
+            unsafe { libc::close(fd) };
+        }
+    }
 }
 
 fn threads_in_process() -> usize {
@@ -215,6 +275,10 @@ fn parent(args: &MountArgs, pid: i32, mut rd: std::fs::File) -> anyhow::Result<i
 fn child(ctx: &Context, args: &MountArgs, mut wr: std::fs::File) -> i32 {
     // SAFETY: setsid has no preconditions; the child of fork is never a group leader.
     unsafe { libc::setsid() };
+    // A daemon keeps nothing it inherited but stdio and its pipe to the parent: an inherited
+    // fd would hold the caller's pipe (`(imgvault mount) | cat` would never end) or a file on
+    // another mount open for as long as this mount lives.
+    close_inherited_fds(wr.as_raw_fd());
     // A daemon must not die of SIGPIPE: if the parent is gone before we report, or a
     // consumer closes early, the write fails with EPIPE instead (main sets SIG_DFL for
     // `imgvault list | head`).

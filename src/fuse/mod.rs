@@ -88,6 +88,32 @@ impl MountOptions {
 pub struct Mounted {
     session: fuser::Session<ImgvaultFs>,
     mountpoint: PathBuf,
+    /// `major:minor` of this mount: tells it apart from a later mount on the same path.
+    dev: Option<String>,
+}
+
+/// Unmounts a [`Mounted`] from another thread (a signal handler), and makes sure the
+/// session's own unmount at exit cannot hit a later mount on the same path.
+pub struct ShutdownHandle {
+    unmounter: fuser::SessionUnmounter,
+    mountpoint: PathBuf,
+}
+
+impl ShutdownHandle {
+    /// Unmounts (lazily when files are open: they are served until closed).
+    pub fn unmount(&mut self) -> Result<()> {
+        let result = unmount_for_shutdown(&self.mountpoint);
+        disarm(&mut self.unmounter);
+        result
+    }
+}
+
+/// fuser unmounts the mountpoint *path* when a session ends. After a lazy unmount the
+/// session lives on until the last file closes, and by then the path may hold a new mount,
+/// which that unmount would take down. Once this mount has left the path, the session's
+/// unmount is spent here, on a path where it finds nothing (EINVAL, ignored).
+fn disarm(unmounter: &mut fuser::SessionUnmounter) {
+    let _ = unmounter.unmount();
 }
 
 impl std::fmt::Debug for Mounted {
@@ -157,10 +183,20 @@ impl Mounted {
                 ),
             }
         }
+        let dev = sys::mount_at(&mp).ok().flatten().map(|m| m.dev);
         Ok(Mounted {
             session,
             mountpoint: mp,
+            dev,
         })
+    }
+
+    /// A handle that unmounts this mount from another thread.
+    pub fn shutdown_handle(&mut self) -> ShutdownHandle {
+        ShutdownHandle {
+            unmounter: self.session.unmount_callable(),
+            mountpoint: self.mountpoint.clone(),
+        }
     }
 
     /// The canonical mountpoint.
@@ -170,11 +206,44 @@ impl Mounted {
 
     /// Serves requests until the filesystem is unmounted; then closes every open image
     /// (removing its pin).
-    pub fn run(self) -> Result<()> {
-        let mountpoint = self.mountpoint;
-        self.session.run().map_err(|e| Error::Mount {
+    pub fn run(mut self) -> Result<()> {
+        let mountpoint = self.mountpoint.clone();
+        // Unmounted by someone else (`imgvault umount --lazy`, `umount -l`): notice it while
+        // the path is empty, and disarm the session's unmount before a new mount can come.
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        if let Some(dev) = self.dev.clone() {
+            let mut unmounter = self.session.unmount_callable();
+            let (path, done) = (mountpoint.clone(), done.clone());
+            let watch = move || {
+                use std::sync::atomic::Ordering;
+                while !done.load(Ordering::Relaxed) {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    match sys::mount_at(&path) {
+                        Ok(Some(m)) if m.dev == dev => continue,
+                        Ok(None) => disarm(&mut unmounter),
+                        Ok(Some(other)) => tracing::warn!(
+                            "{}: a new mount ({}) is there already; this mount, detached, \
+                             may unmount it when its last file closes",
+                            path.display(),
+                            other.dev
+                        ),
+                        Err(_) => continue,
+                    }
+                    return;
+                }
+            };
+            if let Err(e) = std::thread::Builder::new()
+                .name("imgvault-mount-watch".into())
+                .spawn(watch)
+            {
+                tracing::warn!("cannot watch the mountpoint: {e}");
+            }
+        }
+        let result = self.session.run().map_err(|e| Error::Mount {
             mountpoint,
             reason: format!("serving failed: {e}"),
-        })
+        });
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        result
     }
 }
