@@ -20,7 +20,9 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("IMGVAULT_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                // fuser's own lines are noise for users (a reply to a request the kernel
+                // dropped at unmount, unknown ioctls): imgvault logs what matters itself.
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,fuser=off")),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

@@ -856,3 +856,35 @@ fn a_detached_mount_holds_nothing_it_inherited_and_refuses_odd_places_and_values
         assert!(!is_mountpoint(&dir));
     }
 }
+
+#[test]
+fn mounts_started_together_on_one_directory_do_not_stack() {
+    require_mount!("mounts_started_together_on_one_directory_do_not_stack");
+    let s = TestStore::new();
+    let dir = s.scratch("mp");
+    std::fs::create_dir_all(&dir).unwrap();
+    let _guard = MountGuard { path: dir.clone() };
+    for round in 0..6 {
+        let children: Vec<_> = (0..4)
+            .map(|_| {
+                Command::new(bin())
+                    .arg("--store")
+                    .arg(s.path())
+                    .arg("mount")
+                    .arg(&dir)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let ok = children
+            .into_iter()
+            .map(|c| c.wait_with_output().unwrap().status.success())
+            .filter(|&ok| ok)
+            .count();
+        assert_eq!(ok, 1, "round {round}: {ok} mounts succeeded");
+        assert_eq!(mounts_at(&dir), 1, "round {round}: stacked mounts");
+        s.ok(&["umount", dir.to_str().unwrap()]);
+    }
+}

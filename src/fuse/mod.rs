@@ -134,6 +134,14 @@ impl Mounted {
                 format!("{} is outside 1..=64", opts.threads),
             ));
         }
+        // Two mounts started together on one directory would both pass the check and stack:
+        // hold an exclusive lock on the directory from the check until the mount is there,
+        // so the second one checks after the first has mounted (and is refused).
+        let dir_lock = std::fs::File::open(mountpoint).ok();
+        if let Some(d) = &dir_lock {
+            // SAFETY: flock on an open descriptor; released when `dir_lock` is dropped.
+            unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(d), libc::LOCK_EX) };
+        }
         let mp = check_mountpoint(mountpoint)?;
         let (pages_tx, pages_rx) = crossbeam_channel::bounded(fs::PAGE_FEED_QUEUE);
         let fs = ImgvaultFs::with_page_feed(store, opts, Some(pages_tx))?;
@@ -184,6 +192,7 @@ impl Mounted {
             }
         }
         let dev = sys::mount_at(&mp).ok().flatten().map(|m| m.dev);
+        drop(dir_lock);
         Ok(Mounted {
             session,
             mountpoint: mp,
