@@ -10,22 +10,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use common::*;
-
-/// Unmounts (lazily) when dropped.
-struct MountGuard(PathBuf);
-
-impl Drop for MountGuard {
-    fn drop(&mut self) {
-        let _ = Command::new(bin())
-            .args(["umount", "--lazy"])
-            .arg(&self.0)
-            .output();
-    }
-}
 
 /// Boots `disk` (qcow2) in qemu until the guest reboots; returns its serial console.
 fn boot(disk: &Path, console: &Path) -> String {
@@ -91,7 +79,7 @@ fn vms_boot_from_the_mount_each_through_its_own_copy_on_write_clone() {
     let mnt = s.scratch("mnt");
     std::fs::create_dir_all(&mnt).unwrap();
     s.ok(&["mount", mnt.to_str().unwrap()]);
-    let _guard = MountGuard(mnt.clone());
+    let _guard = LazyUnmount(mnt.clone());
     let served = mnt.join("private/bootable.raw");
 
     // Two servers, two clones of one image.

@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -453,20 +453,8 @@ fn a_verify_snapshot_outrun_by_delete_and_gc_reports_no_damage() {
 
 // ---- mounts ----------------------------------------------------------------------------
 
-/// Unmounts (lazily) when dropped.
-struct MountGuard(PathBuf);
-
-impl Drop for MountGuard {
-    fn drop(&mut self) {
-        let _ = Command::new(bin())
-            .args(["umount", "--lazy"])
-            .arg(&self.0)
-            .output();
-    }
-}
-
 /// Mounts `s` as admin on `name`; the mount logs to `name.log` (printed by [`mount_log`]).
-fn mount(s: &TestStore, name: &str) -> MountGuard {
+fn mount(s: &TestStore, name: &str) -> LazyUnmount {
     let dir = s.scratch(name);
     std::fs::create_dir_all(&dir).unwrap();
     let log = s.scratch(&format!("{name}.log"));
@@ -476,7 +464,7 @@ fn mount(s: &TestStore, name: &str) -> MountGuard {
         "--log-file",
         log.to_str().unwrap(),
     ]);
-    MountGuard(dir)
+    LazyUnmount(dir)
 }
 
 /// The mount's log (for failure messages).

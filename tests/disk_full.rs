@@ -142,6 +142,20 @@ fn names(store: &Path) -> Vec<String> {
         .collect()
 }
 
+/// A new store on `fs` holding `keep` (2 MiB of random bytes from `seed`, its source in
+/// `scratch`): (store, source of keep).
+fn store_holding_keep(fs: &SmallFs, scratch: &Path, seed: u64) -> (PathBuf, PathBuf) {
+    let store = fs.path().join("store");
+    ok(&store, &["init"]);
+    let keep = scratch.join("keep.img");
+    std::fs::write(&keep, random_bytes(2 * MIB, seed)).unwrap();
+    ok(
+        &store,
+        &["import", keep.to_str().unwrap(), "--name", "keep"],
+    );
+    (store, keep)
+}
+
 /// The failed import stored nothing visible, the committed image is intact, verify is
 /// clean.
 fn assert_consistent(store: &Path, keep: &Path, scratch: &Path) {
@@ -162,14 +176,7 @@ fn an_import_larger_than_the_disk_fails_with_enospc_and_gc_reclaims_it() {
         return;
     };
     let scratch = tempfile::tempdir().unwrap();
-    let store = fs.path().join("store");
-    ok(&store, &["init"]);
-    let keep = scratch.path().join("keep.img");
-    std::fs::write(&keep, random_bytes(2 * MIB, 1)).unwrap();
-    ok(
-        &store,
-        &["import", keep.to_str().unwrap(), "--name", "keep"],
-    );
+    let (store, keep) = store_holding_keep(&fs, scratch.path(), 1);
     let baseline = json(&store, &["gc"])["disk_after"].as_u64().unwrap();
 
     let big = scratch.path().join("big.img");
@@ -208,14 +215,7 @@ fn a_full_ext4_store_fails_the_import_instead_of_waiting_for_space() {
         return;
     };
     let scratch = tempfile::tempdir().unwrap();
-    let store = fs.path().join("store");
-    ok(&store, &["init"]);
-    let keep = scratch.path().join("keep.img");
-    std::fs::write(&keep, random_bytes(2 * MIB, 1)).unwrap();
-    ok(
-        &store,
-        &["import", keep.to_str().unwrap(), "--name", "keep"],
-    );
+    let (store, keep) = store_holding_keep(&fs, scratch.path(), 1);
     let big = scratch.path().join("big.img");
     std::fs::write(&big, random_bytes(150 * MIB, 2)).unwrap();
     // After a flush hits ENOSPC, RocksDB stops writes until 64 MiB are free again; an import
@@ -250,14 +250,7 @@ fn running_out_of_space_at_any_stage_leaves_the_store_consistent() {
         return;
     };
     let scratch = tempfile::tempdir().unwrap();
-    let store = fs.path().join("store");
-    ok(&store, &["init"]);
-    let keep = scratch.path().join("keep.img");
-    std::fs::write(&keep, random_bytes(2 * MIB, 11)).unwrap();
-    ok(
-        &store,
-        &["import", keep.to_str().unwrap(), "--name", "keep"],
-    );
+    let (store, keep) = store_holding_keep(&fs, scratch.path(), 11);
     let src = scratch.path().join("src.img");
     std::fs::write(&src, random_bytes(24 * MIB, 12)).unwrap();
     // From "cannot even open the database" to "fails while flushing chunk values".

@@ -328,3 +328,16 @@ pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
 }
+
+/// Unmounts a FUSE mount (lazily, so a failing test with open files still cleans up) when
+/// dropped.
+pub struct LazyUnmount(pub PathBuf);
+
+impl Drop for LazyUnmount {
+    fn drop(&mut self) {
+        let _ = Command::new(bin())
+            .args(["umount", "--lazy"])
+            .arg(&self.0)
+            .output();
+    }
+}
