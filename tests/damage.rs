@@ -195,6 +195,26 @@ fn damaged_chunk_values_are_detected_and_repaired_from_a_file_or_another_store()
     assert_eq!(r["repaired_chunks"], 0, "{r}");
     assert!(!r["not_found"].as_array().unwrap().is_empty(), "{r}");
 
+    // Good copies that cannot be: a missing file, the damaged store itself.
+    let (c, _, err) = code(
+        &s,
+        &["verify", "--repair", "a", "--from", "/nonexistent/disk.img"],
+    );
+    assert_eq!(c, 3, "{err}");
+    assert!(err.contains("/nonexistent/disk.img"), "{err}");
+    let (c, _, err) = code(
+        &s,
+        &[
+            "verify",
+            "--repair",
+            "b",
+            "--from-store",
+            s.path().to_str().unwrap(),
+        ],
+    );
+    assert_eq!(c, 2, "{err}");
+    assert!(err.contains("is the store being repaired"), "{err}");
+
     // Repair a from its disk, then b from the other region.
     let out = s.run(&[
         "--json",

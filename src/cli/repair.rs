@@ -29,6 +29,34 @@ pub fn repair(
     if from.is_none() && from_store.is_none() {
         return Err(no_copy().into());
     }
+    // Say what is wrong with the good copy before looking for damage, not only when some is
+    // found.
+    if let Some(file) = &from {
+        std::fs::File::open(file).map_err(|e| Error::Source {
+            path: file.clone(),
+            source: e,
+        })?;
+    }
+    if let Some(dir) = &from_store {
+        let same = match (
+            std::fs::canonicalize(dir),
+            std::fs::canonicalize(&ctx.store_path),
+        ) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => false,
+        };
+        if same {
+            return Err(Error::invalid(
+                "verify --repair",
+                format!(
+                    "--from-store {} is the store being repaired; give another store that \
+                     holds the image (a copy in another region)",
+                    dir.display()
+                ),
+            )
+            .into());
+        }
+    }
     let store = Arc::new(ctx.open(true)?);
     // Repair writes only chunks whose bytes hash to the damaged ids, but it changes the
     // store: the owner (or admin) decides.
