@@ -432,6 +432,39 @@ fn a_pinned_reader_survives_delete_and_gc_an_unpinned_one_would_not() {
 }
 
 #[test]
+fn a_copy_from_a_snapshot_outrun_by_delete_and_gc_reports_the_image_gone() {
+    use imgvault::progress::NoProgress;
+    use imgvault::replicate::{copy_image, CopyOptions};
+    use imgvault::store::{OpenMode, Store};
+    let s = TestStore::new();
+    let src = s.scratch("v.img");
+    std::fs::write(&src, random_bytes(64 * MIB, 83)).unwrap();
+    s.import(&src, "victim");
+    let target = TestStore::new();
+    // A copy's snapshot of the source, taken before the image is deleted and collected.
+    let (snap, rec) = snapshot_of(&s, "victim");
+    s.ok(&["delete", "victim"]);
+    s.ok(&["gc"]);
+    let to = Store::open(&target.path(), OpenMode::Writer { wait: false }).unwrap();
+    let opts = CopyOptions {
+        owner: "admin".into(),
+        name: None,
+        visibility: None,
+    };
+    // Copy pins the image's chunks and then checks the image still exists, as export does:
+    // the answer is "not found", never a read of a blob file gc removed.
+    let err = copy_image(&snap, &rec, &to, &opts, &NoProgress)
+        .expect_err("the image was deleted and collected");
+    assert!(
+        matches!(err, imgvault::Error::ImageNotFound { .. }),
+        "expected image not found, got: {err}"
+    );
+    drop(to);
+    assert!(target.json(&["list"]).as_array().unwrap().is_empty());
+    target.ok(&["verify"]);
+}
+
+#[test]
 fn a_verify_snapshot_outrun_by_delete_and_gc_reports_no_damage() {
     use imgvault::progress::NoProgress;
     let s = TestStore::new();
