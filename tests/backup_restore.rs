@@ -727,7 +727,13 @@ fn refusals_of_devices_too_small_mounted_or_in_use() {
     // A mounted device.
     let fs_file = s.scratch("fs.img");
     File::create(&fs_file).unwrap().set_len(64 * MIB).unwrap();
-    sh(&format!("mkfs.ext4 -q -F '{}'", fs_file.display()));
+    // Fully initialised at mkfs: otherwise ext4's lazy init zeroes inode tables in the
+    // background after the mount, and "the refused restore left the bytes alone" would see
+    // the kernel's writes.
+    sh(&format!(
+        "mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 '{}'",
+        fs_file.display()
+    ));
     let fs_dev = Loop::attach(&fs_file, "");
     let mnt = s.scratch("mnt");
     std::fs::create_dir(&mnt).unwrap();
