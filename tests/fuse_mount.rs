@@ -720,6 +720,24 @@ fn bad_mountpoints_are_refused_clearly() {
     assert!(!is_mountpoint(&m.path));
 }
 
+/// `imgvault mount --foreground DIR`, once it serves.
+fn foreground_mount(s: &TestStore, dir: &Path) -> std::process::Child {
+    let child = Command::new(bin())
+        .arg("--store")
+        .arg(s.path())
+        .args(["mount", "--foreground"])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || is_mountpoint(dir)).is_some(),
+        "foreground mount never appeared"
+    );
+    child
+}
+
 #[test]
 fn foreground_mount_unmounts_on_sigterm() {
     require_mount!("foreground_mount_unmounts_on_sigterm");
@@ -729,20 +747,8 @@ fn foreground_mount_unmounts_on_sigterm() {
     s.import(&a, "img");
     let dir = s.scratch("fg");
     std::fs::create_dir_all(&dir).unwrap();
-    let mut child = Command::new(bin())
-        .arg("--store")
-        .arg(s.path())
-        .args(["mount", "--foreground"])
-        .arg(&dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = foreground_mount(&s, &dir);
     let _guard = MountGuard { path: dir.clone() };
-    assert!(
-        wait_until(Duration::from_secs(10), || is_mountpoint(&dir)).is_some(),
-        "foreground mount never appeared"
-    );
     assert_files_equal(&a, &dir.join("private/img.raw"));
     // SAFETY: sending a signal to our child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
@@ -788,16 +794,7 @@ fn a_detached_mount_ending_later_leaves_the_next_mount_alone() {
 
     // 2. The same through SIGTERM to a foreground daemon (a service stopped while a VM still
     // holds its disk, then started again).
-    let mut child = Command::new(bin())
-        .arg("--store")
-        .arg(s.path())
-        .args(["mount", "--foreground"])
-        .arg(&dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    assert!(wait_until(Duration::from_secs(10), || is_mountpoint(&dir)).is_some());
+    let mut child = foreground_mount(&s, &dir);
     let held = File::open(dir.join("private/img.raw")).unwrap();
     // SAFETY: sending a signal to our child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };

@@ -68,7 +68,7 @@ fn read_ahead_kb(s: &str) -> Result<u32, String> {
 
 pub fn mount(ctx: &Context, args: MountArgs) -> anyhow::Result<i32> {
     // Checked here, before detaching, so the caller sees these errors directly.
-    fuse::check_mountpoint(&args.mountpoint)?;
+    let mountpoint = fuse::check_mountpoint(&args.mountpoint)?;
     if let Some(reason) = imgvault::restore::safety::inside_store(&ctx.store_path, &args.mountpoint)
     {
         return Err(Error::BadMountpoint {
@@ -78,11 +78,8 @@ pub fn mount(ctx: &Context, args: MountArgs) -> anyhow::Result<i32> {
         .into());
     }
     if let Some(log) = &args.log_file {
-        let inside = |p: &std::path::Path| {
-            std::fs::canonicalize(p.parent().unwrap_or(p))
-                .is_ok_and(|d| d.starts_with(args.mountpoint.canonicalize().unwrap_or_default()))
-        };
-        if inside(log) {
+        let dir = log.parent().and_then(|d| std::fs::canonicalize(d).ok());
+        if dir.is_some_and(|d| d.starts_with(&mountpoint)) {
             return Err(Error::invalid(
                 "--log-file",
                 format!(
