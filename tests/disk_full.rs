@@ -274,3 +274,48 @@ fn running_out_of_space_at_any_stage_leaves_the_store_consistent() {
     assert_files_equal(&src, &out);
     ok(&store, &["verify"]);
 }
+
+#[test]
+fn writing_an_image_onto_a_full_filesystem_fails_cleanly() {
+    // Export (raw and qcow2) and restore write on a thread of their own while the next
+    // window is decoded: the write's ENOSPC must still stop the pass, name the target,
+    // exit 7, and leave no file behind.
+    let Some(fs) = SmallFs::new(8) else {
+        eprintln!("SKIP writing_an_image_onto_a_full_filesystem_fails_cleanly: needs root to mount a tmpfs");
+        return;
+    };
+    let scratch = tempfile::tempdir().unwrap();
+    let store = scratch.path().join("store");
+    ok(&store, &["init"]);
+    let src = scratch.path().join("src.img");
+    std::fs::write(&src, random_bytes(40 * MIB, 21)).unwrap();
+    ok(&store, &["import", src.to_str().unwrap(), "--name", "big"]);
+    let target = |name: &str| fs.path().join(name).to_str().unwrap().to_string();
+    for args in [
+        vec!["export".to_string(), "big".into(), target("big.raw")],
+        vec![
+            "export".to_string(),
+            "big".into(),
+            target("big.qcow2"),
+            "--format".into(),
+            "qcow2".into(),
+        ],
+        vec!["restore".to_string(), "big".into(), target("big.disk")],
+    ] {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, _, err) = run(&store, &args);
+        eprintln!("{args:?}: exit {code}: {}", err.trim());
+        assert_eq!(code, 7, "{args:?}: {err}");
+        assert!(err.contains("no space left"), "{args:?}: {err}");
+        assert!(
+            err.contains(fs.path().to_str().unwrap()),
+            "{args:?} names no target: {err}"
+        );
+        let left: Vec<_> = std::fs::read_dir(fs.path()).unwrap().collect();
+        assert!(left.is_empty(), "{args:?} left {left:?}");
+    }
+    // The store is untouched: the image still exports whole elsewhere.
+    let out = scratch.path().join("big.out");
+    ok(&store, &["export", "big", out.to_str().unwrap()]);
+    assert_files_equal(&src, &out);
+}

@@ -207,7 +207,7 @@ fn write_image(
     // Cluster 0 (the header) is written last, in place.
     w.cluster(&vec![0u8; CS as usize])?;
     // The windows holding data, then: prepare window N+1 (decode, find non-zero clusters,
-    // compress) on all cores while window N is written.
+    // compress) on all cores while window N is written on its own thread.
     let mut windows = Vec::new();
     let mut pos = 0u64;
     while let Some(d) = reader.next_data(pos).filter(|&d| d < size) {
@@ -216,34 +216,26 @@ fn write_image(
         windows.push((w0, w1));
         pos = w1;
     }
-    let prepare = |&(w0, w1): &(u64, u64)| prepare_window(reader, w0, w1, opts.compress);
     let mut data_bytes = 0u64;
     let mut done = 0u64;
-    let mut pending: Option<(u64, Vec<Prepared>)> = None;
-    for win in windows.iter().map(Some).chain(std::iter::once(None)) {
-        let (next, wrote) = rayon::join(
-            || win.map(prepare).transpose(),
-            || -> Result<()> {
-                let Some((w1, clusters)) = pending.take() else {
-                    return Ok(());
+    crate::read::prepare_while_writing(
+        windows,
+        |(w0, w1), _| Ok((w1, prepare_window(reader, w0, w1, opts.compress)?)),
+        |(w1, clusters)| {
+            for (gc, bytes, compressed) in &clusters {
+                let entry = if *compressed {
+                    w.compressed(bytes)?
+                } else {
+                    w.cluster(bytes)? | COPIED
                 };
-                for (gc, bytes, compressed) in clusters {
-                    let entry = if compressed {
-                        w.compressed(&bytes)?
-                    } else {
-                        w.cluster(&bytes)? | COPIED
-                    };
-                    w.l2.push((gc, entry));
-                    data_bytes += CS.min(size - gc * CS);
-                }
-                progress.advance(w1 - done);
-                done = w1;
-                Ok(())
-            },
-        );
-        wrote?;
-        pending = next?.map(|clusters| (win.map_or(size, |x| x.1), clusters));
-    }
+                w.l2.push((*gc, entry));
+                data_bytes += CS.min(size - gc * CS);
+            }
+            progress.advance(w1 - done);
+            done = w1;
+            Ok((w1, clusters))
+        },
+    )?;
 
     // L2 tables, then the L1 table.
     let clusters = size.div_ceil(CS);

@@ -5,9 +5,13 @@
 //! their BLAKE3 id; decoded chunks are kept in a bounded [`ChunkCache`] shared by every
 //! reader of a process, so concurrent readers of related images share decoded chunks too.
 
+mod overlap;
+
 use std::sync::Arc;
 
 use rayon::prelude::*;
+
+pub use overlap::{prepare_while_writing, WriteBehind};
 
 use crate::catalog::{Catalog, ImageRecord};
 use crate::chunk::ChunkId;

@@ -32,7 +32,7 @@ use crate::catalog::{hw_compatibility, require_hw_compatible, ImageRecord};
 use crate::chunk::{is_zero, ZERO_BLOCK};
 use crate::error::{Error, Result};
 use crate::progress::Progress;
-use crate::read::ImageReader;
+use crate::read::{ImageReader, WriteBehind};
 use crate::store::codec::Extent;
 
 /// How to restore.
@@ -765,31 +765,24 @@ fn run(
     t.advise(0, size, libc::POSIX_FADV_SEQUENTIAL);
     progress.start(size);
     let mut c = Counters::default();
-    let mut pending: Option<Plan> = None;
-    let result = read_windows(t, &ws, target_size, |w, buf, at| {
-        // Plan this window while the previous one is written.
-        let (planned, applied) = rayon::join(
-            || plan(reader, w, buf, at, true),
-            || -> Result<()> {
-                if let Some(p) = pending.take() {
-                    let n = p.window.end - p.window.start;
-                    apply(t, p, discard, &mut c)?;
-                    progress.advance(n);
-                }
-                Ok(())
-            },
-        );
-        applied?;
-        pending = Some(planned?);
-        Ok(())
-    })
-    .and_then(|()| {
-        if let Some(p) = pending.take() {
+    // Window N+1 is compared (on all cores) while window N's differences are written on a
+    // thread of its own: a write blocked on the disk must not hold one of rayon's workers.
+    let result = std::thread::scope(|s| {
+        let behind = WriteBehind::spawn(s, |p: Plan| {
             let n = p.window.end - p.window.start;
             apply(t, p, discard, &mut c)?;
             progress.advance(n);
-        }
-        Ok(())
+            Ok(None)
+        });
+        let compared = read_windows(t, &ws, target_size, |w, buf, at| {
+            if behind.send(plan(reader, w, buf, at, true)?) {
+                Ok(())
+            } else {
+                // The writer stopped on an error, which `finish` returns (ahead of this).
+                Err(Error::invalid("restore", "the writing thread stopped"))
+            }
+        });
+        behind.finish().and(compared)
     });
     progress.finish();
     result.map(|()| c)

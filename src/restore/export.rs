@@ -16,7 +16,10 @@ use serde::Serialize;
 use crate::chunk::ChunkId;
 use crate::error::{Error, Result};
 use crate::progress::Progress;
-use crate::read::{chunk_ids, split_by_bytes, with_fetch_ahead, ImageReader, FETCH_AHEAD, WINDOW};
+use crate::read::{
+    chunk_ids, prepare_while_writing, split_by_bytes, with_fetch_ahead, ImageReader, FETCH_AHEAD,
+    WINDOW,
+};
 use crate::store::codec::Extent;
 
 /// What an export did.
@@ -158,12 +161,13 @@ fn partial_path(out: &Path) -> PathBuf {
     out.with_file_name(name)
 }
 
-/// Decodes window N+1 into one buffer while window N is written from the other, its stored
-/// values fetched ahead. The two buffers are reused: no allocation, and no fresh pages to
-/// fault in, per chunk. Writes go through `direct` (`O_DIRECT`) where the filesystem allows
-/// it; otherwise each extent is its own buffered `pwrite` (writing each run of adjacent
-/// extents at once, up to 16 MiB, took 40% more system time in the kernel's copy into the
-/// page cache: docs/PERFORMANCE.md, "Export from one buffer").
+/// Decodes window N+1 on all cores while window N is written on a thread of its own
+/// ([`prepare_while_writing`]), its stored values fetched ahead. Buffers are reused: no
+/// allocation, and no fresh pages to fault in, per chunk. Writes go through `direct`
+/// (`O_DIRECT`) where the filesystem allows it; otherwise each extent is its own buffered
+/// `pwrite` (writing each run of adjacent extents at once, up to 16 MiB, took 40% more
+/// system time in the kernel's copy into the page cache: docs/PERFORMANCE.md, "Export from
+/// one buffer").
 fn write_all(reader: &ImageReader, mut output: Output, progress: &dyn Progress) -> Result<u64> {
     let data: Vec<Extent> = reader
         .extents()
@@ -173,29 +177,25 @@ fn write_all(reader: &ImageReader, mut output: Output, progress: &dyn Progress) 
         .collect();
     let windows = split_by_bytes(&data, |e| e.len, WINDOW);
     let ids: Vec<Vec<ChunkId>> = windows.iter().map(|w| chunk_ids(w)).collect();
+    let mut written = 0;
     with_fetch_ahead(reader.store(), &ids, FETCH_AHEAD, |fetch| {
-        let (mut decoding, mut writing) = (Vec::new(), Vec::new());
-        let mut written = 0;
-        let mut pending: Option<&[Extent]> = None;
-        for &w in &windows {
-            let values = fetch.next_batch();
-            let (decoded, wrote) = rayon::join(
-                || reader.decode_fetched_into(w, values, &mut decoding),
-                || pending.map(|pw| output.write(pw, &writing, progress)),
-            );
-            written += wrote.transpose()?.unwrap_or(0);
-            decoded?;
-            std::mem::swap(&mut decoding, &mut writing);
-            pending = Some(w);
-        }
-        if let Some(pw) = pending {
-            written += output.write(pw, &writing, progress)?;
-        }
-        if let Output::Direct(direct) = &mut output {
-            direct.flush()?;
-        }
-        Ok(written)
-    })
+        prepare_while_writing(
+            windows.iter().copied(),
+            |w, spare| {
+                let mut decoded = spare.map(|(_, buf)| buf).unwrap_or_default();
+                reader.decode_fetched_into(w, fetch.next_batch(), &mut decoded)?;
+                Ok((w, decoded))
+            },
+            |(w, decoded)| {
+                written += output.write(w, &decoded, progress)?;
+                Ok((w, decoded))
+            },
+        )
+    })?;
+    if let Output::Direct(direct) = &mut output {
+        direct.flush()?;
+    }
+    Ok(written)
 }
 
 /// Where an export's bytes go: the file through the page cache, or [`DirectFile`].

@@ -792,6 +792,13 @@ fn open_db(path: &Path, mode: DbMode) -> Result<DB> {
     // reads): let the kernel read ahead in blob files (RocksDB's default, FADV_RANDOM, turns
     // every cold chunk read into its own small disk read).
     opts.set_advise_random_on_open(false);
+    // Flushes write chunk values once and nothing reads them back soon: writing them with
+    // O_DIRECT skips the copy into the page cache, which on VMs that hand freed memory back
+    // to the host also pays a first touch per page (docs/PERFORMANCE.md, "Blob files written
+    // with O_DIRECT"). Only where the filesystem takes O_DIRECT writes.
+    if matches!(mode, DbMode::Writer { .. }) {
+        opts.set_use_direct_io_for_flush_and_compaction(direct_writes_supported(path));
+    }
     let cfs = || -> Vec<ColumnFamilyDescriptor> {
         cf::ALL
             .iter()
@@ -849,6 +856,31 @@ fn open_db(path: &Path, mode: DbMode) -> Result<DB> {
             }
         }
     }
+}
+
+/// Whether the filesystem holding the store takes an aligned `O_DIRECT` write (tmpfs before
+/// Linux 6.6 and some FUSE filesystems refuse it at open or at the write).
+fn direct_writes_supported(path: &Path) -> bool {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    const BLOCK: usize = 4096;
+    let probe = path.join(".direct-io-probe");
+    let result = (|| -> std::io::Result<()> {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&probe)?;
+        let buf = vec![1u8; 2 * BLOCK];
+        let at = buf.as_ptr().align_offset(BLOCK);
+        file.write_all(&buf[at..at + BLOCK])
+    })();
+    let _ = std::fs::remove_file(&probe);
+    if let Err(e) = &result {
+        tracing::debug!("no O_DIRECT writes in {}: {e}", path.display());
+    }
+    result.is_ok()
 }
 
 /// Decoded bytes must hash to the chunk id they were stored under.
