@@ -541,6 +541,28 @@ fn lineage_lists_the_chain_and_parents_must_be_owned() {
     assert_eq!(chain.as_array().unwrap().len(), 2);
     assert_eq!(chain[0]["name"], "b2");
     assert_eq!(chain[0]["parent_present"], false);
+    assert_eq!(chain[0]["parent_deleted"], true);
+    assert!(s.ok(&["lineage", "b3"]).contains("(deleted "));
+
+    // A member of a shared backup does not see its owner's other backups: their parent is
+    // "not visible", not "deleted" (found by an audit: it said deleted while it existed).
+    s.json_as("alice", &["backup", p(&disk), "--name", "m1"]);
+    s.json_as(
+        "alice",
+        &["backup", p(&disk), "--name", "m2", "--parent", "m1"],
+    );
+    s.ok_as("alice", &["share", "m2", "bob"]);
+    s.ok_as("bob", &["accept", "alice/m2"]);
+    let chain = s.json_as("bob", &["lineage", "alice/m2"]);
+    assert_eq!(chain.as_array().unwrap().len(), 1, "{chain}");
+    assert_eq!(chain[0]["parent_present"], false);
+    assert_eq!(chain[0]["parent_deleted"], false);
+    let text = s.ok_as("bob", &["lineage", "alice/m2"]);
+    assert!(
+        text.contains("(not visible ") && !text.contains("deleted"),
+        "{text}"
+    );
+    assert_eq!(s.json_as("alice", &["lineage", "m2"])[0]["name"], "m1");
 
     // A parent must exist and be the tenant's own image.
     let (code, err) = s.fail(&["backup", p(&disk), "--name", "x", "--parent", "nope"]);

@@ -1012,7 +1012,7 @@ fn concurrent_creations_cannot_both_pass_the_quota() {
         (Some(0), Some(0)),
         "{gc}"
     );
-    s.assert_round_trip(&format!("race-{}", winners[0]), &files[winners[0]]);
+    s.assert_round_trip(&format!("alice/race-{}", winners[0]), &files[winners[0]]);
 
     // The same race with clones (metadata-only creations).
     s.ok(&["quota", "alice", "--max-private", "4"]);
@@ -1268,7 +1268,7 @@ fn clone_shares_every_chunk_survives_its_source_and_gc_reclaims_only_the_unused(
         with_other - base_stored,
         "{gc}"
     );
-    s.assert_round_trip("mine", &fx);
+    s.assert_round_trip("alice/mine", &fx);
     s.ok(&["verify"]);
     // The last user gone, everything goes.
     s.ok_as("alice", &["delete", "mine"]);
@@ -1608,4 +1608,122 @@ fn a_copy_brings_its_succession_hints_to_the_target_region() {
         "{hinted} of {chunks} chunks cut by hints"
     );
     b.assert_round_trip("app", derived);
+}
+
+#[test]
+fn clones_and_copies_of_market_images_carry_publisher_and_category_only_when_public() {
+    // Found by an audit: a tenant's private clone of a market image kept "publisher" and
+    // "category", showed under `list --category`, and refused every later `update`.
+    let s = TestStore::new();
+    let f = data_file(&s, "m.bin", 1 << 20, 90);
+    let market = [
+        "--visibility",
+        "public",
+        "--publisher",
+        "Acme",
+        "--category",
+        "os",
+        "--os-version",
+        "debian-12",
+    ];
+    import_as(&s, "admin", &f, "market", &market);
+    let region = TestStore::uninit();
+    region.ok(&["init", "--region", "eu-west"]);
+    let to = region.path().to_str().unwrap().to_string();
+    json_as(&s, "carol", &["clone", "market", "--name", "mine"]);
+    json_as(&s, "carol", &["copy", "market", "--to-store", &to]);
+    for (store, name) in [(&s, "mine"), (&region, "market")] {
+        let rec = json_as(store, "carol", &["show", name]);
+        let p = &rec["properties"];
+        assert_eq!(rec["visibility"], "private", "{rec}");
+        assert!(
+            p.get("publisher").is_none() && p.get("category").is_none(),
+            "a private image carries market fields: {p}"
+        );
+        assert_eq!(
+            p["os_version"], "debian-12",
+            "other properties are kept: {p}"
+        );
+        store.ok_as("carol", &["update", name, "--arch", "x86_64"]);
+        let listed = names(store, "carol", &["--category", "os"]);
+        assert!(!listed.contains(&name.to_string()), "{listed:?}");
+    }
+    // Admin's public clone is a market image of its own and keeps them.
+    let pubc = json_as(
+        &s,
+        "admin",
+        &[
+            "clone",
+            "market",
+            "--name",
+            "market-2",
+            "--visibility",
+            "public",
+        ],
+    );
+    assert_eq!(pubc["properties"]["publisher"], "Acme", "{pubc}");
+}
+
+#[test]
+fn admins_bare_names_mean_its_own_public_or_shared_images_not_other_tenants() {
+    // Found by an audit: admin's bare NAME matched any tenant's private image, so a tenant
+    // could plant an image under a name admin expects to be public (and a typo in `delete`
+    // removed a tenant's image).
+    let s = TestStore::new();
+    let f = data_file(&s, "u.bin", 1 << 20, 91);
+    import_as(&s, "bob", &f, "ubuntu-24", &[]);
+    for args in [
+        &["show", "ubuntu-24"][..],
+        &["export", "ubuntu-24", "/tmp/never-written.raw"],
+        &[
+            "clone",
+            "ubuntu-24",
+            "--name",
+            "u",
+            "--visibility",
+            "public",
+        ],
+        &["delete", "ubuntu-24"],
+    ] {
+        refused_as(&s, "admin", args, 3, "not found");
+    }
+    // By OWNER/NAME or id admin still acts on every image.
+    let rec = json_as(&s, "admin", &["show", "bob/ubuntu-24"]);
+    json_as(&s, "admin", &["show", rec["id"].as_str().unwrap()]);
+    // Its own, public and accepted shared images resolve by bare name as for anyone.
+    import_as(&s, "admin", &f, "own", &[]);
+    import_as(&s, "alice", &f, "shr", &[]);
+    s.ok_as("alice", &["share", "shr", "admin"]);
+    s.ok_as("admin", &["accept", "alice/shr"]);
+    import_as(&s, "carol", &f, "pub-name", &[]);
+    s.ok_as(
+        "admin",
+        &[
+            "clone",
+            "carol/pub-name",
+            "--name",
+            "pub-name",
+            "--visibility",
+            "public",
+        ],
+    );
+    for name in ["own", "shr", "pub-name"] {
+        let r = json_as(&s, "admin", &["show", name]);
+        assert_eq!(r["name"], name, "{r}");
+    }
+    // A name admin owns wins over a public image of the same name (admin owns both here).
+    assert_eq!(
+        json_as(&s, "admin", &["show", "pub-name"])["owner"],
+        "admin"
+    );
+}
+
+#[test]
+fn store_statistics_are_for_admin_only() {
+    // Found by an audit: any tenant's `stats` counted every tenant's private images.
+    let s = TestStore::new();
+    let f = data_file(&s, "s.bin", 1 << 20, 92);
+    import_as(&s, "alice", &f, "secret", &[]);
+    refused_as(&s, "bob", &["stats"], 4, "quota");
+    assert_eq!(json_as(&s, "admin", &["stats"])["images"], 1);
 }

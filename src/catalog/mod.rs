@@ -284,9 +284,17 @@ impl<'s> Catalog<'s> {
                 return by_name_or_id((rec, Access::Owner));
             }
         }
-        // Names of public images and of accepted shares.
+        // Names of public images and of accepted shares. Admin may act on every image, but
+        // its bare names mean the same as anyone's: another tenant's private image needs
+        // OWNER/NAME or the id (else a tenant could plant an image under a name admin
+        // expects to be public, and a typo could act on a tenant's image).
         let mut by_name = Vec::new();
         for rec in all()?.iter().filter(|r| r.name == reference) {
+            let listed = rec.visibility == Visibility::Public
+                || self.member_status(&rec.id, tenant)? == Some(MemberStatus::Accepted);
+            if !listed {
+                continue;
+            }
             if let Some(a) = self.access(tenant, rec)? {
                 if a != Access::Invited {
                     by_name.push((rec.clone(), a));
@@ -612,7 +620,7 @@ impl<'s> Catalog<'s> {
                 image: src.id.to_hex(),
             },
             parent: None,
-            properties: src.properties.clone(),
+            properties: src.properties.for_visibility(visibility),
         };
         let mut batch = WriteBatch::default();
         self.batch_create(&mut batch, &rec, &extents, &Default::default())?;

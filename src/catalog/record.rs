@@ -146,6 +146,17 @@ pub struct Properties {
 }
 
 impl Properties {
+    /// These properties as a new image of `visibility` (a clone, a copy) carries them:
+    /// publisher and category mark market images, so only a public image keeps them.
+    pub fn for_visibility(&self, visibility: Visibility) -> Properties {
+        let mut p = self.clone();
+        if visibility != Visibility::Public {
+            p.publisher = None;
+            p.category = None;
+        }
+        p
+    }
+
     /// The free-text properties with their display names, in display order.
     pub fn text_fields(&self) -> [(&'static str, &Option<String>); 7] {
         [

@@ -225,6 +225,18 @@ struct Stats {
 }
 
 pub fn stats(ctx: &Context) -> anyhow::Result<i32> {
+    // The figures cover every tenant's images (counts, sizes, dedup across them).
+    if ctx.tenant != imgvault::catalog::ADMIN {
+        return Err(Error::PermissionDenied {
+            tenant: ctx.tenant.clone(),
+            action: "read the statistics of",
+            object: "the store".into(),
+            reason: "they cover every tenant's images; a tenant's own use is shown by \
+                     `imgvault quota` and `imgvault list`"
+                .into(),
+        }
+        .into());
+    }
     let store = ctx.open(false)?;
     let catalog = Catalog::new(&store);
     let images = catalog.all()?;

@@ -10,7 +10,8 @@
 //!       one WriteBatch: record + name + extents + ref increments + succession hints + window sums
 //! ```
 //! The copy is an independent image of the target: new id, owner the caller, the name of
-//! the source unless another is given, the source's properties, and
+//! the source unless another is given, the source's properties (publisher and category only
+//! when the copy is public: they mark market images), and
 //! `source: {kind: copy, region, image}` naming where it came from. Both stores must cut
 //! chunks the same way (same chunker configuration), or chunk ids would not match and the
 //! copy would deduplicate nothing; such a copy is refused. Chunk values travel in their
@@ -281,7 +282,7 @@ pub fn copy_image(
                 image: image.id.to_hex(),
             },
             parent: None,
-            properties: image.properties.clone(),
+            properties: image.properties.for_visibility(visibility),
         };
         let mut batch = WriteBatch::default();
         catalog.batch_create(&mut batch, &rec, &extents, &sizes)?;

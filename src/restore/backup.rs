@@ -9,7 +9,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::safety;
-use crate::catalog::{Catalog, ImageId, ImageRecord, Properties, Visibility};
+use crate::catalog::{Catalog, ImageId, ImageRecord, Properties, Visibility, ADMIN};
 use crate::error::{Error, Result};
 use crate::ingest::{self, ImportReport, IngestOptions};
 use crate::progress::Progress;
@@ -139,8 +139,14 @@ pub struct LineageEntry {
     pub image: ImageRecord,
     /// Distance from the oldest image of the chain that still exists (0).
     pub generation: usize,
-    /// False when the image names a parent that no longer exists (deleted by retention).
+    /// False when the image names a parent that is not in this listing: deleted (by
+    /// retention), or not visible to the tenant (a member of a shared backup does not see
+    /// the owner's other backups).
     pub parent_present: bool,
+    /// The parent is known to be deleted: it is missing and the tenant would see it (its
+    /// owner or admin; a parent is always its child's owner's own image). False for a member
+    /// who cannot tell a deleted parent from one not shared with it.
+    pub parent_deleted: bool,
     /// The image the listing was asked for.
     pub selected: bool,
 }
@@ -184,8 +190,10 @@ pub fn lineage(store: &Store, tenant: &str, reference: &str) -> Result<Vec<Linea
         for c in children.get(&id).into_iter().flatten() {
             queue.push_back((*c, generation + 1));
         }
+        let parent_present = rec.parent.is_none_or(|p| by_id.contains_key(&p));
         out.push(LineageEntry {
-            parent_present: rec.parent.is_none_or(|p| by_id.contains_key(&p)),
+            parent_present,
+            parent_deleted: !parent_present && (tenant == ADMIN || tenant == rec.owner),
             selected: id == selected.id,
             generation,
             image: rec.clone(),

@@ -82,9 +82,14 @@ impl TestStore {
 
     /// Runs with `--json` and parses stdout.
     pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        self.json_as(&self.tenant.clone(), args)
+    }
+
+    /// Runs as `tenant` with `--json` and parses stdout.
+    pub fn json_as(&self, tenant: &str, args: &[&str]) -> serde_json::Value {
         let mut a = vec!["--json"];
         a.extend_from_slice(args);
-        let s = self.ok(&a);
+        let s = self.ok_as(tenant, &a);
         serde_json::from_str(&s).unwrap_or_else(|e| panic!("bad JSON from {args:?}: {e}\n{s}"))
     }
 
@@ -136,7 +141,7 @@ impl TestStore {
 
     /// Exports `image` to `out` and asserts it equals `original` byte for byte.
     pub fn assert_round_trip(&self, image: &str, original: &Path) {
-        let out = self.scratch(&format!("{image}.exported"));
+        let out = self.scratch(&format!("{}.exported", image.replace('/', "_")));
         self.ok(&["export", "--force", image, out.to_str().unwrap()]);
         assert_files_equal(original, &out);
     }
