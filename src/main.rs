@@ -37,7 +37,10 @@ fn main() {
     let code = match cli::run(args) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("imgvault: error: {}", message(&err));
+            // Errors quote names read from files (backing file names, descriptor fields):
+            // a hostile image must not send escape sequences to the terminal.
+            let text = imgvault::formats::disk::printable(&message(&err));
+            eprintln!("imgvault: error: {text}");
             exit_code(&err)
         }
     };

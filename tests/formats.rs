@@ -204,9 +204,17 @@ fn qcow2_overlay_imports_as_a_full_image_deduplicated_against_its_base() {
     ));
     s.import(&dir.join("base.qcow2"), "base");
     let before = s.stored_bytes();
-    import_matches_qemu(&s, &dir.join("overlay.qcow2"), "overlay", "qcow2", "qcow2");
+    // Backing files are followed only when the format is given: a raw disk can begin with
+    // a qcow2 header that names any file of the host.
+    refused(&s, &dir.join("overlay.qcow2"), 4, "give --format qcow2");
+    let overlay = import_with_format(&s, &dir.join("overlay.qcow2"), "overlay", "qcow2");
+    assert_eq!(overlay["format"], "qcow2", "{overlay}");
+    s.assert_round_trip(
+        "overlay",
+        &reference_raw(&dir.join("overlay.qcow2"), "qcow2"),
+    );
     // Run from another directory: the backing file is found next to the overlay.
-    let report = s.import(&dir.join("top.qcow2"), "top");
+    let report = import_with_format(&s, &dir.join("top.qcow2"), "top", "qcow2");
     let reference = reference_raw(&dir.join("top.qcow2"), "qcow2");
     s.assert_round_trip("top", &reference);
     // Only the changed chunks are new.
@@ -217,16 +225,145 @@ fn qcow2_overlay_imports_as_a_full_image_deduplicated_against_its_base() {
     assert!(s.stored_bytes() - before < 1 << 20);
 
     // A missing backing file: a clear error naming it, nothing stored.
+    let overlay_args = |name| {
+        vec![
+            "import".to_string(),
+            dir.join("overlay.qcow2").to_str().unwrap().to_string(),
+            "--name".into(),
+            name,
+            "--format".into(),
+            "qcow2".into(),
+        ]
+    };
+    let args = overlay_args("bad".into());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     std::fs::rename(dir.join("base.qcow2"), dir.join("moved.qcow2")).unwrap();
-    refused(&s, &dir.join("overlay.qcow2"), 3, "base.qcow2");
+    refused_args(&s, &args, 3, "base.qcow2");
     // A backing file that is not what the overlay says: the error names the backing file.
     std::fs::write(dir.join("base.qcow2"), vec![0u8; 1 << 20]).unwrap();
-    refused(
+    refused_args(
         &s,
-        &dir.join("overlay.qcow2"),
+        &args,
         3,
         &format!("backing file '{}'", dir.join("base.qcow2").display()),
     );
+}
+
+/// Imports `file` as `format` (named, not probed); returns the report.
+fn import_with_format(s: &TestStore, file: &Path, name: &str, format: &str) -> serde_json::Value {
+    s.json(&[
+        "import",
+        file.to_str().unwrap(),
+        "--name",
+        name,
+        "--format",
+        format,
+    ])
+}
+
+#[test]
+fn relative_backing_names_resolve_beside_the_name_as_given_like_qemu() {
+    // Found by an audit: a backing file reached through a symlink had its own relative
+    // backing name resolved beside the symlink's target; qemu resolves it beside the link.
+    let s = TestStore::new();
+    let (a, b) = (s.scratch("A"), s.scratch("B"));
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::create_dir_all(&b).unwrap();
+    sh(&format!(
+        "cd '{b}' && qemu-img create -q -f raw base.raw 4M && qemu-img create -q -f qcow2 -b base.raw -F raw mid.qcow2 && \
+         cd '{a}' && qemu-img create -q -f raw base.raw 4M && qemu-io -f raw -c 'write -P 0xa5 0 1M' base.raw >/dev/null && \
+         ln -s '{b}/mid.qcow2' mid.qcow2 && qemu-img create -q -f qcow2 -b mid.qcow2 -F qcow2 top.qcow2",
+        a = a.display(),
+        b = b.display()
+    ));
+    import_with_format(&s, &a.join("top.qcow2"), "top", "qcow2");
+    s.assert_round_trip("top", &reference_raw(&a.join("top.qcow2"), "qcow2"));
+}
+
+#[test]
+fn a_block_device_is_raw_unless_a_format_is_given() {
+    // Found by an audit: a guest that wrote a qcow2 header naming a host file into its
+    // disk's first sector got that file into its image when the disk was imported.
+    if !is_root() {
+        eprintln!("SKIP a_block_device_is_raw_unless_a_format_is_given: needs root for losetup");
+        return;
+    }
+    let s = TestStore::new();
+    let secret = s.scratch("host-secret.txt");
+    std::fs::write(&secret, b"host secret\n".repeat(1000)).unwrap();
+    let disk = s.scratch("guest.img");
+    sh(&format!(
+        "qemu-img create -q -f qcow2 -u -b '{}' -F raw '{d}' 8M && truncate -s 8M '{d}'",
+        secret.display(),
+        d = disk.display()
+    ));
+    // As a file, the probe finds qcow2 and refuses to follow the backing file.
+    refused(&s, &disk, 4, "give --format qcow2");
+    let dev = sh(&format!("losetup --find --show '{}'", disk.display()));
+    let dev = dev.trim().to_string();
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("losetup")
+                .args(["-d", &self.0])
+                .status();
+        }
+    }
+    let _detach = Detach(dev.clone());
+    let report = s.json(&["import", &dev, "--name", "guest"]);
+    assert_eq!(report["format"], "raw", "{report}");
+    s.assert_round_trip("guest", &disk);
+}
+
+#[test]
+fn a_split_vmdk_extent_is_refused_not_imported_as_a_whole_disk() {
+    // Found by an audit: one 2 GiB extent of a twoGbMaxExtentSparse disk imported as the
+    // whole disk (its data beyond 2 GiB lost); qemu refuses to open such an extent.
+    let s = TestStore::new();
+    let dir = s.scratch("split");
+    std::fs::create_dir_all(&dir).unwrap();
+    sh(&format!(
+        "cd '{}' && qemu-img create -q -f vmdk -o subformat=twoGbMaxExtentSparse disk.vmdk 3G && \
+         qemu-io -c 'write -P 0x11 2500M 64K' disk.vmdk >/dev/null",
+        dir.display()
+    ));
+    refused(&s, &dir.join("disk-s001.vmdk"), 4, "split VMDK");
+    refused(&s, &dir.join("disk.vmdk"), 4, "twoGbMaxExtent");
+}
+
+#[test]
+fn names_read_from_an_image_reach_the_terminal_escaped() {
+    // Found by an audit: a backing file name with ESC [2J cleared the user's terminal.
+    let s = TestStore::new();
+    let file = s.scratch("evil.qcow2");
+    sh(&format!(
+        "qemu-img create -q -f qcow2 -u -b \"$(printf 'x\\033[2Jy\\007')\" -F raw '{}' 1M",
+        file.display()
+    ));
+    for extra in [&[][..], &["--format", "qcow2"][..]] {
+        let mut args = vec!["import", file.to_str().unwrap(), "--name", "e"];
+        args.extend_from_slice(extra);
+        let (code, err) = s.fail(&args);
+        assert!(code == 3 || code == 4, "{code}: {err}");
+        assert!(
+            !err.contains('\u{1b}') && !err.contains('\u{7}'),
+            "raw control bytes: {err:?}"
+        );
+        assert!(err.contains("x\\u{1b}[2Jy"), "{err:?}");
+    }
+}
+
+#[test]
+fn a_qcow2_size_between_sectors_reads_as_qemu_reads_it() {
+    // Found by an audit: qemu counts whole 512-byte sectors; imgvault took the header's size
+    // as it was, so the image was 412 bytes longer than qemu's.
+    let s = TestStore::new();
+    let file = s.scratch("odd.qcow2");
+    sh(&format!(
+        "qemu-img create -q -f qcow2 '{f}' 10M && printf '\\000\\000\\000\\000\\000\\240\\001\\234' | dd of='{f}' bs=1 seek=24 conv=notrunc status=none",
+        f = file.display()
+    ));
+    import_matches_qemu(&s, &file, "odd", "qcow2", "qcow2");
 }
 
 /// Runs a failing import of `file` and checks the store did not change.
@@ -330,7 +467,20 @@ fn unsupported_qcow2_features_are_named() {
         "cd '{d}' && qemu-img create -q -f qcow2 -u -b b.qcow2 -F qcow2 a.qcow2 1M && \
          qemu-img create -q -f qcow2 -u -b a.qcow2 -F qcow2 b.qcow2 1M"
     ));
-    refused(&s, &dir.join("a.qcow2"), 3, "cycle");
+    let a = dir.join("a.qcow2");
+    refused_args(
+        &s,
+        &[
+            "import",
+            a.to_str().unwrap(),
+            "--name",
+            "bad",
+            "--format",
+            "qcow2",
+        ],
+        3,
+        "cycle",
+    );
 }
 
 #[test]

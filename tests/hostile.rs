@@ -372,6 +372,46 @@ fn a_source_written_in_place_while_being_read_is_refused_and_nothing_is_stored()
     s.assert_round_trip("changing", &src);
 }
 
+#[test]
+fn a_backing_file_written_while_its_overlay_is_imported_is_refused() {
+    // Found by an audit: only the file named was checked, so a write into an overlay's
+    // backing file during the import gave an image that was neither the old disk nor the new.
+    let s = TestStore::new();
+    let base = s.scratch("base.raw");
+    std::fs::write(&base, compressible(256 * MIB, 8)).unwrap();
+    let overlay = s.scratch("overlay.qcow2");
+    sh(&format!(
+        "qemu-img create -q -f qcow2 -b '{}' -F raw '{}'",
+        base.display(),
+        overlay.display()
+    ));
+    let child = Command::new(bin())
+        .arg("--store")
+        .arg(s.path())
+        .args([
+            "import",
+            overlay.to_str().unwrap(),
+            "--name",
+            "ovl",
+            "--format",
+            "qcow2",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until_reading(child.id(), &base, 32 * MIB as u64);
+    File::options()
+        .write(true)
+        .open(&base)
+        .unwrap()
+        .write_all_at(&random_bytes(MIB, 9), 0)
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = assert_refused_source(&s, out, "source changed while being read");
+    assert!(stderr.contains("base.raw"), "{stderr}");
+}
+
 /// Replaces the value of the chunk at `offset` of `image` with bytes that do not decode, so
 /// that reading it through a mount fails with EIO.
 fn poison_chunk_at(s: &TestStore, image: &str, offset: u64) {

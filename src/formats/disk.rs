@@ -14,6 +14,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 /// Largest virtual disk accepted from any format (64 TiB, the VHDX limit).
 pub const MAX_VIRTUAL_SIZE: u64 = 64 << 40;
@@ -638,25 +639,49 @@ fn read_some(r: &dyn ReadAt, buf: &mut [u8], off: u64) -> FResult<usize> {
     Ok(done)
 }
 
+/// `s` with control characters escaped (`\u{1b}`), for messages that quote names read
+/// from an image file: a hostile file must not send escape sequences to a terminal.
+pub fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 /// How backing files are opened.
 #[derive(Debug, Clone)]
 pub struct OpenCtx {
-    /// The image being opened, for relative backing names and messages; `None` refuses
-    /// backing files (fuzzing, images from memory).
+    /// The image being opened, as named (a symlink is not resolved: relative backing names
+    /// are taken from the directory of the name, as qemu does), for relative backing names
+    /// and messages; `None` refuses backing files (fuzzing, images from memory).
     pub path: Option<PathBuf>,
+    /// Whether backing files are followed: only when the user gave the format. A format
+    /// found from magic bytes may be a raw disk (a guest's) whose first sector looks like
+    /// qcow2, and its "backing file" any file of the host.
+    pub follow_backing: bool,
     /// Depth in the backing chain (0 for the image named by the user).
     pub depth: u32,
     /// Canonical paths of the images above in the chain (to refuse cycles).
     pub chain: Vec<PathBuf>,
+    /// Canonical paths of every backing file opened through this context and its children,
+    /// so the import can check that none was written while it read them.
+    pub opened: Arc<Mutex<Vec<PathBuf>>>,
 }
 
 impl OpenCtx {
-    /// Context for the image at `path`, backing files allowed.
-    pub fn file(path: &Path) -> Self {
+    /// Context for the image at `path`; backing files are followed when `follow_backing`.
+    pub fn file(path: &Path, follow_backing: bool) -> Self {
         OpenCtx {
             path: Some(path.to_path_buf()),
+            follow_backing,
             depth: 0,
             chain: std::fs::canonicalize(path).into_iter().collect(),
+            opened: Arc::default(),
         }
     }
 
@@ -664,9 +689,16 @@ impl OpenCtx {
     pub fn memory() -> Self {
         OpenCtx {
             path: None,
+            follow_backing: false,
             depth: 0,
             chain: Vec::new(),
+            opened: Arc::default(),
         }
+    }
+
+    /// The backing files opened so far (canonical paths).
+    pub fn opened(&self) -> Vec<PathBuf> {
+        self.opened.lock().map(|v| v.clone()).unwrap_or_default()
     }
 
     /// Opens the backing file `name` (relative to this image's directory unless absolute)
@@ -683,10 +715,24 @@ impl OpenCtx {
                 format!("backing file '{name}' (backing files are not opened here)"),
             ));
         };
+        if !self.follow_backing {
+            return Err(unsupported(
+                from,
+                format!(
+                    "backing file '{}': the format was found from the file's first bytes, and \
+                     a raw disk can hold bytes that look like {from}; give --format {from} to \
+                     follow backing files",
+                    printable(name)
+                ),
+            ));
+        }
         if self.depth + 1 > MAX_BACKING_DEPTH {
             return Err(unsupported(
                 from,
-                format!("backing chain deeper than {MAX_BACKING_DEPTH} images (at '{name}')"),
+                format!(
+                    "backing chain deeper than {MAX_BACKING_DEPTH} images (at '{}')",
+                    printable(name)
+                ),
             ));
         }
         if name.is_empty()
@@ -696,7 +742,10 @@ impl OpenCtx {
         {
             return Err(unsupported(
                 from,
-                format!("backing file name '{name}' (only plain file paths are followed)"),
+                format!(
+                    "backing file name '{}' (only plain file paths are followed)",
+                    printable(name)
+                ),
             ));
         }
         let target = Path::new(name);
@@ -733,10 +782,15 @@ impl OpenCtx {
         let shown = canon.display().to_string();
         let mut chain = self.chain.clone();
         chain.push(canon.clone());
+        if let Ok(mut opened) = self.opened.lock() {
+            opened.push(canon);
+        }
         let ctx = OpenCtx {
-            path: Some(canon),
+            path: Some(full),
+            follow_backing: true,
             depth: self.depth + 1,
             chain,
+            opened: self.opened.clone(),
         };
         // What is wrong inside the backing file is said of the backing file, not of the
         // overlay the user named.

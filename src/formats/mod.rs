@@ -54,11 +54,20 @@ pub fn detect(path: &Path) -> Result<Format> {
 
 /// Opens `path` as an image source: `format`, or the format found from its magic bytes.
 /// Raw files and devices keep [`RawSource`] (holes found with SEEK_DATA/SEEK_HOLE).
+///
+/// A block device is raw unless `format` says otherwise: it is a disk, and a guest decides
+/// what its first bytes look like. Backing files are followed only when `format` was given,
+/// for the same reason (a raw disk whose first sector is a qcow2 header naming a host file
+/// would otherwise import that file into the tenant's image).
 pub fn open_source(path: &Path, format: Option<Format>) -> Result<Box<dyn ImageSource>> {
+    use std::os::unix::fs::FileTypeExt;
     // RawSource gives the clear errors for directories and other non-files.
     let raw = RawSource::open(path)?;
+    let is_device = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
+    let given = format.is_some();
     let format = match format {
         Some(f) => f,
+        None if is_device => Format::Raw,
         None => detect(path)?,
     };
     if format == Format::Raw {
@@ -69,9 +78,9 @@ pub fn open_source(path: &Path, format: Option<Format>) -> Result<Box<dyn ImageS
         path: path.to_path_buf(),
         source: e,
     })?;
-    let disk = disk::open_disk(Box::new(file), format, &OpenCtx::file(path))
-        .map_err(|e| error(path, e))?;
-    Ok(Box::new(DiskSource::new(path, disk)))
+    let ctx = OpenCtx::file(path, given);
+    let disk = disk::open_disk(Box::new(file), format, &ctx).map_err(|e| error(path, e))?;
+    Ok(Box::new(DiskSource::new(path, disk, ctx.opened())))
 }
 
 /// An [`ImageSource`] over a format reader: zero runs as holes, data in reads that end
@@ -79,15 +88,17 @@ pub fn open_source(path: &Path, format: Option<Format>) -> Result<Box<dyn ImageS
 pub struct DiskSource {
     path: PathBuf,
     disk: Box<dyn Disk>,
+    backing: Vec<PathBuf>,
     pos: u64,
 }
 
 impl DiskSource {
-    /// A source reading `disk`, which came from `path`.
-    pub fn new(path: &Path, disk: Box<dyn Disk>) -> Self {
+    /// A source reading `disk`, which came from `path` and reads `backing` files too.
+    pub fn new(path: &Path, disk: Box<dyn Disk>, backing: Vec<PathBuf>) -> Self {
         DiskSource {
             path: path.to_path_buf(),
             disk,
+            backing,
             pos: 0,
         }
     }
@@ -104,6 +115,10 @@ impl ImageSource for DiskSource {
 
     fn path(&self) -> &Path {
         &self.path
+    }
+
+    fn backing_files(&self) -> &[PathBuf] {
+        &self.backing
     }
 
     fn next_piece(&mut self, buf: &mut Vec<u8>, at: usize) -> Result<Option<SourcePiece>> {

@@ -8,8 +8,8 @@ use rayon::prelude::*;
 use zstd::zstd_safe::{DCtx, DParameter, InBuffer, OutBuffer, ResetDirective};
 
 use super::disk::{
-    be_u32, be_u64, check_virtual_size, corrupt, inflate_exact, unsupported, Disk, FResult, Format,
-    Host, Map, Mapped, Mapper, OpenCtx,
+    be_u32, be_u64, check_virtual_size, corrupt, inflate_exact, printable, unsupported, Disk,
+    FResult, Format, Host, Map, Mapped, Mapper, OpenCtx,
 };
 
 const F: &str = "qcow2";
@@ -83,7 +83,9 @@ pub fn parse_header(host: &Host) -> FResult<Header> {
     let backing_offset = be_u64(&h, 8);
     let backing_size = be_u32(&h, 16) as u64;
     let cluster_bits = be_u32(&h, 20);
-    let size = be_u64(&h, 24);
+    // qemu sizes the disk in whole 512-byte sectors (`total_sectors = size / 512`): a
+    // header size between two sectors reads as the smaller.
+    let size = be_u64(&h, 24) / 512 * 512;
     let crypt = be_u32(&h, 32);
     let l1_size = be_u32(&h, 36) as u64;
     let l1_offset = be_u64(&h, 40);
@@ -344,7 +346,11 @@ pub fn open(host: Host, ctx: &OpenCtx) -> FResult<Box<dyn Disk>> {
                 Some(f) => Some(f.parse::<Format>().map_err(|_| {
                     unsupported(
                         F,
-                        format!("backing file format '{f}' (of backing file '{name}')"),
+                        format!(
+                            "backing file format '{}' (of backing file '{}')",
+                            printable(f),
+                            printable(name)
+                        ),
                     )
                 })?),
             };

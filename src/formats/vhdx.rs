@@ -327,7 +327,12 @@ impl Mapper for Vhdx {
             FULLY_PRESENT => {
                 let start = e & !(MIB - 1);
                 let host_off = start.saturating_add(pos % self.block_size);
-                if start < MIB || host_off >= self.host.size() {
+                if start < MIB {
+                    return Err(corrupt(F, format!(
+                        "payload block {block} at byte offset {start} overlaps the headers (the first MiB of the file)"
+                    )));
+                }
+                if host_off >= self.host.size() {
                     return Err(corrupt(F, format!(
                         "payload block {block} at byte offset {start} lies outside the file of {} bytes (truncated?)",
                         self.host.size()

@@ -3,8 +3,8 @@
 //! markers). Delta disks with a parent and multi-file layouts are refused.
 
 use super::disk::{
-    check_virtual_size, corrupt, inflate_zlib, le_u16, le_u32, le_u64, unsupported, Disk, FResult,
-    Host, Map, Mapped, Mapper,
+    check_virtual_size, corrupt, inflate_zlib, le_u16, le_u32, le_u64, printable, unsupported,
+    Disk, FResult, Host, Map, Mapped, Mapper,
 };
 
 const F: &str = "vmdk";
@@ -142,8 +142,18 @@ pub fn open(host: Host) -> FResult<Box<dyn Disk>> {
 
 /// Refuses descriptors naming a parent or another layout than a single sparse extent.
 fn check_descriptor(host: &Host, offset: u64, size: u64) -> FResult<()> {
+    // The extent files of a split VMDK (twoGbMax*, or hosted sparse extents of a
+    // descriptor file) carry no descriptor: one of them is only part of the disk (qemu
+    // refuses them too).
+    let no_descriptor = || {
+        unsupported(
+            F,
+            "a sparse extent without its descriptor (one file of a split VMDK): convert \
+             the whole disk with `qemu-img convert -O qcow2 DESCRIPTOR.vmdk`",
+        )
+    };
     if offset == 0 || size == 0 {
-        return Ok(());
+        return Err(no_descriptor());
     }
     let (Some(off), Some(len)) = (offset.checked_mul(512), size.checked_mul(512)) else {
         return Err(corrupt(F, "descriptor offset overflows"));
@@ -153,6 +163,7 @@ fn check_descriptor(host: &Host, offset: u64, size: u64) -> FResult<()> {
     host.read_exact("descriptor", off, &mut d)?;
     let end = d.iter().position(|&c| c == 0).unwrap_or(d.len());
     let text = String::from_utf8_lossy(&d[..end]);
+    let mut create_type = false;
     for line in text.lines() {
         let line = line.trim();
         let Some((key, value)) = line.split_once('=') else {
@@ -161,21 +172,29 @@ fn check_descriptor(host: &Host, offset: u64, size: u64) -> FResult<()> {
         let value = value.trim().trim_matches('"');
         match key.trim() {
             "createType" if !matches!(value, "monolithicSparse" | "streamOptimized") => {
-                return Err(unsupported(F, format!("createType \"{value}\"")));
+                return Err(unsupported(
+                    F,
+                    format!("createType \"{}\"", printable(value)),
+                ));
             }
+            "createType" => create_type = true,
             "parentCID" if !value.eq_ignore_ascii_case("ffffffff") => {
                 return Err(unsupported(F, "delta disk with a parent (parentCID set)"));
             }
             "parentFileNameHint" => {
                 return Err(unsupported(
                     F,
-                    format!("delta disk with a parent ('{value}')"),
+                    format!("delta disk with a parent ('{}')", printable(value)),
                 ));
             }
             _ => {}
         }
     }
-    Ok(())
+    if create_type {
+        Ok(())
+    } else {
+        Err(no_descriptor())
+    }
 }
 
 /// The VMDK grain map.

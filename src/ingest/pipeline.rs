@@ -76,7 +76,11 @@ pub(super) fn run(
     };
     let format = source.format().to_string();
     let virtual_size = source.virtual_size();
-    let stamp = SourceStamp::of(source.path());
+    // Every file read, the backing files of an overlay too, must be unchanged at the end.
+    let stamps: Vec<SourceStamp> = std::iter::once(source.path())
+        .chain(source.backing_files().iter().map(|p| p.as_path()))
+        .filter_map(SourceStamp::of)
+        .collect();
     progress.start(virtual_size);
     let claimed: Mutex<HashSet<ChunkId>> = Mutex::new(HashSet::new());
     let mut written: Vec<ChunkId> = Vec::new();
@@ -103,7 +107,7 @@ pub(super) fn run(
                     .try_recv()
                     .unwrap_or_else(|_| Vec::with_capacity(headroom + READ_SIZE));
                 let Some(piece) = source.next_piece(&mut buf, headroom)? else {
-                    if let Some(stamp) = &stamp {
+                    for stamp in &stamps {
                         stamp.check_unchanged()?;
                     }
                     return Ok(bytes);

@@ -28,6 +28,10 @@ pub trait ImageSource: Send {
     fn format(&self) -> &'static str;
     /// The path it reads, for messages.
     fn path(&self) -> &Path;
+    /// Other files the source reads (the backing files of an overlay).
+    fn backing_files(&self) -> &[PathBuf] {
+        &[]
+    }
     /// Reads the next bytes into `buf[at..]` (setting its length; `buf[..at]` is left as it
     /// is, headroom for the segmenter), or reports a zero run (the buffer's content is then
     /// meaningless); `None` at the end.
