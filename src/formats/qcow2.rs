@@ -503,11 +503,29 @@ impl Mapper for Qcow2 {
         }
         let idx = (cluster - self.batch_start) as usize;
         let Some(Some(bytes)) = self.batch.get(idx) else {
+            // A file cut inside the compressed data is the likely cause when the cluster's
+            // declared size (an overestimate by up to a sector) reaches past the end.
+            let truncated = match self.l2_entry(cluster << self.cluster_bits)? {
+                Ok((e, _)) => {
+                    let coff = e & self.coffset_mask;
+                    let sectors = ((e >> self.csize_shift) & self.csize_mask) + 1;
+                    coff + sectors * 512 - (coff & 511) > self.host.size() + 511
+                }
+                Err(_) => false,
+            };
             return Err(corrupt(
                 F,
                 format!(
-                    "compressed cluster for guest offset {} does not decompress to {cs} bytes",
-                    cluster << self.cluster_bits
+                    "compressed cluster for guest offset {} does not decompress to {cs} bytes{}",
+                    cluster << self.cluster_bits,
+                    if truncated {
+                        format!(
+                            " (the file of {} bytes ends inside its compressed data: truncated?)",
+                            self.host.size()
+                        )
+                    } else {
+                        String::new()
+                    }
                 ),
             ));
         };
