@@ -20,7 +20,7 @@ pub use disk::{Disk, FileAt, Format, FormatError, OpenCtx, Run};
 pub use qcow2_writer::{export_qcow2, Qcow2ExportOptions};
 
 use crate::error::{Error, Result};
-use crate::ingest::source::{ImageSource, RawSource, SourcePiece, READ_SIZE};
+use crate::ingest::source::{ImageSource, RawSource, SourceKind, SourcePiece, READ_SIZE};
 
 /// Wraps a format error with the file it came from.
 pub fn error(path: &Path, e: FormatError) -> Error {
@@ -60,14 +60,12 @@ pub fn detect(path: &Path) -> Result<Format> {
 /// for the same reason (a raw disk whose first sector is a qcow2 header naming a host file
 /// would otherwise import that file into the tenant's image).
 pub fn open_source(path: &Path, format: Option<Format>) -> Result<Box<dyn ImageSource>> {
-    use std::os::unix::fs::FileTypeExt;
     // RawSource gives the clear errors for directories and other non-files.
     let raw = RawSource::open(path)?;
-    let is_device = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
     let given = format.is_some();
     let format = match format {
         Some(f) => f,
-        None if is_device => Format::Raw,
+        None if raw.kind() == SourceKind::BlockDevice => Format::Raw,
         None => detect(path)?,
     };
     if format == Format::Raw {

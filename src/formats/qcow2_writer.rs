@@ -222,18 +222,20 @@ fn write_image(
         windows,
         |(w0, w1), _| Ok((w1, prepare_window(reader, w0, w1, opts.compress)?)),
         |(w1, clusters)| {
-            for (gc, bytes, compressed) in &clusters {
-                let entry = if *compressed {
-                    w.compressed(bytes)?
+            for (gc, bytes, compressed) in clusters {
+                let entry = if compressed {
+                    w.compressed(&bytes)?
                 } else {
-                    w.cluster(bytes)? | COPIED
+                    w.cluster(&bytes)? | COPIED
                 };
-                w.l2.push((*gc, entry));
+                w.l2.push((gc, entry));
                 data_bytes += CS.min(size - gc * CS);
             }
             progress.advance(w1 - done);
             done = w1;
-            Ok((w1, clusters))
+            // Each window's clusters are fresh (compressed to their own sizes): nothing
+            // to hand back for reuse.
+            Ok(None)
         },
     )?;
 

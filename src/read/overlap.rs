@@ -69,17 +69,17 @@ impl<'scope, T: Send + 'scope> WriteBehind<'scope, T> {
 
 /// Runs `prepare` on each of `inputs` in order on the calling thread (it may use rayon's
 /// pool), and `write` on each prepared item in the same order on a [`WriteBehind`] thread,
-/// one item behind. `write` hands back the item's buffers for the next `prepare` to reuse
-/// (it gets `Some` when one is free), so a pass allocates two (rarely three). The first
-/// error stops both sides and is returned (a write error first: it concerns an earlier
-/// window).
+/// one item behind. `write` may hand back the item's buffers (`Some`) for the next
+/// `prepare` to reuse (it gets `Some` when one is free), so a pass allocates two (rarely
+/// three). The first error stops both sides and is returned (a write error first: it
+/// concerns an earlier window).
 pub fn prepare_while_writing<In, T: Send>(
     inputs: impl IntoIterator<Item = In>,
     mut prepare: impl FnMut(In, Option<T>) -> Result<T>,
-    mut write: impl FnMut(T) -> Result<T> + Send,
+    write: impl FnMut(T) -> Result<Option<T>> + Send,
 ) -> Result<()> {
     std::thread::scope(|s| {
-        let behind = WriteBehind::spawn(s, move |item| write(item).map(Some));
+        let behind = WriteBehind::spawn(s, write);
         let mut prepared = Ok(());
         for input in inputs {
             match prepare(input, behind.spare()) {
@@ -121,7 +121,7 @@ mod tests {
             },
             |buf| {
                 written.lock().unwrap().extend_from_slice(&buf);
-                Ok(buf)
+                Ok(Some(buf))
             },
         )
         .unwrap();
@@ -142,7 +142,7 @@ mod tests {
                 if i == 5 {
                     Err(Error::invalid("write", "disk full at window 5"))
                 } else {
-                    Ok(i)
+                    Ok(None)
                 }
             },
         )
@@ -165,7 +165,7 @@ mod tests {
             },
             |i| {
                 written.lock().unwrap().push(i);
-                Ok(i)
+                Ok(None)
             },
         )
         .unwrap_err();

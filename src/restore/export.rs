@@ -188,7 +188,7 @@ fn write_all(reader: &ImageReader, mut output: Output, progress: &dyn Progress) 
             },
             |(w, decoded)| {
                 written += output.write(w, &decoded, progress)?;
-                Ok((w, decoded))
+                Ok(Some((w, decoded)))
             },
         )
     })?;
