@@ -11,6 +11,9 @@
 #                BENCH_DIR/bin first, so a rebuild during the run does not change what is measured
 #   FIO_RUNTIME  seconds of the sustained random-read fio run [15]
 #   RAND_IOS     reads per fio job in the cold random-read run [2000]
+#   RAND_JOBS_WIDE  fio jobs of the second cold random-read run (many readers at once, as a VM's
+#                queue or several servers booting) [8]; together they read 2 x RAND_IOS, as
+#                the 2-job run does
 #   EXTRACT_RUNS extracts per tool, the best counts [2]
 #   SEQ_RUNS     sequential mount reads per tool (fresh mount, caches dropped), the best counts [2]
 #   SKIP_EXTRAS  1: skip the imgvault-only rows (cold ingest, 16 GiB sparse image) [0]
@@ -20,7 +23,8 @@
 # recording seconds, store bytes after each image (du -sb) and peak RSS (/usr/bin/time %M);
 # extracts image c to a file and cmp's it (best of EXTRACT_RUNS, each after drop_caches with only
 # the tool's store re-read into the page cache; imgvault's export also cold); mounts and reads
-# image c sequentially (dd 1M, best of SEQ_RUNS) and randomly (fio 4 KiB, 2 jobs), each on a fresh
+# image c sequentially (dd 1M, best of SEQ_RUNS) and randomly (fio 4 KiB, 2 jobs; cold also with
+# RAND_JOBS_WIDE jobs and the same total of reads), each on a fresh
 # mount after drop_caches (imgvault's sequential read also with its store re-read, to compare
 # with its export like for like). Extras: each image ingested cold into a store of its own
 # series, against a cold `cat` of it; a 16 GiB sparse image. Then the bound of an ideal
@@ -40,6 +44,7 @@ REPO=$(cd "$(dirname -- "$0")/.." && pwd)
 W=${BENCH_DIR:-/tmp/imgvault-peers}
 FIO_RUNTIME=${FIO_RUNTIME:-15}
 RAND_IOS=${RAND_IOS:-2000}
+RAND_JOBS_WIDE=${RAND_JOBS_WIDE:-8}
 EXTRACT_RUNS=${EXTRACT_RUNS:-2}
 SEQ_RUNS=${SEQ_RUNS:-2}
 SKIP_EXTRAS=${SKIP_EXTRAS:-0}
@@ -156,6 +161,7 @@ put cond.restic "$(restic version 2>&1 | head -n1 | cut -d' ' -f1-2)"
 put cond.fio "$(fio --version 2>&1)"
 put cond.fio_runtime "$FIO_RUNTIME"
 put cond.rand_ios "$RAND_IOS"
+put cond.rand_jobs_wide "$RAND_JOBS_WIDE"
 put cond.load_start "$(cut -d' ' -f1-3 /proc/loadavg)"
 put cond.extract_runs "$EXTRACT_RUNS"
 put cond.seq_runs "$SEQ_RUNS"
@@ -303,7 +309,8 @@ mount_seq() {
     done
     put_best "$key.$tool"
 }
-# fio_iops ARGS...: random 4 KiB reads of MFILE by 2 jobs; prints the IOPS (FAIL on error).
+# fio_iops ARGS...: random 4 KiB reads of MFILE by 2 jobs (unless ARGS say otherwise); prints
+# the IOPS (FAIL on error).
 fio_iops() {
     fio --name=rr --filename="$MFILE" --rw=randread --bs=4k --ioengine=psync --numjobs=2 \
         --group_reporting --output-format=json "$@" 2>>"$LOG" |
@@ -322,6 +329,11 @@ mount_rand() {
         drop
         put "mountrand.$tool.iops" "$(fio_iops --number_ios="$RAND_IOS" --runtime=300)"
     else put "mountrand.$tool.iops" FAIL; fi
+    if mount_tool "$tool"; then
+        drop
+        put "mountrandwide.$tool.iops" "$(fio_iops --numjobs="$RAND_JOBS_WIDE" \
+            --number_ios=$((2 * RAND_IOS / RAND_JOBS_WIDE)) --runtime=300)"
+    else put "mountrandwide.$tool.iops" FAIL; fi
     if mount_tool "$tool"; then
         drop
         put "mountrandlong.$tool.iops" "$(fio_iops --runtime="$FIO_RUNTIME" --time_based)"
@@ -463,6 +475,8 @@ row(f"mount: random 4 KiB reads, cold: first {R.get('cond.rand_ios', '?')} per j
     {t: num(f"mountrand.{t}.iops") for t in TOOLS},
     "iops", "high", ">= 10,000 and >= 15x best peer mount",
     lambda iv, b, r: iv >= 10000 and r is not None and r >= 15, peers=MP)
+row(f"mount: random 4 KiB reads, cold: {R.get('cond.rand_jobs_wide', '?')} jobs, same total of reads, IOPS",
+    {t: num(f"mountrandwide.{t}.iops") for t in TOOLS}, "iops", "high", peers=MP)
 row(f"mount: random 4 KiB reads for {R.get('cond.fio_runtime', '?')} s (page cache filling), IOPS",
     {t: num(f"mountrandlong.{t}.iops") for t in TOOLS}, "iops", "high", peers=MP)
 rss = {t: max([v for v in (num(f"ingest.{t}.{i}.rss") for i in "abcd") if v is not None], default=None)

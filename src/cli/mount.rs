@@ -33,7 +33,7 @@ pub struct MountArgs {
           value_parser = clap::value_parser!(u64).range(0..=1 << 20))]
     pub cache_mb: u64,
     /// Threads serving requests, each with its own /dev/fuse fd
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub threads: u16,
     /// Let other users read the mount (e.g. the user qemu runs as)
     #[arg(long)]

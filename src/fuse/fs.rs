@@ -16,7 +16,7 @@ use super::stream::Stream;
 use super::MountOptions;
 use crate::catalog::{Access, Catalog, ImageRecord};
 use crate::error::{Error, Result};
-use crate::read::{ChunkCache, ImageReader};
+use crate::read::{BufferPool, ChunkCache, Decoded, ImageReader, Recycled};
 use crate::store::pins::{self, Pin};
 use crate::store::{LiveStore, Store};
 
@@ -44,13 +44,33 @@ pub(crate) const PAGE_FEED_QUEUE: usize = 64;
 /// Page size of the kernel's page cache.
 const PAGE: u64 = 4096;
 
+/// Spare decode buffers: enough for every chunk queued for the feeder, plus those in use.
+const SPARE_BUFFERS: usize = PAGE_FEED_QUEUE + 8;
+
 /// A decoded chunk to store into the kernel's page cache (FUSE_NOTIFY_STORE): the part
 /// `range` of `data`, which holds the image's bytes from `chunk_offset`.
 pub(crate) struct PageFeed {
     ino: u64,
     chunk_offset: u64,
     range: std::ops::Range<usize>,
-    data: crate::read::Decoded,
+    data: ChunkBytes,
+}
+
+/// A decoded chunk a random read used: shared with the chunk cache, or a pool buffer (back
+/// in the pool once the feeder has stored it).
+enum ChunkBytes {
+    Cached(Decoded),
+    Pooled(Recycled),
+}
+
+impl std::ops::Deref for ChunkBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            ChunkBytes::Cached(d) => d,
+            ChunkBytes::Pooled(b) => b,
+        }
+    }
 }
 
 /// Stores decoded chunks into the page cache, on its own thread: a store waits for page
@@ -159,6 +179,8 @@ pub struct ImgvaultFs {
     /// Bytes of sequential readers' windows alive.
     window_bytes: Arc<AtomicU64>,
     pages: Option<crossbeam_channel::Sender<PageFeed>>,
+    /// Decode buffers of random reads, recycled through the feeder.
+    buffers: Arc<BufferPool>,
     uid: u32,
     gid: u32,
     mounted_at: SystemTime,
@@ -192,6 +214,7 @@ impl ImgvaultFs {
             next_fh: AtomicU64::new(1),
             window_bytes: Arc::new(AtomicU64::new(0)),
             pages,
+            buffers: BufferPool::new(SPARE_BUFFERS),
             // SAFETY: getuid/getgid have no preconditions.
             uid: unsafe { libc::getuid() },
             gid: unsafe { libc::getgid() },
@@ -451,67 +474,96 @@ impl ImgvaultFs {
             return Ok(());
         }
         let reply = reply.take().ok_or(Error::Interrupted)?;
+        if let Some(pages) = self.pages.as_ref().filter(|_| self.feeds_pages(&h)) {
+            return self.read_feeding_pages(&h, offset, len, pages, reply);
+        }
         READ_BUF.with(|buf| {
             let mut buf = buf.borrow_mut();
             if buf.len() < len {
                 buf.resize(len, 0);
             }
-            let n = match h.reader.read_at(offset, &mut buf[..len]) {
-                Ok(n) => n,
-                // The reader's snapshot keeps every file open, so a failure here is
-                // damage (already logged with image and offset), not a race.
-                Err(e) => return Err(e),
-            };
+            // The reader's snapshot keeps every file open, so a failure here is damage
+            // (already logged with image and offset), not a race.
+            let n = h.reader.read_at(offset, &mut buf[..len])?;
             reply(&buf[..n]);
             Ok(())
-        })?;
-        self.feed_pages(&h, offset, len as u64);
-        Ok(())
+        })
     }
 
-    /// After a random (not sequential) buffered read: hands the decoded chunks it touched to
-    /// the page feeder, so the kernel's page cache gets the whole chunk and later reads of its
-    /// other pages never reach the daemon. A 4 KiB miss costs the decode of a ~64 KiB chunk;
-    /// this keeps all of it instead of one page. Only whole pages inside the chunk are stored
-    /// (the kernel leaves a partial page not up to date).
-    fn feed_pages(&self, h: &Handle, offset: u64, len: u64) {
-        let Some(tx) = &self.pages else { return };
-        if h.direct || h.streak.load(Ordering::Relaxed) != 0 {
-            return;
-        }
-        let size = h.reader.size();
+    /// True for a random (not sequential) read of a buffered handle: the page cache then
+    /// gets the whole chunks it touches (see [`Self::read_feeding_pages`]).
+    fn feeds_pages(&self, h: &Handle) -> bool {
+        !h.direct && h.streak.load(Ordering::Relaxed) == 0
+    }
+
+    /// A random buffered read: each chunk it touches is decoded (into a recycled buffer,
+    /// unless the chunk cache holds it), the request answered, and the whole chunk handed to
+    /// the page feeder, so the kernel's page cache gets all of it and later reads of its other
+    /// pages never reach the daemon: a 4 KiB miss costs the decode of a ~64 KiB chunk, and
+    /// this keeps all of it instead of one page. The chunk cache is left alone: the page cache
+    /// holds these chunks now, and filling the cache would only allocate fresh memory.
+    fn read_feeding_pages(
+        &self,
+        h: &Handle,
+        offset: u64,
+        len: usize,
+        pages: &crossbeam_channel::Sender<PageFeed>,
+        reply: impl FnOnce(&[u8]),
+    ) -> Result<()> {
+        let end = offset + len as u64;
         let extents = h.reader.extents();
-        let mut idx = h.reader.extent_index(offset);
-        while let Some(e) = extents.get(idx) {
-            if e.offset >= offset + len {
-                break;
+        let mut used = Vec::new();
+        READ_BUF.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            buf.clear();
+            let mut idx = h.reader.extent_index(offset);
+            while let Some(e) = extents.get(idx).filter(|e| e.offset < end) {
+                idx += 1;
+                let part = (offset.max(e.offset) - e.offset) as usize
+                    ..(end.min(e.end()) - e.offset) as usize;
+                if e.chunk.is_none() {
+                    let filled = buf.len() + part.len();
+                    buf.resize(filled, 0); // zeros: nothing decoded
+                    continue;
+                }
+                let data = match h.reader.cached(e) {
+                    Some(d) => ChunkBytes::Cached(d),
+                    None => {
+                        let mut b = self.buffers.take();
+                        h.reader.decode_into(e, &mut b)?;
+                        ChunkBytes::Pooled(b)
+                    }
+                };
+                buf.extend_from_slice(&data[part]);
+                used.push((e, data));
             }
-            idx += 1;
-            if e.chunk.is_none() {
-                continue; // zeros: cheap to serve, nothing decoded
-            }
+            reply(&buf);
+            Ok::<_, Error>(())
+        })?;
+        let size = h.reader.size();
+        for (e, data) in used {
+            // Only whole pages inside the chunk (the kernel leaves a partial page not up to
+            // date); the request's own pages are cached by the kernel from the reply.
             let start = e.offset.next_multiple_of(PAGE);
-            let end = if e.end() >= size {
+            let stop = if e.end() >= size {
                 e.end()
             } else {
                 e.end() / PAGE * PAGE
             };
-            if end <= start {
+            if stop <= start {
                 continue;
             }
-            let Ok(data) = h.reader.chunk(e) else {
-                continue;
-            };
             let job = PageFeed {
                 ino: h.ino,
                 chunk_offset: e.offset,
-                range: (start - e.offset) as usize..(end - e.offset) as usize,
+                range: (start - e.offset) as usize..(stop - e.offset) as usize,
                 data,
             };
-            if tx.try_send(job).is_err() {
-                return; // feeder busy: skip, the reads still work
+            if pages.try_send(job).is_err() {
+                break; // feeder busy: skip, the reads still work
             }
         }
+        Ok(())
     }
 
     /// Answers a sequential request from its stream's decoded windows (see

@@ -70,13 +70,13 @@ pub struct MountOptions {
 }
 
 impl MountOptions {
-    /// Defaults for `tenant`: 256 MiB cache, 2 threads, 1 MiB kernel read-ahead (1 MiB
+    /// Defaults for `tenant`: 256 MiB cache, 4 threads, 1 MiB kernel read-ahead (1 MiB
     /// requests), 8 MiB decode-ahead (measured in docs/PERFORMANCE.md).
     pub fn new(tenant: &str) -> Self {
         MountOptions {
             tenant: tenant.to_string(),
             cache_bytes: 256 << 20,
-            threads: 2,
+            threads: 4,
             allow_other: false,
             read_ahead_kb: 1024,
             prefetch_bytes: 8 << 20,

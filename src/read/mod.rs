@@ -47,6 +47,63 @@ impl ChunkCache {
     }
 }
 
+impl ChunkCache {
+    /// The decoded chunk `id` if the cache holds it (no load, no insert).
+    pub fn peek(&self, id: &ChunkId) -> Option<Decoded> {
+        self.inner.get(id)
+    }
+}
+
+/// Decode buffers handed back after use, so that a read decodes into memory it has touched
+/// before: on this kind of VM the first touch of fresh pages was a fifth of a cold random
+/// read's CPU (each miss allocated a new chunk-sized buffer while the cache grew).
+pub struct BufferPool {
+    free_tx: crossbeam_channel::Sender<Vec<u8>>,
+    free_rx: crossbeam_channel::Receiver<Vec<u8>>,
+}
+
+impl BufferPool {
+    /// A pool keeping at most `buffers` spare buffers (more are freed).
+    pub fn new(buffers: usize) -> Arc<Self> {
+        let (free_tx, free_rx) = crossbeam_channel::bounded(buffers.max(1));
+        Arc::new(BufferPool { free_tx, free_rx })
+    }
+
+    /// A spare buffer (empty if none is spare), returned to the pool when dropped.
+    pub fn take(self: &Arc<Self>) -> Recycled {
+        Recycled {
+            buf: self.free_rx.try_recv().unwrap_or_default(),
+            pool: self.clone(),
+        }
+    }
+}
+
+/// A buffer of a [`BufferPool`], back in the pool when dropped.
+pub struct Recycled {
+    buf: Vec<u8>,
+    pool: Arc<BufferPool>,
+}
+
+impl std::ops::Deref for Recycled {
+    type Target = Vec<u8>;
+    fn deref(&self) -> &Vec<u8> {
+        &self.buf
+    }
+}
+
+impl std::ops::DerefMut for Recycled {
+    fn deref_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.buf
+    }
+}
+
+impl Drop for Recycled {
+    fn drop(&mut self) {
+        // A full pool frees the buffer.
+        let _ = self.pool.free_tx.try_send(std::mem::take(&mut self.buf));
+    }
+}
+
 /// Reads one image.
 pub struct ImageReader {
     store: Arc<Store>,
@@ -116,6 +173,28 @@ impl ImageReader {
             return Ok(vec![0; extent.len as usize]);
         };
         self.checked(extent, self.store.read_chunk(&id))
+    }
+
+    /// Decodes a data extent's chunk into `out` (resized to the extent's length), checked,
+    /// without touching the cache; zeros for a zero extent.
+    pub fn decode_into(&self, extent: &Extent, out: &mut Vec<u8>) -> Result<()> {
+        // Old contents need no clearing: the decoder writes every byte or fails.
+        out.resize(extent.len as usize, 0);
+        match extent.chunk {
+            None => {
+                out.fill(0);
+                Ok(())
+            }
+            Some(id) => self
+                .store
+                .read_chunk_into(&id, out)
+                .map_err(|reason| self.corrupt(extent, reason)),
+        }
+    }
+
+    /// The decoded chunk of a data extent if the cache holds it.
+    pub fn cached(&self, extent: &Extent) -> Option<Decoded> {
+        extent.chunk.and_then(|id| self.cache.peek(&id))
     }
 
     /// A decoded chunk for `extent`, or the error naming the image and offset.
@@ -388,7 +467,22 @@ impl<'a> FetchAhead<'a> {
 
 #[cfg(test)]
 mod tests {
-    use super::split_by_bytes;
+    use super::{split_by_bytes, BufferPool};
+
+    #[test]
+    fn buffer_pool_hands_back_used_buffers_and_frees_beyond_its_size() {
+        let pool = BufferPool::new(1);
+        let mut a = pool.take();
+        assert_eq!(a.capacity(), 0, "an empty pool gives a new buffer");
+        a.resize(100_000, 7);
+        let mut b = pool.take();
+        b.resize(50_000, 1);
+        drop(a); // kept
+        drop(b); // pool full: freed
+        let again = pool.take();
+        assert!(again.capacity() >= 100_000, "the first buffer comes back");
+        assert_eq!(pool.take().capacity(), 0, "only one buffer was kept");
+    }
 
     #[test]
     fn split_by_bytes_ends_runs_at_the_limit_and_keeps_every_item() {

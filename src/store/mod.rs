@@ -490,6 +490,19 @@ impl Store {
         }
     }
 
+    /// Reads, decodes and checks a chunk into `out`, which must be exactly its length (the
+    /// extent's). `Err(reason)` as for [`Store::read_chunk`].
+    pub fn read_chunk_into(&self, id: &ChunkId, out: &mut [u8]) -> std::result::Result<(), String> {
+        match self
+            .db
+            .get_pinned_cf_opt(self.cf(cf::CHUNKS), id.0, &chunk_read_options())
+        {
+            Ok(Some(value)) => Self::decode_checked_into(id, &value, out),
+            Ok(None) => Err(MISSING.to_string()),
+            Err(e) => Err(format!("read failed: {e}")),
+        }
+    }
+
     /// Decodes a stored chunk value into `out` (exactly its length) and checks it against the
     /// chunk's id.
     pub fn decode_checked_into(
