@@ -109,7 +109,23 @@ timed() {
     return "$rc"
 }
 
+# mount_pid: the pid of the mounted tool's serving process (imgvault and borg detach).
+mount_pid() {
+    case $MOUNTED in
+        imgvault) pgrep -n -f -- "--store $IV_STORE mount $MNT" ;;
+        borg) pgrep -n -f -- "borg mount $BORG_REPO_DIR" ;;
+        restic) echo "$RESTIC_PID" ;;
+    esac
+}
+MOUNTS=0
 unmount_all() {
+    # The serving process's peak RSS over this mount's life, before it ends (keys
+    # mountrss.TOOL.N; the table shows the largest).
+    local pid
+    if [ -n "$MOUNTED" ] && pid=$(mount_pid) && [ -n "$pid" ] && [ -r "/proc/$pid/status" ]; then
+        MOUNTS=$((MOUNTS + 1))
+        put "mountrss.$MOUNTED.$MOUNTS" "$(awk '/^VmHWM/ {print $2}' "/proc/$pid/status")"
+    fi
     if [ -n "$RESTIC_PID" ] && kill -0 "$RESTIC_PID" 2>/dev/null; then
         kill -INT "$RESTIC_PID" 2>/dev/null || true      # restic unmounts itself on SIGINT
         for _ in $(seq 50); do kill -0 "$RESTIC_PID" 2>/dev/null || break; sleep 0.2; done
@@ -486,6 +502,10 @@ row("peak RSS during ingest (max of a..d), MiB", rss, "mib", "low", "<= 128 MiB"
 xrss = {t: max([v for v in (num(f"extract.{t}.{r}.rss") for r in range(1, 10)) if v is not None], default=None)
         for t in TOOLS}
 row("peak RSS during extract of c, MiB", xrss, "mib", "low")
+mrss = {t: max([num(k) for k in R if k.startswith(f"mountrss.{t}.") and num(k) is not None], default=None)
+        for t in TOOLS}
+row("peak RSS of the mount's serving process (largest over its mounts), MiB", mrss, "mib", "low",
+    peers=MP)
 # imgvault-only rows
 for i in "bc":
     s, nz = num(f"ingest.imgvault.{i}.s"), num(f"nonzero.{i}")
