@@ -6,7 +6,9 @@
 #   SOURCE   its disk: a block device (/dev/sdX, /dev/nvme0n1, an LVM snapshot, a loop
 #            device) or a raw file; only read
 #   --keep N keep the newest N backups of SERVER and delete older ones, then gc
-#            (default 7; 0 keeps everything). Protected backups are never deleted.
+#            (default 7; 0 keeps everything). Protected backups are never deleted. The
+#            new backup is taken first; when the tenant's quota refuses it, the oldest
+#            backups beyond N-1 are deleted first and the backup is tried once more.
 #   --hw-model MODEL  record the server's hardware model (default: imgvault reads DMI)
 #
 # Each backup is linked to the previous one (--parent), so `imgvault lineage` shows the chain;
@@ -16,11 +18,12 @@
 # Prints one JSON summary line on stdout; exits with imgvault's code of the step that failed.
 #
 # Cron, every night at 02:30 (the store's writer lock makes concurrent runs wait):
-#   30 2 * * * root IMGVAULT_STORE=/srv/imgvault /usr/local/lib/imgvault/backup-nightly.sh --keep 14 web-01 /dev/vg0/web-01-snap
+#   30 2 * * * root IMGVAULT=/usr/local/bin/imgvault IMGVAULT_STORE=/srv/imgvault /usr/local/lib/imgvault/backup-nightly.sh --keep 14 web-01 /dev/vg0/web-01-snap
+# (cron's PATH is /usr/bin:/bin: name the binary, or set PATH.)
 set -euo pipefail
 . "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
 
-usage() { sed -n '4,13s/^# \{0,1\}//p' "$0" >&2; exit 2; }
+usage() { sed -n '4,15s/^# \{0,1\}//p' "$0" >&2; exit 2; }
 
 KEEP=7
 HW=()
@@ -53,9 +56,50 @@ if [ -n "$LATEST" ]; then
     log "previous backup: ${LATEST#* }"
 fi
 
-# 2. The backup. --wait: queue behind another writer instead of failing.
+DELETED=()
+KEPT=()
+# prune LIMIT: delete all but the newest LIMIT backups of SERVER (never protected ones), oldest
+# first; records them in DELETED and the others in KEPT.
+prune() {
+    local limit=$1 all count i=0 id name protected
+    KEPT=()
+    all=$(backups "$SERVER") || exit $?
+    count=$(printf '%s\n' "$all" | awk 'NF' | wc -l)
+    while read -r id name protected; do
+        [ -n "$id" ] || continue
+        i=$((i + 1))
+        if [ $((count - i)) -lt "$limit" ]; then
+            KEPT+=("$name")
+        elif [ "$protected" = yes ]; then
+            log "keeping protected backup $name"
+            KEPT+=("$name")
+        else
+            iv_or_die "deleting old backup $name" --wait delete "$id"
+            log "deleted old backup $name"
+            DELETED+=("$name")
+        fi
+    done <<<"$all"
+}
+
+# 2. The backup. --wait: queue behind another writer instead of failing. Taken before the
+# retention, so that a failed backup never leaves fewer than KEEP; when the tenant's quota has
+# no room for KEEP + 1 backups, make room down to KEEP - 1 and try once more.
+backup_once() {
+    iv --wait backup "$SOURCE" --name "$NAME" "${PARENT[@]}" "${HW[@]}"
+}
 log "backing up $SOURCE as $NAME"
-iv_or_die "backup of $SOURCE" --wait backup "$SOURCE" --name "$NAME" "${PARENT[@]}" "${HW[@]}"
+RC=0
+backup_once || RC=$?
+if [ "$RC" -eq 4 ] && [ "$KEEP" -gt 0 ] && [[ $IV_ERR == *"quota exceeded"* ]]; then
+    log "the quota has no room for a new backup beside $KEEP: deleting down to $((KEEP - 1)) first"
+    prune $((KEEP - 1))
+    RC=0
+    backup_once || RC=$?
+fi
+if [ "$RC" -ne 0 ]; then
+    if [ -n "$IV_ERR" ]; then printf '%s\n' "$IV_ERR" >&2; fi
+    die "$RC" "backup of $SOURCE failed (imgvault exit code $RC)"
+fi
 REPORT=$IV_OUT
 ID=$(printf '%s' "$REPORT" | json 'd["image"]["id"]')
 NEW=$(printf '%s' "$REPORT" | json 'd["new_stored_bytes"]')
@@ -66,25 +110,11 @@ done
 log "stored $NEW new bytes in $SECS s (image $ID)"
 
 # 3. Retention: delete all but the newest KEEP backups (never protected ones).
-DELETED=()
-KEPT=()
-ALL=$(backups "$SERVER") || exit $?
-COUNT=$(printf '%s\n' "$ALL" | awk 'NF' | wc -l)
-I=0
-while read -r id name protected; do
-    [ -n "$id" ] || continue
-    I=$((I + 1))
-    if [ "$KEEP" -eq 0 ] || [ $((COUNT - I)) -lt "$KEEP" ]; then
-        KEPT+=("$name")
-    elif [ "$protected" = yes ]; then
-        log "keeping protected backup $name"
-        KEPT+=("$name")
-    else
-        iv_or_die "deleting old backup $name" --wait delete "$id"
-        log "deleted old backup $name"
-        DELETED+=("$name")
-    fi
-done <<<"$ALL"
+if [ "$KEEP" -gt 0 ]; then
+    prune "$KEEP"
+else
+    prune 1000000000
+fi
 
 # 4. gc frees the chunks only the deleted backups used.
 GC_REMOVED=0

@@ -164,6 +164,16 @@ pub enum Error {
     #[error("refusing to write {}: {reason} (pass --force to override)", target.display())]
     UnsafeTarget { target: PathBuf, reason: String },
 
+    /// A restore onto a disk or file that held data failed after it had started writing: the
+    /// target holds part of the image and part of what it held. The exit code is `error`'s.
+    #[error("{error}; {} was restored in part: it now holds part of the image and part of what it held; run the same restore again to finish (it writes only what differs)", target.display())]
+    RestoredInPart { target: PathBuf, error: Box<Error> },
+
+    /// Restore refuses a target that another process is changing or writing; unlike
+    /// [`Error::UnsafeTarget`], `--force` does not override it.
+    #[error("refusing to write {}: {reason}", target.display())]
+    TargetContended { target: PathBuf, reason: String },
+
     /// A restore target device is smaller than the image (not overridable: devices do not grow).
     #[error("refusing to write {}: the device holds {size} bytes, image '{image}' needs {needed}; a block device cannot grow, so restore to a device of at least {needed} bytes", target.display())]
     TargetTooSmall {
@@ -256,6 +266,7 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         use Error::*;
         match self {
+            RestoredInPart { error, .. } => error.exit_code(),
             InvalidArgument { .. } | ChunkerMismatch { .. } | BadMountpoint { .. } => exit::USAGE,
             Source { .. }
             | BadSource { .. }
@@ -270,6 +281,7 @@ impl Error {
             | Protected { .. }
             | Incompatible { .. }
             | UnsafeTarget { .. }
+            | TargetContended { .. }
             | TargetTooSmall { .. }
             | UnsupportedImage { .. }
             | FormatVersion { .. } => exit::REFUSED,
@@ -294,6 +306,7 @@ impl Error {
     pub fn errno(&self) -> i32 {
         use Error::*;
         match self {
+            RestoredInPart { error, .. } => error.errno(),
             ImageNotFound { .. } => libc::ENOENT,
             PermissionDenied { .. } => libc::EACCES,
             InvalidArgument { .. } | BadMountpoint { .. } => libc::EINVAL,

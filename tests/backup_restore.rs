@@ -800,6 +800,36 @@ fn refusals_of_devices_too_small_mounted_or_in_use() {
     );
     drop(m2);
     drop(part);
+    // The same partition mounted through the whole-disk loop device's node (`mount -o
+    // offset=` makes a loop device over /dev/loopN itself): the device and the file behind
+    // it are both in use.
+    let mnt3 = s.scratch("mnt3");
+    std::fs::create_dir(&mnt3).unwrap();
+    sh(&format!(
+        "mount -o ro,offset={} '{}' '{}'",
+        partition_offset(&disk_file),
+        whole.dev,
+        mnt3.display()
+    ));
+    let m3 = Mounted(mnt3.clone());
+    let mounted_at = format!("is mounted read-only at {}", mnt3.display());
+    refused(
+        &s,
+        "admin",
+        &["srv", &whole.dev],
+        whole.path(),
+        4,
+        &mounted_at,
+    );
+    refused(
+        &s,
+        "admin",
+        &["srv", p(&disk_file)],
+        &disk_file,
+        4,
+        &mounted_at,
+    );
+    drop(m3);
     // Unmounted and detached: the same restore goes through.
     let r = restore_json(&s, &["srv", &whole.dev]);
     assert_eq!(r["target_kind"], "block-device");
@@ -931,6 +961,37 @@ fn example_scripts_back_up_nightly_restore_reinstall_and_provision() {
     let chain = s.json(&["lineage", "web-01-20250103T023000Z"]);
     assert_eq!(chain.as_array().unwrap().len(), 2);
     assert_eq!(chain[1]["properties"]["hw_model"], "Huawei 2288H V5");
+
+    // A tenant whose quota has room for exactly --keep backups: the script makes room (down
+    // to keep - 1) when the quota refuses the new backup, and backs up every night.
+    s.ok(&["quota", "ops", "--max-private", "2"]);
+    let small = small_disk(&s, "db-01.img", 3);
+    for (night, stamp) in [
+        "20250101T023000Z",
+        "20250102T023000Z",
+        "20250103T023000Z",
+        "20250104T023000Z",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let (code, j, err) = script(
+            &s,
+            "backup-nightly.sh",
+            &["--keep", "2", "db-01", p(&small)],
+            &[("BACKUP_TIME", stamp), ("IMGVAULT_TENANT", "ops")],
+        );
+        assert_eq!(code, 0, "night {night}: {err}");
+        assert_eq!(j["image"], format!("db-01-{stamp}"));
+        assert_eq!(
+            j["kept"].as_array().unwrap().len(),
+            (night + 1).min(2),
+            "{j}"
+        );
+        if night >= 2 {
+            assert!(err.contains("deleting down to 1 first"), "{err}");
+        }
+    }
 
     // Restore the latest backup onto a new disk: byte-identical, fsck clean.
     let restored = s.scratch("restored.img");

@@ -314,6 +314,20 @@ fn writing_an_image_onto_a_full_filesystem_fails_cleanly() {
         let left: Vec<_> = std::fs::read_dir(fs.path()).unwrap().collect();
         assert!(left.is_empty(), "{args:?} left {left:?}");
     }
+    // A file that was there before (sparse, the image's size) is not removed: the failed
+    // restore says it now holds part of the image, and how to finish.
+    let existing = fs.path().join("existing.disk");
+    std::fs::File::create(&existing)
+        .unwrap()
+        .set_len(40 * MIB as u64)
+        .unwrap();
+    let (code, _, err) = run(&store, &["restore", "big", existing.to_str().unwrap()]);
+    eprintln!("restore onto an existing file: exit {code}: {}", err.trim());
+    assert_eq!(code, 7, "{err}");
+    assert!(err.contains("no space left"), "{err}");
+    assert!(err.contains("was restored in part"), "{err}");
+    assert!(err.contains("run the same restore again"), "{err}");
+    assert!(existing.exists(), "the existing target was removed");
     // The store is untouched: the image still exports whole elsewhere.
     let out = scratch.path().join("big.out");
     ok(&store, &["export", "big", out.to_str().unwrap()]);

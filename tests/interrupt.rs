@@ -144,6 +144,8 @@ fn a_second_restore_onto_the_same_file_is_refused_while_the_first_writes() {
         stderr.contains("another imgvault restore is writing it"),
         "{stderr}"
     );
+    // --force was given and does not override this: the message must not suggest it.
+    assert!(!stderr.contains("--force"), "{stderr}");
     // The first one's result is whole.
     s.ok(&["restore", "--verify", "big", target.to_str().unwrap()]);
 }

@@ -19,7 +19,7 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use crossbeam_channel::bounded;
@@ -184,15 +184,20 @@ pub fn restore(
         path: target,
         kind: inspected.kind,
         holes: AtomicBool::new(inspected.kind == TargetKind::File),
+        changed: AtomicBool::new(false),
     };
+    // Set once every byte is written and synced: a later failure (verify) is not a part restore.
+    let written = AtomicBool::new(false);
     let result = (|| -> Result<RestoreReport> {
         if t.kind == TargetKind::File && inspected.size < size {
+            t.changed.store(true, Ordering::Relaxed);
             file.set_len(size)
-                .map_err(|e| t.io_err("extend the file to the image size", 0, e))?;
+                .map_err(|e| t.whole_err("extend to the image size", e))?;
         }
         let counters = run(reader, &t, opts.discard, progress)?;
         // Durability is the point of a restore: the data must be on the device when we say so.
-        file.sync_data().map_err(|e| t.io_err("fdatasync", 0, e))?;
+        file.sync_data().map_err(|e| t.whole_err("fdatasync", e))?;
+        written.store(true, Ordering::Relaxed);
         if created {
             sync_parent(target);
         }
@@ -233,11 +238,22 @@ pub fn restore(
             verify_seconds,
         })
     })();
-    if result.is_err() && created {
-        // Nothing of value was in a file we created: do not leave a half-written disk behind.
-        let _ = std::fs::remove_file(target);
+    match result {
+        Err(e) if created => {
+            // Nothing of value was in a file we created: do not leave a half-written disk.
+            let _ = std::fs::remove_file(target);
+            Err(e)
+        }
+        // A disk or file that held something: say it now holds a mix, as a stop by a signal
+        // does.
+        Err(e) if t.changed.load(Ordering::Relaxed) && !written.load(Ordering::Relaxed) => {
+            Err(Error::RestoredInPart {
+                target: target.to_path_buf(),
+                error: Box::new(e),
+            })
+        }
+        result => result,
     }
-    result
 }
 
 /// The hardware-model check (see [`crate::catalog::hw_compatibility`]).
@@ -436,12 +452,17 @@ fn open_target(path: &Path, t: &Inspected, force: bool) -> Result<File> {
         target: path.to_path_buf(),
         reason: reason.to_string(),
     };
+    // Races with another process: --force does not make them safe.
+    let contended = |reason: &str| Error::TargetContended {
+        target: path.to_path_buf(),
+        reason: reason.to_string(),
+    };
     let file = o.open(path).map_err(|e| match e.raw_os_error() {
         Some(libc::EBUSY) => unsafe_target(
             "the kernel reports it busy: mounted, a member of a RAID, LVM or device-mapper \
              device, or opened exclusively by another program",
         ),
-        Some(libc::EEXIST) => unsafe_target("it was created by someone else while restore started"),
+        Some(libc::EEXIST) => contended("it was created by someone else while restore started"),
         _ => Error::Target {
             path: path.to_path_buf(),
             source: e,
@@ -456,13 +477,13 @@ fn open_target(path: &Path, t: &Inspected, force: bool) -> Result<File> {
         TargetKind::BlockDevice => md.file_type().is_block_device() && md.rdev() == t.id.0,
     };
     if !same {
-        return Err(unsafe_target("it was replaced while restore started"));
+        return Err(contended("it was replaced while restore started"));
     }
     // One restore per target: two would leave a mix of both images (files and forced
     // devices have no O_EXCL to stop the second). Held until the file is closed.
     // SAFETY: flock on an open descriptor.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(unsafe_target(
+        return Err(contended(
             "another imgvault restore is writing it (wait for it to finish)",
         ));
     }

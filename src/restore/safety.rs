@@ -5,8 +5,11 @@
 //! major:minor in `/proc/self/mountinfo`), is active swap (`/proc/swaps`), or has holders
 //! (`/sys/class/block/<dev>/holders`: device-mapper, md RAID, bcache). A loop device is also
 //! in use when another loop device over the same backing file and an overlapping byte range is
-//! (that is how `losetup -o OFFSET` exposes a partition without udev). A regular file is in
-//! use when it is active swap or backs a loop device that is in use. Restore finally opens a
+//! (that is how `losetup -o OFFSET` exposes a partition without udev). A block device is also
+//! in use when a loop device over its device node (or a partition's) and an overlapping range
+//! is (`losetup -o OFFSET /dev/sdX`, or `mount -o offset=` on a disk device, which makes such a
+//! loop device itself), to a few levels of loops over loops. A regular file is in use when it
+//! is active swap or backs a loop device that is in use. Restore finally opens a
 //! device with `O_EXCL`, so the kernel's own view (any exclusive claim) has the last word.
 
 use std::fs;
@@ -170,18 +173,51 @@ fn direct_uses(sys: &System, dev: (u32, u32), rdev: Option<u64>, label: &str) ->
 
 /// Partitions of a whole-disk sysfs directory: (name, major:minor).
 fn partitions(dir: &Path) -> Vec<(String, (u32, u32))> {
+    partition_spans(dir)
+        .into_iter()
+        .map(|p| (p.name, p.dev))
+        .collect()
+}
+
+/// A partition of a disk: its name, major:minor and byte range on the disk.
+struct PartitionSpan {
+    name: String,
+    dev: (u32, u32),
+    start: u64,
+    end: u64,
+}
+
+/// The partitions of a whole-disk sysfs directory, with their byte ranges (sysfs `start` and
+/// `size` count 512-byte sectors; a partition whose range is unreadable spans the whole disk,
+/// so that nothing over it is missed).
+fn partition_spans(dir: &Path) -> Vec<PartitionSpan> {
     let mut out = Vec::new();
     if let Ok(entries) = fs::read_dir(dir) {
         for e in entries.flatten() {
             let p = e.path();
-            if p.join("partition").exists() {
-                if let Some(dev) = read_trim(&p.join("dev")).and_then(|d| parse_dev(&d)) {
-                    out.push((dir_name(&p), dev));
-                }
+            if !p.join("partition").exists() {
+                continue;
             }
+            let Some(dev) = read_trim(&p.join("dev")).and_then(|d| parse_dev(&d)) else {
+                continue;
+            };
+            let sectors = |f: &str| read_trim(&p.join(f)).and_then(|s| s.parse::<u64>().ok());
+            let (start, end) = match (sectors("start"), sectors("size")) {
+                (Some(start), Some(size)) => (
+                    start.saturating_mul(512),
+                    start.saturating_add(size).saturating_mul(512),
+                ),
+                _ => (0, u64::MAX),
+            };
+            out.push(PartitionSpan {
+                name: dir_name(&p),
+                dev,
+                start,
+                end,
+            });
         }
     }
-    out.sort();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
     out
 }
 
@@ -211,6 +247,8 @@ struct LoopDev {
     name: String,
     dev: (u32, u32),
     backing: (u64, u64),
+    /// major:minor of the backing file when it is a block device node (a loop over a disk).
+    backing_block: Option<(u32, u32)>,
     backing_path: String,
     offset: u64,
     /// End of the range it exposes (u64::MAX when it runs to the end of the file).
@@ -248,6 +286,10 @@ fn loop_devices(sys: &System) -> Vec<LoopDev> {
             name,
             dev,
             backing: (md.dev(), md.ino()),
+            backing_block: md
+                .file_type()
+                .is_block_device()
+                .then(|| dev_numbers(md.rdev())),
             backing_path,
             offset,
             end: if limit == 0 {
@@ -261,12 +303,25 @@ fn loop_devices(sys: &System) -> Vec<LoopDev> {
     out
 }
 
-fn loop_uses(sys: &System, l: &LoopDev) -> Vec<DiskUse> {
+/// Loops over loops deeper than this are not followed (a cycle cannot be built, but a chain
+/// could be long).
+const LOOP_DEPTH: u32 = 4;
+
+fn loop_uses(sys: &System, loops: &[LoopDev], l: &LoopDev, depth: u32) -> Vec<DiskUse> {
     let label = format!(
         "/dev/{} (over {} from byte {})",
         l.name, l.backing_path, l.offset
     );
     let mut uses = device_and_partition_uses(sys, l.dev, None, &label);
+    // Loop devices over this one (all of it: what they expose is in use either way).
+    uses.extend(loops_over_device(
+        sys,
+        loops,
+        l.dev,
+        (0, u64::MAX),
+        None,
+        depth + 1,
+    ));
     if uses.is_empty() {
         // What the tables do not show (swap on it or a partition, an exclusive opener): the
         // kernel refuses an exclusive open of a device that is claimed.
@@ -289,6 +344,50 @@ fn loop_uses(sys: &System, l: &LoopDev) -> Vec<DiskUse> {
     uses
 }
 
+/// Uses of bytes `range` of the block device `dev` through loop devices over its device node
+/// or over one of its partitions' nodes (except `skip`, the target itself).
+fn loops_over_device(
+    sys: &System,
+    loops: &[LoopDev],
+    dev: (u32, u32),
+    range: (u64, u64),
+    skip: Option<&str>,
+    depth: u32,
+) -> Vec<DiskUse> {
+    let mut out = Vec::new();
+    if depth > LOOP_DEPTH {
+        return out;
+    }
+    // The device itself, then each partition at its place on the device.
+    let mut spans = vec![(dev, 0u64, u64::MAX)];
+    if let Some(dir) = sys.sys_dir(dev) {
+        spans.extend(
+            partition_spans(&dir)
+                .into_iter()
+                .map(|p| (p.dev, p.start, p.end)),
+        );
+    }
+    for l in loops {
+        if Some(l.name.as_str()) == skip {
+            continue;
+        }
+        let Some(backing) = l.backing_block else {
+            continue;
+        };
+        for &(span_dev, base, span_end) in &spans {
+            if backing != span_dev {
+                continue;
+            }
+            let start = base.saturating_add(l.offset);
+            let end = base.saturating_add(l.end.min(span_end.saturating_sub(base)));
+            if start < range.1 && range.0 < end {
+                out.extend(loop_uses(sys, loops, l, depth));
+            }
+        }
+    }
+    out
+}
+
 /// Uses of a file's bytes `start..end` through loop devices and swap.
 fn file_range_uses(
     sys: &System,
@@ -304,12 +403,13 @@ fn file_range_uses(
             writable: true,
         });
     }
-    for l in loop_devices(sys) {
-        if Some(l.name.as_str()) == skip || l.backing != file {
+    let loops = loop_devices(sys);
+    for l in &loops {
+        if Some(l.name.as_str()) == skip || l.backing != file || l.backing_block.is_some() {
             continue;
         }
         if l.offset < end && start < l.end {
-            out.extend(loop_uses(sys, &l));
+            out.extend(loop_uses(sys, &loops, l, 0));
         }
     }
     out
@@ -326,20 +426,33 @@ pub fn disk_uses(path: &Path, range: (u64, u64)) -> Vec<DiskUse> {
     if md.file_type().is_block_device() {
         let dev = dev_numbers(md.rdev());
         out.extend(device_and_partition_uses(&sys, dev, Some(md.rdev()), "it"));
-        // A loop device shares its bytes with every other loop device over the same file.
         let loops = loop_devices(&sys);
+        // Loop devices over this device's node (or a partition's).
+        out.extend(loops_over_device(&sys, &loops, dev, range, None, 0));
+        // A loop device shares its bytes with every other loop device over the same file
+        // (or the same device node).
         if let Some(me) = loops.iter().find(|l| l.dev == dev) {
             let (start, end) = (
                 me.offset.saturating_add(range.0),
                 me.offset.saturating_add(range.1).min(me.end),
             );
-            out.extend(file_range_uses(
-                &sys,
-                me.backing,
-                start,
-                end,
-                Some(&me.name),
-            ));
+            match me.backing_block {
+                Some(backing) => out.extend(loops_over_device(
+                    &sys,
+                    &loops,
+                    backing,
+                    (start, end),
+                    Some(&me.name),
+                    0,
+                )),
+                None => out.extend(file_range_uses(
+                    &sys,
+                    me.backing,
+                    start,
+                    end,
+                    Some(&me.name),
+                )),
+            }
         }
     } else if md.file_type().is_file() {
         out.extend(file_range_uses(

@@ -48,6 +48,8 @@ pub(super) struct Target<'a> {
     pub(super) kind: TargetKind,
     /// A file whose filesystem answers SEEK_DATA: holes are not read.
     pub(super) holes: AtomicBool,
+    /// Set before the first change to the target's bytes (a write, a zeroing, a resize).
+    pub(super) changed: AtomicBool,
 }
 
 /// How a zero range was zeroed.
@@ -67,15 +69,20 @@ impl Target<'_> {
         )
     }
 
+    /// An error of an operation on the whole target (no offset to name).
+    pub(super) fn whole_err(&self, what: &str, e: std::io::Error) -> Error {
+        Error::io(format!("{what} {}", self.path.display()), e)
+    }
+
     pub(super) fn size(&self) -> Result<u64> {
         match self.kind {
             TargetKind::File => self
                 .file
                 .metadata()
                 .map(|m| m.len())
-                .map_err(|e| self.io_err("stat", 0, e)),
+                .map_err(|e| self.whole_err("stat", e)),
             TargetKind::BlockDevice => {
-                device_size(self.file).map_err(|e| self.io_err("size", 0, e))
+                device_size(self.file).map_err(|e| self.whole_err("read the size of", e))
             }
         }
     }
@@ -151,6 +158,7 @@ impl Target<'_> {
     }
 
     pub(super) fn write(&self, data: &[u8], offset: u64) -> Result<()> {
+        self.changed.store(true, Ordering::Relaxed);
         self.file
             .write_all_at(data, offset)
             .map_err(|e| self.io_err("write", offset, e))
@@ -178,6 +186,7 @@ impl Target<'_> {
 
     /// Zeroes `offset..offset+len`; returns how.
     pub(super) fn zero(&self, offset: u64, len: u64) -> Result<Zeroed> {
+        self.changed.store(true, Ordering::Relaxed);
         match self.kind {
             TargetKind::File => {
                 // SAFETY: fallocate on an open descriptor.
