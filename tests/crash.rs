@@ -633,3 +633,55 @@ fn sigkill_at_random_moments_loses_nothing_committed() {
         started.elapsed().as_secs_f64()
     );
 }
+
+#[test]
+fn an_init_killed_at_any_moment_leaves_no_store_or_a_whole_one() {
+    // `init` builds the database beside its place and renames it in: a kill leaves either no
+    // store (and `init` runs again) or one every command can use, never a store that reads
+    // as damaged and that `init` refuses to replace.
+    let scratch = tempfile::tempdir().unwrap();
+    let mut rng = Rng(0x1234_5678_9abc_def1);
+    let (mut whole, mut none) = (0, 0);
+    for round in 0..40 {
+        let dir = scratch.path().join(format!("s{round}"));
+        let mut child = Command::new(bin())
+            .args(["--store", dir.to_str().unwrap(), "init", "--region", "x"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_micros(rng.next() % 60_000));
+        let _ = child.kill();
+        let _ = child.wait();
+        let list = Command::new(bin())
+            .args(["--store", dir.to_str().unwrap(), "list"])
+            .output()
+            .unwrap();
+        if list.status.success() {
+            whole += 1;
+            continue;
+        }
+        none += 1;
+        let err = String::from_utf8_lossy(&list.stderr);
+        assert_eq!(
+            list.status.code(),
+            Some(3),
+            "round {round}: a killed init left a store that fails: {err}"
+        );
+        let again = Command::new(bin())
+            .args(["--store", dir.to_str().unwrap(), "init", "--region", "x"])
+            .output()
+            .unwrap();
+        assert!(
+            again.status.success(),
+            "round {round}: init after a killed init: {}",
+            String::from_utf8_lossy(&again.stderr)
+        );
+        let list = Command::new(bin())
+            .args(["--store", dir.to_str().unwrap(), "list"])
+            .output()
+            .unwrap();
+        assert!(list.status.success(), "round {round}: list after re-init");
+    }
+    eprintln!("{whole} kills left a whole store, {none} left none (init ran again)");
+}

@@ -201,6 +201,16 @@ fn db_dir(path: &Path) -> PathBuf {
 }
 
 /// True when `path` holds a store.
+/// Where init builds a store's database before renaming it to `db`.
+const INIT_PARTIAL: &str = "db.init-partial";
+
+/// Syncs a directory's entries (best effort: a rename survives a power cut).
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
 pub fn exists(path: &Path) -> bool {
     db_dir(path).join("CURRENT").is_file()
 }
@@ -225,7 +235,18 @@ impl Store {
             .map_err(|e| Error::io(format!("create store directory {}", path.display()), e))?;
         let lock = WriterLock::acquire(path, &lock::lock_path(path), false)?;
         lock::ensure_readers_file(path)?;
-        let db = open_db(path, DbMode::Writer { create: true })?;
+        // The database is built, config included, beside its place and renamed into it: a
+        // killed init leaves no store (`exists` looks for db/CURRENT), only this directory,
+        // which the next init removes.
+        let partial = path.join(INIT_PARTIAL);
+        if partial.exists() {
+            std::fs::remove_dir_all(&partial).map_err(|e| {
+                Error::io(
+                    format!("remove the unfinished init {}", partial.display()),
+                    e,
+                )
+            })?;
+        }
         let config = StoreConfig {
             format_version: FORMAT_VERSION,
             chunker: ChunkerConfig::current(opts.chunker),
@@ -234,20 +255,32 @@ impl Store {
             default_quota: opts.default_quota,
             created: now(),
         };
-        let store = Store {
+        let json =
+            serde_json::to_vec(&config).map_err(|e| Error::invalid("config", e.to_string()))?;
+        {
+            let db = open_db_at(path, &partial, DbMode::Writer { create: true })?;
+            let meta = db
+                .cf_handle(cf::META)
+                .ok_or_else(|| Error::Internal("column family meta missing at init".into()))?;
+            let mut batch = WriteBatch::default();
+            batch.put_cf(meta, CONFIG_KEY, json);
+            let mut wo = rocksdb::WriteOptions::default();
+            wo.set_sync(true);
+            db.write_opt(batch, &wo).map_err(|e| db_err(path, e))?;
+            db.flush_wal(true).map_err(|e| db_err(path, e))?;
+        }
+        std::fs::rename(&partial, db_dir(path))
+            .map_err(|e| Error::io(format!("move the new database into {}", path.display()), e))?;
+        sync_dir(path);
+        let db = open_db(path, DbMode::Writer { create: false })?;
+        Ok(Store {
             path: path.to_path_buf(),
             db,
-            config: config.clone(),
+            config,
             mode: OpenMode::Writer { wait: false },
             _lock: Some(lock),
             _readers: None,
-        };
-        let json =
-            serde_json::to_vec(&config).map_err(|e| Error::invalid("config", e.to_string()))?;
-        let mut batch = WriteBatch::default();
-        batch.put_cf(store.cf(cf::META), CONFIG_KEY, json);
-        store.commit(batch)?;
-        Ok(store)
+        })
     }
 
     /// Opens an existing store.
@@ -788,6 +821,12 @@ enum DbMode {
 }
 
 fn open_db(path: &Path, mode: DbMode) -> Result<DB> {
+    open_db_at(path, &db_dir(path), mode)
+}
+
+/// [`open_db`] of the database directory `dir` of the store at `path` (init builds the
+/// database beside its final place).
+fn open_db_at(path: &Path, dir: &Path, mode: DbMode) -> Result<DB> {
     let create = matches!(mode, DbMode::Writer { create: true });
     let mut opts = Options::default();
     opts.create_if_missing(create);
@@ -818,7 +857,7 @@ fn open_db(path: &Path, mode: DbMode) -> Result<DB> {
             .map(|name| ColumnFamilyDescriptor::new(*name, cf_options(name)))
             .collect()
     };
-    let dir = db_dir(path);
+    let dir = dir.to_path_buf();
     match mode {
         DbMode::Writer { .. } => {
             DB::open_cf_descriptors(&opts, &dir, cfs()).map_err(|e| db_err(path, e))
