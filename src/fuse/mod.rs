@@ -13,10 +13,11 @@
 //! Reads are answered inline on fuser's threads (one `/dev/fuse` fd each) from the shared
 //! [`ChunkCache`](crate::read::ChunkCache); a sequential reader gets the bytes ahead of it
 //! decoded in parallel into windows and is answered from them without a copy (`stream`); a
-//! random buffered read decodes into a recycled buffer (not into the chunk cache) and hands the
-//! whole chunk to a feeder thread that stores it in the kernel's page cache
-//! (FUSE_NOTIFY_STORE), so the chunk's other pages never need the daemon; `SEEK_DATA`/`SEEK_HOLE` come from the zero extents; the page cache
-//! is kept across opens (the bytes of an image never change).
+//! random buffered read decodes into a recycled buffer (not into the chunk cache) and hands
+//! the whole chunk to a feeder thread that stores it in the kernel's page cache
+//! (FUSE_NOTIFY_STORE), so the chunk's other pages never need the daemon;
+//! `SEEK_DATA`/`SEEK_HOLE` come from the zero extents; the page cache is kept across opens
+//! (the bytes of an image never change).
 //!
 //! Clones without copies: a qcow2 overlay whose backing file is the mounted raw file
 //! (`imgvault clone-overlay IMAGE OVERLAY.qcow2 --mount MNT`, which runs

@@ -45,9 +45,7 @@ impl ChunkCache {
             inner: quick_cache::sync::Cache::with_weighter(items, bytes.max(1), ByLength),
         }
     }
-}
 
-impl ChunkCache {
     /// The decoded chunk `id` if the cache holds it (no load, no insert).
     pub fn peek(&self, id: &ChunkId) -> Option<Decoded> {
         self.inner.get(id)

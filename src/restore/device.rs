@@ -187,7 +187,7 @@ pub fn restore(
         changed: AtomicBool::new(false),
     };
     // Set once every byte is written and synced: a later failure (verify) is not a part restore.
-    let written = AtomicBool::new(false);
+    let mut written = false;
     let result = (|| -> Result<RestoreReport> {
         if t.kind == TargetKind::File && inspected.size < size {
             t.changed.store(true, Ordering::Relaxed);
@@ -197,7 +197,7 @@ pub fn restore(
         let counters = run(reader, &t, opts.discard, progress)?;
         // Durability is the point of a restore: the data must be on the device when we say so.
         file.sync_data().map_err(|e| t.whole_err("fdatasync", e))?;
-        written.store(true, Ordering::Relaxed);
+        written = true;
         if created {
             sync_parent(target);
         }
@@ -246,12 +246,10 @@ pub fn restore(
         }
         // A disk or file that held something: say it now holds a mix, as a stop by a signal
         // does.
-        Err(e) if t.changed.load(Ordering::Relaxed) && !written.load(Ordering::Relaxed) => {
-            Err(Error::RestoredInPart {
-                target: target.to_path_buf(),
-                error: Box::new(e),
-            })
-        }
+        Err(e) if t.changed.load(Ordering::Relaxed) && !written => Err(Error::RestoredInPart {
+            target: target.to_path_buf(),
+            error: Box::new(e),
+        }),
         result => result,
     }
 }
@@ -495,9 +493,7 @@ fn sync_parent(path: &Path) {
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    if let Ok(d) = File::open(parent) {
-        let _ = d.sync_all();
-    }
+    crate::store::sync_dir(parent);
 }
 
 /// A byte range of the image processed as one unit; data extents never straddle windows.

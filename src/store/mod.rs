@@ -200,17 +200,18 @@ fn db_dir(path: &Path) -> PathBuf {
     path.join("db")
 }
 
-/// True when `path` holds a store.
 /// Where init builds a store's database before renaming it to `db`.
 const INIT_PARTIAL: &str = "db.init-partial";
 
-/// Syncs a directory's entries (best effort: a rename survives a power cut).
-fn sync_dir(dir: &Path) {
+/// Syncs a directory's entries, so that a file created or renamed in it survives a power cut
+/// (best effort).
+pub(crate) fn sync_dir(dir: &Path) {
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }
 }
 
+/// True when `path` holds a store.
 pub fn exists(path: &Path) -> bool {
     db_dir(path).join("CURRENT").is_file()
 }
@@ -264,10 +265,9 @@ impl Store {
                 .ok_or_else(|| Error::Internal("column family meta missing at init".into()))?;
             let mut batch = WriteBatch::default();
             batch.put_cf(meta, CONFIG_KEY, json);
-            let mut wo = rocksdb::WriteOptions::default();
+            let mut wo = WriteOptions::default();
             wo.set_sync(true);
             db.write_opt(batch, &wo).map_err(|e| db_err(path, e))?;
-            db.flush_wal(true).map_err(|e| db_err(path, e))?;
         }
         std::fs::rename(&partial, db_dir(path))
             .map_err(|e| Error::io(format!("move the new database into {}", path.display()), e))?;
@@ -511,29 +511,27 @@ impl Store {
             .map_err(|e| self.db_err(e))
     }
 
-    /// Reads, decodes and checks a chunk. `Err(reason)` describes missing or damaged data.
-    pub fn read_chunk(&self, id: &ChunkId) -> std::result::Result<Vec<u8>, String> {
+    /// The stored (still encoded) value of a chunk; `Err(reason)` when missing or unreadable.
+    fn stored_chunk(&self, id: &ChunkId) -> std::result::Result<StoredValue<'_>, String> {
         match self
             .db
             .get_pinned_cf_opt(self.cf(cf::CHUNKS), id.0, &chunk_read_options())
         {
-            Ok(Some(value)) => Self::decode_checked(id, &value),
+            Ok(Some(value)) => Ok(StoredValue(value)),
             Ok(None) => Err(MISSING.to_string()),
             Err(e) => Err(format!("read failed: {e}")),
         }
     }
 
+    /// Reads, decodes and checks a chunk. `Err(reason)` describes missing or damaged data.
+    pub fn read_chunk(&self, id: &ChunkId) -> std::result::Result<Vec<u8>, String> {
+        Self::decode_checked(id, self.stored_chunk(id)?.as_ref())
+    }
+
     /// Reads, decodes and checks a chunk into `out`, which must be exactly its length (the
     /// extent's). `Err(reason)` as for [`Store::read_chunk`].
     pub fn read_chunk_into(&self, id: &ChunkId, out: &mut [u8]) -> std::result::Result<(), String> {
-        match self
-            .db
-            .get_pinned_cf_opt(self.cf(cf::CHUNKS), id.0, &chunk_read_options())
-        {
-            Ok(Some(value)) => Self::decode_checked_into(id, &value, out),
-            Ok(None) => Err(MISSING.to_string()),
-            Err(e) => Err(format!("read failed: {e}")),
-        }
+        Self::decode_checked_into(id, self.stored_chunk(id)?.as_ref(), out)
     }
 
     /// Decodes a stored chunk value into `out` (exactly its length) and checks it against the
