@@ -508,6 +508,72 @@ fn second_backup_of_an_unchanged_device_adds_almost_nothing() {
     assert_eq!(second["image"]["parent"], first["image"]["id"]);
 }
 
+/// Names of a `lineage --json` listing, in order.
+fn chain_names(chain: &serde_json::Value) -> Vec<String> {
+    chain
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn deleting_backups_in_the_middle_keeps_one_chain() {
+    // Found by the backup audit: deleting a middle backup (retention keeping an older,
+    // protected one) split `lineage` into two chains.
+    let s = TestStore::new();
+    let disk = small_disk(&s, "d.img", 6);
+    s.json(&["backup", p(&disk), "--name", "b1"]);
+    for (name, parent) in [("b2", "b1"), ("b3", "b2"), ("b4", "b3"), ("b5", "b4")] {
+        s.json(&["backup", p(&disk), "--name", name, "--parent", parent]);
+    }
+    s.ok(&["protect", "b1"]);
+    s.ok(&["delete", "b2"]);
+    s.ok(&["delete", "b3"]);
+    for from in ["b1", "b4", "b5"] {
+        let chain = s.json(&["lineage", from]);
+        assert_eq!(
+            chain_names(&chain),
+            ["b1", "b4", "b5"],
+            "lineage {from}: {chain}"
+        );
+        let gens: Vec<u64> = chain
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| u(e, "generation"))
+            .collect();
+        assert_eq!(gens, [0, 1, 2]);
+    }
+    let chain = s.json(&["lineage", "b5"]);
+    assert_eq!(chain[1]["parent_present"], false);
+    assert_eq!(chain[1]["parent_deleted"], true);
+    assert_eq!(chain[1]["deleted_parent_name"], "b3");
+    assert_eq!(chain[2]["parent_present"], true);
+    let text = s.ok(&["lineage", "b5"]);
+    assert!(text.contains("(deleted b3)"), "{text}");
+    let shown = s.ok(&["show", "b4"]);
+    assert!(shown.contains("(deleted: b3)"), "{shown}");
+    let shown = s.json(&["show", "b5"]);
+    assert_eq!(shown["parent_status"], "present");
+    assert_eq!(shown["parent_name"], "admin/b4");
+
+    // The oldest goes too: the links lead to no surviving ancestor and are dropped, and the
+    // chain starts at b4, whose parent reads as deleted (no name: nothing kept for it).
+    s.ok(&["unprotect", "b1"]);
+    s.ok(&["delete", "b1"]);
+    let chain = s.json(&["lineage", "b5"]);
+    assert_eq!(chain_names(&chain), ["b4", "b5"]);
+    assert_eq!(chain[0]["parent_deleted"], true);
+    assert_eq!(chain[0]["deleted_parent_name"], serde_json::Value::Null);
+    assert_eq!(s.json(&["show", "b4"])["parent_status"], "deleted");
+    // A new backup on top still joins the chain.
+    s.json(&["backup", p(&disk), "--name", "b6", "--parent", "b5"]);
+    s.ok(&["delete", "b5"]);
+    assert_eq!(chain_names(&s.json(&["lineage", "b6"])), ["b4", "b6"]);
+}
+
 #[test]
 fn lineage_lists_the_chain_and_parents_must_be_owned() {
     let s = TestStore::new();

@@ -645,7 +645,7 @@ fn pending_and_rejected_members_see_it_by_id_or_owner_name_only() {
         "carol",
         &["clone", &id, "--name", "mine"],
         4,
-        "not been accepted",
+        "rejected the share (run `imgvault accept` to accept it after all)",
     );
     // Members never see who else it is shared with.
     refused_as(&s, "carol", &["members", &id], 4, "only its owner 'alice'");

@@ -14,11 +14,13 @@
 //!   creation happen under the store's writer lock, so they are atomic.
 
 mod compat;
+mod lineage;
 mod listing;
 mod members;
 mod record;
 
 pub use compat::{hw_compatibility, require_hw_compatible, Compatibility};
+pub use lineage::{surviving_ancestor, DeletedLink};
 pub use listing::{ListQuery, SortKey};
 pub use members::MemberStatus;
 pub use record::{ImageId, ImageRecord, Properties, Source, Visibility};
@@ -331,11 +333,17 @@ impl<'s> Catalog<'s> {
     ) -> Result<ImageRecord> {
         let (rec, access) = self.resolve(tenant, reference)?;
         if access == Access::Invited {
+            let reason = match self.member_status(&rec.id, tenant)? {
+                Some(MemberStatus::Rejected) => {
+                    "the tenant rejected the share (run `imgvault accept` to accept it after all)"
+                }
+                _ => "the share has not been accepted (run `imgvault accept`)",
+            };
             return Err(Error::PermissionDenied {
                 tenant: tenant.to_string(),
                 action,
                 object: format!("image '{reference}'"),
-                reason: "the share has not been accepted (run `imgvault accept`)".into(),
+                reason: reason.into(),
             });
         }
         Ok(rec)
@@ -520,8 +528,9 @@ impl<'s> Catalog<'s> {
     }
 
     /// Deletes an image: record, name, extents, members and reference decrements in one
-    /// atomic batch, so it disappears for its owner and every member at once. The caller
-    /// has checked ownership; a protected image is refused here.
+    /// atomic batch, so it disappears for its owner and every member at once; a backup's
+    /// place in its chain stays as a link (see [`DeletedLink`]). The caller has checked
+    /// ownership; a protected image is refused here.
     pub fn delete(&self, rec: &ImageRecord) -> Result<()> {
         require_unprotected(rec)?;
         let extents = self.extents(rec)?;
@@ -548,6 +557,7 @@ impl<'s> Catalog<'s> {
             );
         }
         members::batch_delete_all(self, &mut batch, &rec.id)?;
+        self.batch_relink(rec, &mut batch)?;
         s.commit(batch)
     }
 

@@ -205,7 +205,10 @@ pub fn lineage(ctx: &Context, image: &str) -> anyhow::Result<i32> {
                     .iter()
                     .find(|x| x.image.id == p)
                     .map_or_else(|| p.to_hex()[..12].to_string(), |x| x.image.name.clone()),
-                Some(p) if e.parent_deleted => format!("(deleted {})", &p.to_hex()[..12]),
+                Some(p) if e.parent_deleted => match &e.deleted_parent_name {
+                    Some(name) => format!("(deleted {name})"),
+                    None => format!("(deleted {})", &p.to_hex()[..12]),
+                },
                 Some(p) => format!("(not visible {})", &p.to_hex()[..12]),
             };
             vec![

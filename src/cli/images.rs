@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use imgvault::catalog::{Access, Catalog, ImageRecord, ListQuery, MemberStatus, Source};
+use imgvault::catalog::{Access, Catalog, ImageId, ImageRecord, ListQuery, MemberStatus, Source};
 use imgvault::ingest::{self, IngestOptions};
 use imgvault::read::{ChunkCache, ImageReader};
 use imgvault::restore;
@@ -196,12 +196,42 @@ struct Shown<'a> {
     image: &'a ImageRecord,
     access: &'static str,
     members: Vec<Member>,
+    /// What became of the parent: `present`, `deleted` (told to its owner and admin only)
+    /// or `not visible`; absent without a parent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parent_status: Option<&'static str>,
+    /// `OWNER/NAME` of a present parent, or the name of a deleted one when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parent_name: Option<String>,
 }
 
 #[derive(Serialize)]
 struct Member {
     tenant: String,
     status: MemberStatus,
+}
+
+/// What became of an image's parent, as `tenant` (with `access` to the child) may learn it:
+/// `present` with `OWNER/NAME`, `deleted` (owner and admin only; with its name when its
+/// delete left a lineage link) or `not visible`.
+fn describe_parent(
+    catalog: &Catalog,
+    tenant: &str,
+    access: Access,
+    parent: &ImageId,
+) -> anyhow::Result<(&'static str, Option<String>)> {
+    if let Some(p) = catalog.get(parent)? {
+        if catalog.access(tenant, &p)?.is_some() {
+            return Ok(("present", Some(format!("{}/{}", p.owner, p.name))));
+        }
+        return Ok(("not visible", None));
+    }
+    if access != Access::Owner {
+        // A member cannot tell a deleted parent from one not shared with it.
+        return Ok(("not visible", None));
+    }
+    let name = catalog.deleted_links()?.remove(parent).map(|l| l.name);
+    Ok(("deleted", name))
 }
 
 pub fn show(ctx: &Context, image: &str) -> anyhow::Result<i32> {
@@ -218,11 +248,17 @@ pub fn show(ctx: &Context, image: &str) -> anyhow::Result<i32> {
     } else {
         Vec::new()
     };
+    let parent = match rec.parent {
+        Some(p) => Some(describe_parent(&catalog, &ctx.tenant, access, &p)?),
+        None => None,
+    };
     if ctx.json {
         return output::json(&Shown {
             image: &rec,
             access: access_name(access),
             members,
+            parent_status: parent.as_ref().map(|p| p.0),
+            parent_name: parent.and_then(|p| p.1),
         })
         .map(|_| 0);
     }
@@ -266,8 +302,14 @@ pub fn show(ctx: &Context, image: &str) -> anyhow::Result<i32> {
         ("region", rec.region.clone()),
         ("source", source),
     ];
-    if let Some(parent) = rec.parent {
-        lines.push(("parent", parent.to_hex()));
+    if let (Some(id), Some((status, name))) = (rec.parent, parent) {
+        let shown = match (status, name) {
+            ("present", Some(name)) => format!("{name} ({id})"),
+            ("deleted", Some(name)) => format!("{id} (deleted: {name})"),
+            ("deleted", None) => format!("{id} (deleted)"),
+            _ => id.to_hex(),
+        };
+        lines.push(("parent", shown));
     }
     let optional = p.text_fields();
     for (k, v) in optional {

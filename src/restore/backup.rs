@@ -9,7 +9,9 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::safety;
-use crate::catalog::{Catalog, ImageId, ImageRecord, Properties, Visibility, ADMIN};
+use crate::catalog::{
+    surviving_ancestor, Catalog, ImageId, ImageRecord, Properties, Visibility, ADMIN,
+};
 use crate::error::{Error, Result};
 use crate::ingest::{self, ImportReport, IngestOptions};
 use crate::progress::Progress;
@@ -137,7 +139,8 @@ pub struct LineageEntry {
     /// The image.
     #[serde(flatten)]
     pub image: ImageRecord,
-    /// Distance from the oldest image of the chain that still exists (0).
+    /// How many surviving images of the chain come before this one (0: the oldest that
+    /// still exists).
     pub generation: usize,
     /// False when the image names a parent that is not in this listing: deleted (by
     /// retention), or not visible to the tenant (a member of a shared backup does not see
@@ -147,13 +150,18 @@ pub struct LineageEntry {
     /// owner or admin; a parent is always its child's owner's own image). False for a member
     /// who cannot tell a deleted parent from one not shared with it.
     pub parent_deleted: bool,
+    /// The deleted parent's name, when `parent_deleted` and its delete left a link (it was
+    /// in the middle of the chain).
+    pub deleted_parent_name: Option<String>,
     /// The image the listing was asked for.
     pub selected: bool,
 }
 
 /// The backup chain `reference` belongs to, as the tenant sees it: its oldest surviving
 /// ancestor and every descendant of that, oldest first (by creation time, then name). The
-/// last entry is the latest backup.
+/// last entry is the latest backup. Deleted backups in the middle of the chain do not split
+/// it: the chain goes on through the links their deletes left
+/// (see [`crate::catalog::DeletedLink`]).
 pub fn lineage(store: &Store, tenant: &str, reference: &str) -> Result<Vec<LineageEntry>> {
     let catalog = Catalog::new(store);
     let selected = catalog.resolve_readable(tenant, reference, "list the lineage of")?;
@@ -163,11 +171,13 @@ pub fn lineage(store: &Store, tenant: &str, reference: &str) -> Result<Vec<Linea
         .map(|(r, _)| (r.id, r))
         .collect();
     by_id.insert(selected.id, selected.clone());
+    let links = catalog.deleted_links()?;
+    let up = |r: &ImageRecord| surviving_ancestor(r.parent, &links, |id| by_id.contains_key(id));
     // Up to the oldest surviving ancestor.
     let mut root = selected.id;
     let mut seen = HashSet::from([root]);
-    while let Some(p) = by_id.get(&root).and_then(|r| r.parent) {
-        if !by_id.contains_key(&p) || !seen.insert(p) {
+    while let Some(p) = by_id.get(&root).and_then(up) {
+        if !seen.insert(p) {
             break;
         }
         root = p;
@@ -175,7 +185,7 @@ pub fn lineage(store: &Store, tenant: &str, reference: &str) -> Result<Vec<Linea
     // Down through every descendant.
     let mut children: HashMap<ImageId, Vec<ImageId>> = HashMap::new();
     for r in by_id.values() {
-        if let Some(p) = r.parent {
+        if let Some(p) = up(r) {
             children.entry(p).or_default().push(r.id);
         }
     }
@@ -191,9 +201,15 @@ pub fn lineage(store: &Store, tenant: &str, reference: &str) -> Result<Vec<Linea
             queue.push_back((*c, generation + 1));
         }
         let parent_present = rec.parent.is_none_or(|p| by_id.contains_key(&p));
+        let parent_deleted = !parent_present && (tenant == ADMIN || tenant == rec.owner);
         out.push(LineageEntry {
             parent_present,
-            parent_deleted: !parent_present && (tenant == ADMIN || tenant == rec.owner),
+            parent_deleted,
+            deleted_parent_name: rec
+                .parent
+                .filter(|_| parent_deleted)
+                .and_then(|p| links.get(&p))
+                .map(|l| l.name.clone()),
             selected: id == selected.id,
             generation,
             image: rec.clone(),
