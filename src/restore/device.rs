@@ -84,7 +84,8 @@ pub struct RestoreReport {
     /// Data-extent bytes read from the target and compared with the image's chunk ids.
     pub bytes_compared: u64,
     /// Data bytes written: the 4 KiB blocks that differ inside data extents whose BLAKE3
-    /// differs from the chunk id.
+    /// differs from the chunk id (blocks are aligned to the disk, so at an extent's edges
+    /// only the extent's part of a block counts, and is written).
     pub bytes_written: u64,
     /// Data-extent bytes not written because they were already right.
     pub bytes_skipped: u64,
