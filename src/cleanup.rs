@@ -97,6 +97,13 @@ pub fn note_on_signal(note: impl Into<String>) -> Registered {
     GLOBAL.register(Action::Note(note.into()))
 }
 
+/// Prints `note` if the process is stopped by a signal from now on: work whose result was
+/// committed (an image created) is not undone by the stop, and the user must not take the
+/// signal's exit status for a failure to do it.
+pub fn note_from_now_on(note: impl Into<String>) {
+    std::mem::forget(note_on_signal(note));
+}
+
 /// Carries out every registered action; returns one line per action for the user.
 pub fn on_signal() -> Vec<String> {
     GLOBAL.run()

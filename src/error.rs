@@ -96,6 +96,17 @@ pub enum Error {
         source: rocksdb::Error,
     },
 
+    /// A compaction of `gc` or `gc --repack` stopped (RocksDB met damaged data, or failed to
+    /// write): the store keeps the files it had.
+    #[error("{what} of {} stopped: {reason}; the store keeps what it had (run `imgvault verify`, then `imgvault verify --repair` for damaged chunks)", path.display())]
+    CompactionFailed {
+        path: PathBuf,
+        what: &'static str,
+        reason: String,
+        /// RocksDB called it corruption (damaged data), not a failure to write.
+        corrupt: bool,
+    },
+
     /// A stored record could not be decoded: the database is damaged.
     #[error("corrupt {what} record {key}: {reason}")]
     CorruptRecord {
@@ -289,6 +300,9 @@ impl Error {
                 exit::BUSY
             }
             CorruptRecord { .. } | CorruptChunk { .. } | VerifyFailed { .. } => exit::CORRUPT,
+            CompactionFailed { corrupt: true, .. } => exit::CORRUPT,
+            CompactionFailed { reason, .. } if reason.contains("No space left") => exit::NO_SPACE,
+            CompactionFailed { .. } => exit::FAILURE,
             NoSpace { .. } => exit::NO_SPACE,
             Interrupted => exit::INTERRUPTED,
             Db { source, .. } if is_rocksdb_corruption(source) => exit::CORRUPT,

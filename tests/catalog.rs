@@ -1727,3 +1727,60 @@ fn store_statistics_are_for_admin_only() {
     refused_as(&s, "bob", &["stats"], 4, "quota");
     assert_eq!(json_as(&s, "admin", &["stats"])["images"], 1);
 }
+
+#[test]
+fn only_admin_collects_garbage() {
+    // Found by the copy/gc audit: any tenant could run gc and repack, and read the store's
+    // disk use from its report (which `stats` keeps for admin).
+    let s = TestStore::new();
+    let f = data_file(&s, "m.bin", 1 << 20, 51);
+    import_as(&s, "mallory", &f, "m", &[]);
+    for args in [
+        vec!["gc"],
+        vec!["gc", "--repack"],
+        vec!["gc", "--drop-window-sums"],
+    ] {
+        refused_as(&s, "mallory", &args, 4, "gc is the store operator's");
+    }
+    let out = s.ok_as("mallory", &["delete", "m"]);
+    assert!(out.contains("run by admin"), "{out}");
+    assert!(
+        json_as(&s, "admin", &["gc"])["unreferenced_chunks"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+}
+
+#[test]
+fn copying_into_the_source_store_through_a_bind_mount_is_refused() {
+    // Found by the copy/gc audit: the check compared paths, so a bind mount of the store
+    // passed it and the copy went into the source store itself.
+    if !is_root() {
+        eprintln!("SKIPPED copying_into_the_source_store_through_a_bind_mount_is_refused: needs root for mount --bind");
+        return;
+    }
+    let s = TestStore::new();
+    let f = data_file(&s, "c.bin", 1 << 20, 52);
+    s.import(&f, "c");
+    let bind = s.scratch("bind");
+    std::fs::create_dir_all(&bind).unwrap();
+    let ok = std::process::Command::new("mount")
+        .args(["--bind", s.path().to_str().unwrap(), bind.to_str().unwrap()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "mount --bind");
+    let out = s.run(&[
+        "copy",
+        "c",
+        "--to-store",
+        bind.to_str().unwrap(),
+        "--name",
+        "via",
+    ]);
+    let _ = std::process::Command::new("umount").arg(&bind).status();
+    let (code, _, err) = outcome(out, &["copy"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("is the source store itself"), "{err}");
+}

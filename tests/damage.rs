@@ -670,3 +670,95 @@ fn a_wrong_window_sum_is_reported_by_verify_and_forgotten_by_gc() {
     assert_eq!(report["windows_hashed"], 6, "{report}");
     clean_with_sums_checked(12);
 }
+
+/// Flips a byte in the middle of where `pattern` (bytes of an incompressible chunk, stored
+/// raw) lies in the store's blob files; panics if it is in none.
+fn flip_stored(store: &Path, pattern: &[u8]) {
+    for entry in std::fs::read_dir(store.join("db")).unwrap().flatten() {
+        let p = entry.path();
+        if p.extension().is_some_and(|e| e == "blob") {
+            let bytes = std::fs::read(&p).unwrap();
+            if let Some(at) = bytes.windows(pattern.len()).position(|w| w == pattern) {
+                flip(&p, (at + pattern.len() / 2) as u64);
+                return;
+            }
+        }
+    }
+    panic!("pattern not found in the blob files of {}", store.display());
+}
+
+#[test]
+fn a_failed_copy_keeps_the_chunks_it_did_not_add() {
+    // Found by the copy/gc audit: a copy that failed after its first round deleted every
+    // chunk value it had written, including those a deleted image still had (a mount or an
+    // export may hold them open, and gc keeps them for it): gc then freed their blob files.
+    let (src, dst) = (TestStore::new(), TestStore::new());
+    let g = random_bytes(40 * MIB, 31);
+    let mut h = g.clone();
+    h.extend_from_slice(&random_bytes(8 * MIB, 32));
+    let (pg, ph) = (src.scratch("g.img"), src.scratch("h.img"));
+    std::fs::write(&pg, &g).unwrap();
+    std::fs::write(&ph, &h).unwrap();
+    src.import(&ph, "h");
+    src.ok(&["gc"]); // flushes: the values are in blob files
+    dst.import(&pg, "g");
+    let g_chunks: Vec<_> = dst.extents("g").iter().filter_map(|e| e.chunk).collect();
+    dst.ok(&["delete", "g"]); // not collected: its chunks keep their values
+                              // Damage a chunk of h's tail, which the copy sends in a later round than g's chunks.
+    flip_stored(&src.path(), &h[44 * MIB..44 * MIB + 256]);
+    let dpath = dst.path();
+    let (c, _, err) = code(&src, &["copy", "h", "--to-store", dpath.to_str().unwrap()]);
+    assert_eq!(c, 6, "{err}");
+    assert!(
+        err.contains("image admin/h") && err.contains("byte offset"),
+        "the damage is named by image and offset: {err}"
+    );
+    let store = Store::open(&dpath, OpenMode::Reader).unwrap();
+    for id in &g_chunks {
+        assert!(
+            store.chunk_value(id).unwrap().is_some(),
+            "chunk {id} of the deleted image lost its value"
+        );
+    }
+}
+
+#[test]
+fn gc_removes_a_damaged_orphan_and_a_repack_that_meets_damage_fails() {
+    // Found by the copy/gc audit: a damaged orphan (a killed import's chunk) made every gc
+    // fail for good, and a repack that met a damaged live chunk said it had repacked.
+    let s = TestStore::new();
+    let orphan = random_bytes(64 << 10, 41);
+    {
+        let w = writer(&s);
+        let id = imgvault::chunk::ChunkId::of(&orphan);
+        let mut value = vec![0u8]; // codec: raw
+        value.extend_from_slice(&(orphan.len() as u32).to_le_bytes());
+        value.extend_from_slice(&orphan);
+        w.put_chunks_unlogged(&[(id, value)]).unwrap();
+        w.flush_chunks().unwrap();
+    }
+    flip_stored(&s.path(), &orphan[1000..1256]);
+    let gc = s.json(&["gc"]);
+    assert_eq!(gc["orphan_chunks"], 1, "{gc}");
+    assert_eq!(s.json(&["gc"])["orphan_chunks"], 0);
+
+    let (k1, k2) = (random_bytes(20 * MIB, 42), random_bytes(20 * MIB, 43));
+    let (p1, p2) = (s.scratch("k1.img"), s.scratch("k2.img"));
+    std::fs::write(&p1, &k1).unwrap();
+    std::fs::write(&p2, &k2).unwrap();
+    s.import(&p1, "k1");
+    s.import(&p2, "k2");
+    s.ok(&["delete", "k2"]);
+    s.ok(&["gc"]);
+    flip_stored(&s.path(), &k1[12 * MIB..12 * MIB + 256]);
+    let (c, out, err) = code(&s, &["gc", "--repack"]);
+    assert_eq!(c, 6, "{out}{err}");
+    assert!(
+        err.contains("gc --repack of") && err.contains("verify --repair"),
+        "{err}"
+    );
+    // The store is as it was: verify names the damage, k1's other bytes read back.
+    let (c, report) = verify_json(&s, &[]);
+    assert_eq!(c, 6, "{report}");
+    assert_eq!(report["damage"].as_array().unwrap().len(), 1, "{report}");
+}

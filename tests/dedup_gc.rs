@@ -147,11 +147,15 @@ fn repack_returns_the_space_of_partly_dead_blob_files() {
 #[test]
 fn repack_is_refused_while_a_reader_has_the_store_open_and_readers_wait_for_it() {
     let s = TestStore::new();
-    let (v1, _) = interleaved_versions(&s);
+    let (v1, v2) = interleaved_versions(&s);
     s.import(&v1, "v1");
+    // Garbage for the gc that a repack runs first.
+    s.import(&v2, "v2");
+    s.ok(&["delete", "v2"]);
     let before = s.snapshot();
 
-    // A reader (as a mount, an export or a verify holds it) blocks the repack.
+    // A reader (as a mount, an export or a verify holds it) blocks the repack, before its
+    // gc runs (found by the copy/gc audit: the gc ran, then the repack was refused).
     let reader =
         imgvault::store::Store::open(&s.path(), imgvault::store::OpenMode::Reader).unwrap();
     let (code, err) = s.fail(&["gc", "--repack"]);
@@ -160,6 +164,7 @@ fn repack_is_refused_while_a_reader_has_the_store_open_and_readers_wait_for_it()
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     drop(reader);
     assert_eq!(s.snapshot(), before, "the refused repack changed the store");
+    assert!(s.json(&["gc"])["unreferenced_chunks"].as_u64().unwrap() > 0);
 
     // While a repack holds the store, readers are turned away with a clear error.
     let file = std::fs::File::open(s.path().join("imgvault.readers")).unwrap();

@@ -346,10 +346,12 @@ pub fn delete(ctx: &Context, image: &str) -> anyhow::Result<i32> {
             &serde_json::json!({"deleted": rec.id, "name": rec.name, "owner": rec.owner}),
         )?;
     } else {
-        println!(
-            "deleted {}/{} ({}); run `imgvault gc` to free its chunks",
-            rec.owner, rec.name, rec.id
-        );
+        let then = if ctx.tenant == imgvault::catalog::ADMIN {
+            "run `imgvault gc` to free its chunks"
+        } else {
+            "the store's next `imgvault gc` (run by admin) frees its chunks"
+        };
+        println!("deleted {}/{} ({}); {then}", rec.owner, rec.name, rec.id);
     }
     Ok(0)
 }

@@ -76,7 +76,23 @@ pub fn quota(ctx: &Context, tenant: &str, max_private: Option<u64>) -> anyhow::R
 }
 
 pub fn gc(ctx: &Context, repack: bool, drop_window_sums: bool) -> anyhow::Result<i32> {
+    // Store maintenance: it works on every tenant's chunks and reports the store's disk use.
+    if ctx.tenant != imgvault::catalog::ADMIN {
+        return Err(Error::PermissionDenied {
+            tenant: ctx.tenant.clone(),
+            action: "collect garbage in",
+            object: "the store".into(),
+            reason: "gc is the store operator's (run it as admin); deleting an image is \
+                     what frees a tenant's quota"
+                .into(),
+        }
+        .into());
+    }
     let store = ctx.open(true)?;
+    if repack {
+        // Refused now rather than after the gc and the dropped window sums.
+        store.check_repack_possible()?;
+    }
     // Chunks of images that live mounts hold open (even deleted ones) are kept.
     let pinned = imgvault::store::pins::collect(store.path(), true)?;
     let mut report = store.gc(&pinned.chunks)?;
@@ -100,7 +116,10 @@ pub fn gc(ctx: &Context, repack: bool, drop_window_sums: bool) -> anyhow::Result
             output::bytes(report.disk_after)
         );
         if report.pinned_chunks > 0 {
-            println!("kept {} chunks held open by mounts", report.pinned_chunks);
+            println!(
+                "kept {} chunks of deleted images that a mount, export, restore or copy holds open",
+                report.pinned_chunks
+            );
         }
         if report.orphan_blob_files > 0 {
             println!(

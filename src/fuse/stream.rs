@@ -26,6 +26,10 @@ pub(crate) const MAX_WINDOW: u64 = 32 << 20;
 /// A zero extent at least this long ends a window (and gets none): nothing to decode.
 const LONG_ZEROS: u64 = 1 << 20;
 
+/// The first windows of a stream: it then decodes about twice what it has read ahead of
+/// the reader, up to the full depth (see [`Stream::windows_for`]).
+const FIRST_WINDOW: u64 = 1 << 20;
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -93,6 +97,8 @@ struct Inner {
     base: u64,
     /// ... up to here, where the next window starts (an extent boundary).
     next: u64,
+    /// Where the stream started (its reader's bytes from here on were sequential).
+    origin: u64,
     /// A buffer of a window no longer needed.
     spare: Option<Vec<u8>>,
 }
@@ -108,6 +114,12 @@ impl Stream {
     /// (at most [`MAX_WINDOW`]) decoding up to `window_bytes * (MAX_WINDOWS - 1)` ahead
     /// (while the filesystem's windows stay under `max_bytes`) and returns the windows that
     /// together hold the whole request, in order (empty if they do not).
+    ///
+    /// A new stream ramps up, as the kernel's read-ahead does: its windows start at
+    /// [`FIRST_WINDOW`] and it decodes about twice what it has read so far ahead of the
+    /// reader. The kernel's read-ahead around a random reader's page-cache miss looks
+    /// sequential for a MiB or so, and decoding the full depth ahead of each such burst
+    /// (48 MiB at the defaults) took the mount's window memory and CPU for bytes nobody read.
     pub(crate) fn windows_for(
         &self,
         reader: &Arc<ImageReader>,
@@ -117,9 +129,9 @@ impl Stream {
         budget: &Arc<AtomicU64>,
         max_bytes: u64,
     ) -> Vec<Arc<Window>> {
-        let window_bytes = window_bytes.clamp(1, MAX_WINDOW);
+        let full_window = window_bytes.clamp(1, MAX_WINDOW);
         let mut inner = lock(&self.inner);
-        let behind = offset.saturating_sub(window_bytes);
+        let behind = offset.saturating_sub(full_window);
         // Windows the reader has left behind (by a window's length: the kernel's requests
         // can arrive a little out of order) give their buffer back.
         while inner.windows.front().is_some_and(|w| w.span.end <= behind) {
@@ -137,8 +149,12 @@ impl Stream {
             inner.windows.clear();
             inner.next = reader.extent_start(offset);
             inner.base = inner.next;
+            inner.origin = inner.next;
         }
-        let horizon = (offset + len).saturating_add(window_bytes * (MAX_WINDOWS as u64 - 1));
+        let proven = (offset + len).saturating_sub(inner.origin);
+        let window_bytes = full_window.min(proven.max(FIRST_WINDOW));
+        let ahead = (full_window * (MAX_WINDOWS as u64 - 1)).min(proven.max(FIRST_WINDOW) * 2);
+        let horizon = (offset + len).saturating_add(ahead);
         while inner.next < horizon.min(reader.size()) && inner.windows.len() < MAX_WINDOWS {
             // (A long zero run is skipped: its requests are zeros, nothing to decode.)
             let Some(span) = next_span(reader, inner.next, window_bytes) else {

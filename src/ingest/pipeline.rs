@@ -18,7 +18,7 @@ use crate::chunk::{
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::store::codec::{encode_chunk, Extent};
-use crate::store::{cf, now, Store};
+use crate::store::{now, Store};
 
 /// What an import did.
 #[derive(Debug, Clone, Serialize)]
@@ -223,13 +223,9 @@ pub(super) fn run(
     progress.finish();
 
     let result = outcome.and_then(|input| commit(store, opts, record_source, input));
-    if result.is_err() && !written.is_empty() {
+    if result.is_err() {
         // Nothing references these chunks: remove them now rather than waiting for gc.
-        let mut batch = WriteBatch::default();
-        for id in &written {
-            batch.delete_cf(store.cf(cf::CHUNKS), id.0);
-        }
-        let _ = store.commit(batch);
+        store.remove_uncommitted_values(&written);
     }
     if result.is_err() {
         // And the window sums this import wrote that name a chunk no image references (the
@@ -411,6 +407,11 @@ fn commit(
         store.batch_hint(&mut batch, id, hint);
     }
     store.commit(batch)?;
+    // A stop signal from here on must not read as a failed import.
+    crate::cleanup::note_from_now_on(format!(
+        "the import was complete: {}/{} ({}) exists",
+        record.owner, record.name, record.id
+    ));
     Ok(ImportReport {
         format: input.format,
         bytes_read: input.bytes_read,

@@ -16,7 +16,7 @@
 //! chunks the same way (same chunker configuration), or chunk ids would not match and the
 //! copy would deduplicate nothing; such a copy is refused. Chunk values travel in their
 //! stored (compressed) form, so `bytes_sent` is what a network link between regions would
-//! carry. A failed copy removes the chunk values it wrote; nothing becomes visible.
+//! carry. A failed copy removes the chunk values it added; nothing becomes visible.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -32,7 +32,7 @@ use crate::error::{Error, Result};
 use crate::ingest::checksum::window_layouts;
 use crate::progress::Progress;
 use crate::store::codec::decode_chunk;
-use crate::store::{cf, now, ChunkerConfig, Store};
+use crate::store::{now, ChunkerConfig, Store};
 
 /// Chunk values read and written per round (bounded memory: at most about this many
 /// stored bytes are held at once).
@@ -90,9 +90,12 @@ fn describe(c: &ChunkerConfig) -> String {
     )
 }
 
+/// True when `a` and `b` are one directory: by device and inode, so a bind mount or a
+/// symlink of the store is seen through (by path when either cannot be read).
 fn same_dir(a: &Path, b: &Path) -> bool {
-    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
-        (Ok(a), Ok(b)) => a == b,
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
         _ => a == b,
     }
 }
@@ -305,19 +308,21 @@ pub fn copy_image(
             }
         }
         target.commit(batch)?;
+        // A stop signal from here on must not read as a failed copy.
+        crate::cleanup::note_from_now_on(format!(
+            "the copy was complete: {}/{} ({}) exists in {}",
+            rec.owner,
+            rec.name,
+            rec.id,
+            target.path().display()
+        ));
         report.image = rec;
         Ok(())
     })();
     progress.finish();
     if let Err(e) = moved {
-        if !written.is_empty() {
-            // Nothing references these values: remove them now rather than waiting for gc.
-            let mut batch = WriteBatch::default();
-            for id in &written {
-                batch.delete_cf(target.cf(cf::CHUNKS), id.0);
-            }
-            let _ = target.commit(batch);
-        }
+        // Nothing references these values: remove them now rather than waiting for gc.
+        target.remove_uncommitted_values(&written);
         return Err(e);
     }
     report.seconds = started.elapsed().as_secs_f64();

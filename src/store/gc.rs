@@ -120,10 +120,15 @@ pub(super) fn run(store: &Store, pinned: &HashSet<ChunkId>) -> Result<GcReport> 
             report.pinned_chunks += 1;
             return Ok(());
         }
-        let stored = db
-            .get_pinned_cf(chunks, key)
-            .map_err(|e| store.db_err(e))?
-            .map_or(0, |v| v.len() as u64);
+        // Only its size is wanted: read without RocksDB's checksums, and a value that cannot
+        // be read at all (damaged) is deleted all the same, counted as 0 bytes.
+        let stored = match db.get_pinned_cf_opt(chunks, key, &super::chunk_read_options()) {
+            Ok(v) => v.map_or(0, |v| v.len() as u64),
+            Err(e) => {
+                tracing::warn!("orphan chunk {}: {e}; removed unread", hex::encode(key));
+                0
+            }
+        };
         batch.delete_cf(chunks, key);
         if let Some(id) = ChunkId::from_slice(key) {
             store.batch_forget_hint(&mut batch, &id);
@@ -149,10 +154,8 @@ pub(super) fn run(store: &Store, pinned: &HashSet<ChunkId>) -> Result<GcReport> 
     // when this gc removed nothing: a failed import deletes its own chunk values, and only a
     // compaction turns those deletions into freed blob files. It rewrites the tables of
     // keys and blob references, not the chunk data, so it is cheap.
-    let mut co = CompactOptions::default();
-    co.set_bottommost_level_compaction(BottommostLevelCompaction::Force);
     for name in [cf::CHUNKS, cf::REFS, cf::EXTENTS] {
-        db.compact_range_cf_opt(store.cf(name), None::<&[u8]>, None::<&[u8]>, &co);
+        compact(store, name, "gc")?;
     }
     for name in cf::ALL {
         db.flush_cf(store.cf(name)).map_err(|e| store.db_err(e))?;
@@ -182,14 +185,7 @@ pub(super) fn run(store: &Store, pinned: &HashSet<ChunkId>) -> Result<GcReport> 
 /// for as long as they are open) and is refused while any reader is open.
 pub(super) fn repack(store: &Store) -> Result<RepackReport> {
     store.require_writer()?;
-    let _exclusive = super::lock::ReadersLock::exclusive(store.path())?;
-    // Pins too: a reader of a store made before the readers file existed holds no lock, but
-    // every reader that has an image open (mount, export, restore) has a pin.
-    if super::pins::collect(store.path(), false)?.live_pins > 0 {
-        return Err(crate::error::Error::ReadersActive {
-            path: store.path().to_path_buf(),
-        });
-    }
+    let _exclusive = readers_excluded(store)?;
     let started = std::time::Instant::now();
     let db = store.db();
     let chunks = store.cf(cf::CHUNKS);
@@ -216,16 +212,67 @@ pub(super) fn repack(store: &Store) -> Result<RepackReport> {
         .map_err(|e| store.db_err(e))
     };
     set(true)?;
-    let mut co = CompactOptions::default();
-    co.set_bottommost_level_compaction(BottommostLevelCompaction::Force);
-    db.compact_range_cf_opt(chunks, None::<&[u8]>, None::<&[u8]>, &co);
+    let compacted = compact(store, cf::CHUNKS, "gc --repack");
     // Back to normal whatever happened: automatic blob GC would move live chunks at every
     // compaction (see docs/ARCHITECTURE.md).
-    set(false)?;
+    let reset = set(false);
+    compacted?;
+    reset?;
     report.disk_after = disk_usage_settled(store);
     report.blob_files_after = blob_files(store);
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// A forced compaction of column family `name`, for `what` (gc or repack). RocksDB's
+/// manual compaction returns nothing: a blob that fails its CRC (a damaged chunk value
+/// that the compaction had to read, as a repack reads every live one) or a failed write
+/// stops it, leaves the old files in place and records a background error. That error is
+/// returned here, with the reason the next flush reports.
+fn compact(store: &Store, name: &str, what: &'static str) -> Result<()> {
+    let db = store.db();
+    let errors = || {
+        db.property_int_value("rocksdb.background-errors")
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+    };
+    let before = errors();
+    let mut co = CompactOptions::default();
+    co.set_bottommost_level_compaction(BottommostLevelCompaction::Force);
+    db.compact_range_cf_opt(store.cf(name), None::<&[u8]>, None::<&[u8]>, &co);
+    if errors() == before {
+        return Ok(());
+    }
+    let (reason, corrupt) = match db.flush_cf(store.cf(name)) {
+        Err(e) => (
+            e.to_string(),
+            matches!(e.kind(), rocksdb::ErrorKind::Corruption),
+        ),
+        Ok(()) => (
+            format!("RocksDB reported an error compacting {name} (see db/LOG)"),
+            false,
+        ),
+    };
+    Err(Error::CompactionFailed {
+        path: store.path().to_path_buf(),
+        what,
+        reason,
+        corrupt,
+    })
+}
+
+/// The readers file taken exclusively, once no reader has the store open.
+pub(super) fn readers_excluded(store: &Store) -> Result<super::lock::ReadersLock> {
+    let exclusive = super::lock::ReadersLock::exclusive(store.path())?;
+    // Pins too: a reader of a store made before the readers file existed holds no lock, but
+    // every reader that has an image open (mount, export, restore) has a pin.
+    if super::pins::collect(store.path(), false)?.live_pins > 0 {
+        return Err(Error::ReadersActive {
+            path: store.path().to_path_buf(),
+        });
+    }
+    Ok(exclusive)
 }
 
 /// Blob files in the store's database directory.

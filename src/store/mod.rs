@@ -504,10 +504,13 @@ impl Store {
             .map_err(|e| self.db_err(e))
     }
 
-    /// The stored value of a chunk, if present.
+    /// The stored value of a chunk, if present, unchecked: RocksDB's blob CRC is skipped as
+    /// for every chunk read (see [`chunk_read_options`]), so damage shows when the caller
+    /// decodes it and checks the bytes against the id, and is reported with the image and
+    /// offset instead of as a database error.
     pub fn chunk_value(&self, id: &ChunkId) -> Result<Option<Vec<u8>>> {
         self.db
-            .get_cf(self.cf(cf::CHUNKS), id.0)
+            .get_cf_opt(self.cf(cf::CHUNKS), id.0, &chunk_read_options())
             .map_err(|e| self.db_err(e))
     }
 
@@ -583,6 +586,22 @@ impl Store {
     /// True when a committed image references the chunk, so its value is durable.
     pub fn chunk_is_referenced(&self, id: &ChunkId) -> Result<bool> {
         Ok(self.ref_entry(id)?.is_some_and(|r| r.count > 0))
+    }
+
+    /// Removes the chunk values a writer that failed before its commit had put, as far as
+    /// they are its own: a chunk with a reference entry was stored before (by an image
+    /// deleted since, whose chunks a mount or export may still hold open and gc keeps for
+    /// it), and its value stays. The rest is left to `gc` when this cannot be done now.
+    pub fn remove_uncommitted_values(&self, written: &[ChunkId]) {
+        let mut batch = WriteBatch::default();
+        for id in written {
+            if let Ok(None) = self.ref_entry(id) {
+                batch.delete_cf(self.cf(cf::CHUNKS), id.0);
+            }
+        }
+        if !batch.is_empty() {
+            let _ = self.commit(batch);
+        }
     }
 
     /// Adds a reference-count change to `batch`.
@@ -663,6 +682,12 @@ impl Store {
     /// garbage give their space back. Refused while any reader has the store open.
     pub fn repack(&self) -> Result<RepackReport> {
         gc::repack(self)
+    }
+
+    /// Fails as [`Store::repack`] would now if a reader has the store open (checked before a
+    /// gc that a repack is to follow, so the gc is not done for nothing).
+    pub fn check_repack_possible(&self) -> Result<()> {
+        gc::readers_excluded(self).map(drop)
     }
 }
 
