@@ -548,6 +548,143 @@ fn an_image_held_open_reads_to_the_end_after_delete_and_gc() {
     assert_files_equal(&keep, &m.file("private/keep.raw"));
 }
 
+/// Files of `store` that process `pid` holds open although they were deleted.
+fn deleted_files_held(pid: &str, store: &Path) -> Vec<String> {
+    let store = std::fs::canonicalize(store).unwrap();
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .map(|t| t.to_string_lossy().into_owned())
+                .filter(|t| t.starts_with(store.to_str().unwrap()) && t.ends_with(" (deleted)"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn gc_frees_disk_space_while_other_images_stay_open() {
+    // Found by the mount audit: an image opened before a gc kept the mount's snapshot of
+    // the store, and with it every table and blob file gc deleted, for as long as it stayed
+    // open (a VM running for weeks): gc said it freed space that stayed in use.
+    require_mount!("gc_frees_disk_space_while_other_images_stay_open");
+    let s = TestStore::new();
+    let keep = s.scratch("keep.raw");
+    std::fs::write(&keep, random_bytes(4 * MIB, 6)).unwrap();
+    let big = s.scratch("big.raw");
+    std::fs::write(&big, random_bytes(24 * MIB, 7)).unwrap();
+    s.import(&keep, "keep");
+    s.import(&big, "big");
+    let dir = s.scratch("mnt");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = s.ok(&["mount", dir.to_str().unwrap()]);
+    let m = MountGuard { path: dir };
+    let pid = out
+        .split("(pid ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .unwrap_or_else(|| panic!("no pid in {out}"))
+        .to_string();
+
+    let held = File::open(m.file("private/keep.raw")).unwrap();
+    let mut head = vec![0u8; MIB];
+    held.read_exact_at(&mut head, 0).unwrap();
+    // The mount opens big's blob files to serve it.
+    assert!(std::fs::read(m.file("private/big.raw")).unwrap() == std::fs::read(&big).unwrap());
+    s.ok(&["delete", "big"]);
+    let gc = s.json(&["gc"]);
+    assert!(gc["unreferenced_chunks"].as_u64().unwrap() > 0, "{gc}");
+    let freed = wait_until(Duration::from_secs(10), || {
+        deleted_files_held(&pid, &s.path()).is_empty()
+    });
+    assert!(
+        freed.is_some(),
+        "the mount still holds deleted store files while keep.raw is open: {:?}",
+        deleted_files_held(&pid, &s.path())
+    );
+    let mut all = vec![0u8; 4 * MIB];
+    held.read_exact_at(&mut all, 0).unwrap();
+    assert!(
+        all == std::fs::read(&keep).unwrap(),
+        "keep.raw read wrong bytes"
+    );
+}
+
+#[test]
+fn a_withdrawn_share_cannot_be_opened_again_through_an_open_file() {
+    // Found by the mount audit: once a member's mount had the image open, a new open of
+    // the same inode (by path within the dentry TTL, or through /proc/self/fd) skipped the
+    // access check, so an unshare did not stop it.
+    require_mount!("a_withdrawn_share_cannot_be_opened_again_through_an_open_file");
+    let s = TestStore::new();
+    let data = s.scratch("d.raw");
+    std::fs::write(&data, random_bytes(2 * MIB, 8)).unwrap();
+    s.ok_as(
+        "alice",
+        &["import", data.to_str().unwrap(), "--name", "team"],
+    );
+    s.ok_as("alice", &["share", "team", "bob"]);
+    s.ok_as("bob", &["accept", "alice/team"]);
+    let bob = mount_as(&s, "bob", "bob", &[]);
+    let held = File::open(bob.file("shared/alice/team.raw")).unwrap();
+    let via_fd = format!("/proc/self/fd/{}", held.as_raw_fd());
+    File::open(&via_fd).expect("a second open while shared");
+    s.ok_as("alice", &["unshare", "team", "bob"]);
+    assert!(wait_until(Duration::from_secs(3), || {
+        !bob.file("shared/alice/team.raw").exists()
+    })
+    .is_some());
+    let e = File::open(&via_fd).expect_err("opened after the unshare");
+    assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{e}");
+}
+
+#[test]
+fn images_open_when_the_store_cannot_take_a_pin() {
+    // Found by the mount audit: on a full or read-only store filesystem the pin file could
+    // not be written, and every open of a mounted image failed (ENOSPC, EROFS) although
+    // reading needs no write; export only warns. The open now goes on, with a warning.
+    require_mount!("images_open_when_the_store_cannot_take_a_pin");
+    let s = TestStore::new();
+    let data = s.scratch("d.raw");
+    std::fs::write(&data, random_bytes(3 * MIB, 9)).unwrap();
+    s.import(&data, "d");
+    let ro = s.scratch("ro-store");
+    std::fs::create_dir_all(&ro).unwrap();
+    let bind = |args: &[&str]| {
+        assert!(
+            Command::new("mount").args(args).status().unwrap().success(),
+            "mount {args:?}"
+        );
+    };
+    bind(&["--bind", s.path().to_str().unwrap(), ro.to_str().unwrap()]);
+    struct Unbind(PathBuf);
+    impl Drop for Unbind {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unbind = Unbind(ro.clone());
+    bind(&["-o", "remount,bind,ro", ro.to_str().unwrap()]);
+    let dir = s.scratch("mnt");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = Command::new(bin())
+        .args([
+            "--store",
+            ro.to_str().unwrap(),
+            "mount",
+            dir.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m = MountGuard { path: dir };
+    assert_files_equal(&data, &m.file("private/d.raw"));
+}
+
 #[test]
 fn writes_are_refused_with_erofs() {
     require_mount!("writes_are_refused_with_erofs");
@@ -756,6 +893,41 @@ fn foreground_mount_unmounts_on_sigterm() {
     assert!(status.success(), "foreground mount exited with {status}");
     assert!(!is_mountpoint(&dir), "still mounted after SIGTERM");
     assert!(listing(&s.path().join("mounts")).is_empty());
+}
+
+#[test]
+fn a_mount_whose_daemon_was_killed_gets_advice_that_works() {
+    // Found by the mount audit: with a file still open on a killed mount, `umount` said to
+    // close the files or let them finish, which they never can.
+    require_mount!("a_mount_whose_daemon_was_killed_gets_advice_that_works");
+    let s = TestStore::new();
+    let a = s.scratch("a.raw");
+    std::fs::write(&a, random_bytes(MIB, 2)).unwrap();
+    s.import(&a, "img");
+    let dir = s.scratch("dead");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut child = foreground_mount(&s, &dir);
+    let _guard = MountGuard { path: dir.clone() };
+    let held = File::open(dir.join("private/img.raw")).unwrap();
+    // SAFETY: sending a signal to our child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    child.wait().unwrap();
+    let d = dir.to_str().unwrap();
+    let (code, err) = s.fail(&["umount", d]);
+    assert_eq!(code, 5, "{err}");
+    assert!(
+        err.contains("daemon is gone") && err.contains("--lazy"),
+        "{err}"
+    );
+    let (code, err) = s.fail(&["mount", d]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("daemon is gone") && err.contains("umount --lazy"),
+        "{err}"
+    );
+    s.ok(&["umount", "--lazy", d]);
+    drop(held);
+    assert!(!is_mountpoint(&dir));
 }
 
 /// Mount points under /proc/self/mountinfo equal to `p` (stacked mounts count each).

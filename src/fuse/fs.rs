@@ -6,7 +6,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, TryLockError};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, TryLockError, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{Errno, FileAttr, FileType, INodeNo, OpenAccMode, OpenFlags, ReplyDirectory};
@@ -100,6 +100,52 @@ thread_local! {
 }
 
 /// The errno a failed request returns: the one place FUSE maps errors.
+/// How often an idle mount catches up with the store, so that open images move to the
+/// latest snapshot (see [`rebase_open_images`]) without waiting for a request.
+const REBASE_EVERY: Duration = Duration::from_secs(2);
+
+/// Moves the readers of open images to `snapshot` where it holds their chunks: the image
+/// is still there, or this mount pinned its chunks (gc keeps pinned chunks of a deleted
+/// image). A reader left on an old snapshot keeps it alive, and with it every table and
+/// blob file it opened: space gc freed would stay in use for as long as a VM keeps the
+/// image open. An image deleted without a pin (the pin could not be written) stays on its
+/// snapshot until closed.
+fn rebase_open_images(open: &Mutex<HashMap<u64, OpenImage>>, snapshot: &Arc<Store>) {
+    let catalog = Catalog::new(snapshot);
+    for o in lock(open).values() {
+        if Arc::ptr_eq(&o.reader.store(), snapshot) {
+            continue;
+        }
+        if o._pin.is_some() || matches!(catalog.get(&o.record.id), Ok(Some(_))) {
+            o.reader.rebase(snapshot.clone());
+        }
+    }
+}
+
+/// A thread that catches up with the store every [`REBASE_EVERY`] and rebases the open
+/// images (requests do it too, but an idle mount gets none); it ends with the filesystem.
+fn spawn_rebaser(store: Weak<LiveStore>, open: Weak<Mutex<HashMap<u64, OpenImage>>>) {
+    let run = move || loop {
+        std::thread::sleep(REBASE_EVERY);
+        let (Some(store), Some(open)) = (store.upgrade(), open.upgrade()) else {
+            return;
+        };
+        if lock(&open).is_empty() {
+            continue;
+        }
+        match store.refresh() {
+            Ok(_) => rebase_open_images(&open, &store.get()),
+            Err(e) => tracing::warn!("catching up with the store's writer: {e}"),
+        }
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("imgvault-rebase".into())
+        .spawn(run)
+    {
+        tracing::warn!("cannot start the snapshot thread (gc's space returns on close): {e}");
+    }
+}
+
 pub(super) fn errno(op: &str, e: &Error) -> Errno {
     let n = e.errno();
     // EIO is damage or a failing disk: always worth the log (a corrupt chunk's message names
@@ -141,7 +187,8 @@ struct OpenImage {
     reader: Arc<ImageReader>,
     record: Arc<ImageRecord>,
     handles: usize,
-    _pin: Pin,
+    /// None where the pin could not be written (a full or read-only store directory).
+    _pin: Option<Pin>,
 }
 
 /// One open file.
@@ -165,14 +212,16 @@ struct Listing {
 
 /// The imgvault filesystem.
 pub struct ImgvaultFs {
-    store: LiveStore,
+    store: Arc<LiveStore>,
     tenant: String,
     cache: Arc<ChunkCache>,
     prefetch_bytes: u64,
     view: RwLock<Arc<View>>,
-    /// When the tree was last checked, and the snapshot it was built from.
-    refreshed: Mutex<(Instant, Option<Arc<Store>>)>,
-    open: Mutex<HashMap<u64, OpenImage>>,
+    /// When the tree was last checked, and the snapshot it was built from (not kept alive
+    /// by this: an old snapshot holds every file it opened).
+    refreshed: Mutex<(Instant, Weak<Store>)>,
+    /// Open images (shared with the rebasing thread, see [`spawn_rebaser`]).
+    open: Arc<Mutex<HashMap<u64, OpenImage>>>,
     handles: RwLock<HashMap<u64, Arc<Handle>>>,
     listings: Mutex<HashMap<u64, Arc<Listing>>>,
     next_fh: AtomicU64,
@@ -201,14 +250,17 @@ impl ImgvaultFs {
     ) -> Result<Self> {
         let snapshot = store.get();
         let view = View::build(&Catalog::new(&snapshot), &opts.tenant)?;
+        let store = Arc::new(store);
+        let open = Arc::new(Mutex::new(HashMap::new()));
+        spawn_rebaser(Arc::downgrade(&store), Arc::downgrade(&open));
         Ok(ImgvaultFs {
             cache: Arc::new(ChunkCache::new(opts.cache_bytes)),
             store,
             tenant: opts.tenant.clone(),
             prefetch_bytes: opts.prefetch_bytes,
             view: RwLock::new(Arc::new(view)),
-            refreshed: Mutex::new((Instant::now(), Some(snapshot))),
-            open: Mutex::new(HashMap::new()),
+            refreshed: Mutex::new((Instant::now(), Arc::downgrade(&snapshot))),
+            open,
             handles: RwLock::new(HashMap::new()),
             listings: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
@@ -244,13 +296,14 @@ impl ImgvaultFs {
             tracing::warn!("catching up with the store's writer: {e}");
         }
         let snapshot = self.store.get();
-        if last.1.as_ref().is_some_and(|s| Arc::ptr_eq(s, &snapshot)) {
+        if last.1.upgrade().is_some_and(|s| Arc::ptr_eq(&s, &snapshot)) {
             return; // nothing committed since the tree was built
         }
+        rebase_open_images(&self.open, &snapshot);
         match View::build(&Catalog::new(&snapshot), &self.tenant) {
             Ok(v) => {
                 *self.view.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(v);
-                last.1 = Some(snapshot);
+                last.1 = Arc::downgrade(&snapshot);
             }
             Err(e) => tracing::warn!("re-reading the catalog: {e}"),
         }
@@ -368,9 +421,20 @@ impl ImgvaultFs {
 
     /// The shared reader of image `ino`, opening it (and pinning its chunks) on first use.
     fn acquire(&self, ino: u64) -> Result<Arc<ImageReader>> {
+        // Access is checked at every open, not only the first: a share withdrawn while
+        // another handle keeps the image open must stop new opens (by path, or through
+        // /proc/self/fd) as it would if the image were closed. (Before the lock below:
+        // a refresh rebases the open images under it.)
+        self.refresh();
         // Held across the first open so that two threads never write the same pin twice.
         let mut open = lock(&self.open);
         if let Some(o) = open.get_mut(&ino) {
+            if !self.view().images.contains_key(&ino) {
+                return Err(Error::ImageNotFound {
+                    image: o.record.id.to_hex(),
+                    tenant: self.tenant.clone(),
+                });
+            }
             o.handles += 1;
             return Ok(o.reader.clone());
         }
@@ -398,11 +462,24 @@ impl ImgvaultFs {
         };
         // Pin first, then check the image still exists: a delete we do not see yet happens
         // after the pin, so any gc that could free these chunks reads it.
-        let pin = pins::write(
+        // Best effort, as for export: where the pin cannot be written (the store's disk
+        // full, its directory read-only) the image is served unprotected against a gc that
+        // follows a delete, with a warning; refusing would make every open fail.
+        let pin = match pins::write(
             snapshot.path(),
             &rec.id,
             reader.extents().iter().filter_map(|e| e.chunk),
-        )?;
+        ) {
+            Ok(pin) => Some(pin),
+            Err(e) => {
+                tracing::warn!(
+                    "cannot pin image {}/{} against gc (served unprotected): {e}",
+                    rec.owner,
+                    rec.name
+                );
+                None
+            }
+        };
         self.store.refresh_now()?;
         let latest = self.store.get();
         let catalog = Catalog::new(&latest);

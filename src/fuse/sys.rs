@@ -108,12 +108,22 @@ fn bad_mountpoint(mountpoint: &Path, reason: impl Into<String>) -> Error {
     }
 }
 
+/// True for a FUSE mount whose daemon is gone (killed): the kernel answers ENOTCONN.
+fn daemon_gone(path: &Path) -> bool {
+    matches!(std::fs::metadata(path), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN))
+}
+
 /// Checks that `path` can be mounted on: an existing, empty directory that is not already
 /// a mountpoint. Returns its canonical path.
 pub fn check_mountpoint(path: &Path) -> Result<PathBuf> {
     let abs = absolute(path)?;
     if let Some(m) = mount_at(&abs)? {
-        let hint = if m.is_fuse() {
+        let hint = if m.is_fuse() && daemon_gone(&abs) {
+            format!(
+                "its daemon is gone (killed?); run `imgvault umount --lazy {}` first",
+                path.display()
+            )
+        } else if m.is_fuse() {
             format!("run `imgvault umount {}` first", path.display())
         } else {
             "unmount it first".to_string()
@@ -228,6 +238,15 @@ pub fn unmount(path: &Path, lazy: bool) -> Result<()> {
     let flags = if lazy { libc::MNT_DETACH } else { 0 };
     match umount2(&target, flags) {
         Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) && daemon_gone(&target) => {
+            Err(Error::MountBusy {
+                mountpoint: path.to_path_buf(),
+                reason: "is busy, and its daemon is gone (killed?): the files open on it (a \
+                         loop device, a VM) can never be read again; pass --lazy to detach \
+                         it, then close them (`losetup -d`, stop the VM)"
+                    .into(),
+            })
+        }
         Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Err(Error::MountBusy {
             mountpoint: path.to_path_buf(),
             reason: "is busy: files on it are open (close them, or pass --lazy to detach it \

@@ -104,7 +104,9 @@ impl Drop for Recycled {
 
 /// Reads one image.
 pub struct ImageReader {
-    store: Arc<Store>,
+    /// The snapshot chunks are read from; a mount moves a long-open reader to newer ones
+    /// (see [`ImageReader::rebase`]).
+    store: std::sync::RwLock<Arc<Store>>,
     image: ImageRecord,
     extents: Vec<Extent>,
     cache: Arc<ChunkCache>,
@@ -117,7 +119,7 @@ impl ImageReader {
     pub fn open(store: Arc<Store>, image: ImageRecord, cache: Arc<ChunkCache>) -> Result<Self> {
         let extents = Catalog::new(&store).extents(&image)?;
         Ok(ImageReader {
-            store,
+            store: std::sync::RwLock::new(store),
             image,
             extents,
             cache,
@@ -135,7 +137,7 @@ impl ImageReader {
         cache: Arc<ChunkCache>,
     ) -> Result<Self> {
         let mut reader = Self::open(store, image, cache)?;
-        reader._pin = crate::store::pins::hold(&reader.store, &reader.image, &reader.extents)?;
+        reader._pin = crate::store::pins::hold(&reader.store(), &reader.image, &reader.extents)?;
         Ok(reader)
     }
 
@@ -149,9 +151,18 @@ impl ImageReader {
         &self.extents
     }
 
-    /// The store it reads from.
-    pub fn store(&self) -> &Arc<Store> {
-        &self.store
+    /// The store it reads from (the snapshot of the moment).
+    pub fn store(&self) -> Arc<Store> {
+        self.store.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Reads from `snapshot`, a later snapshot of the same store, from now on. The caller
+    /// guarantees that it holds every chunk of the image (the image still exists there, or
+    /// its chunks are pinned). A mount does this so that a file open for weeks does not keep
+    /// the first snapshot, and with it every table and blob file it had open, after gc
+    /// deleted them.
+    pub fn rebase(&self, snapshot: Arc<Store>) {
+        *self.store.write().unwrap_or_else(|e| e.into_inner()) = snapshot;
     }
 
     /// Size of the image.
@@ -170,7 +181,7 @@ impl ImageReader {
         let Some(id) = extent.chunk else {
             return Ok(vec![0; extent.len as usize]);
         };
-        self.checked(extent, self.store.read_chunk(&id))
+        self.checked(extent, self.store().read_chunk(&id))
     }
 
     /// Decodes a data extent's chunk into `out` (resized to the extent's length), checked,
@@ -184,7 +195,7 @@ impl ImageReader {
                 Ok(())
             }
             Some(id) => self
-                .store
+                .store()
                 .read_chunk_into(&id, out)
                 .map_err(|reason| self.corrupt(extent, reason)),
         }
@@ -293,7 +304,8 @@ impl ImageReader {
                 ),
             ));
         }
-        let values = self.store.fetch_chunks(&chunk_ids(extents));
+        let store = self.store();
+        let values = store.fetch_chunks(&chunk_ids(extents));
         self.decode_fetched_into(extents, values, out)
     }
 

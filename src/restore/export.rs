@@ -178,7 +178,7 @@ fn write_all(reader: &ImageReader, mut output: Output, progress: &dyn Progress) 
     let windows = split_by_bytes(&data, |e| e.len, WINDOW);
     let ids: Vec<Vec<ChunkId>> = windows.iter().map(|w| chunk_ids(w)).collect();
     let mut written = 0;
-    with_fetch_ahead(reader.store(), &ids, FETCH_AHEAD, |fetch| {
+    with_fetch_ahead(&reader.store(), &ids, FETCH_AHEAD, |fetch| {
         prepare_while_writing(
             windows.iter().copied(),
             |w, spare| {
