@@ -26,9 +26,9 @@ pub(crate) const MAX_WINDOW: u64 = 32 << 20;
 /// A zero extent at least this long ends a window (and gets none): nothing to decode.
 const LONG_ZEROS: u64 = 1 << 20;
 
-/// The first windows of a stream: it then decodes about twice what it has read ahead of
-/// the reader, up to the full depth (see [`Stream::windows_for`]).
-const FIRST_WINDOW: u64 = 1 << 20;
+/// A new stream decodes ahead about twice what it has read, at least twice this, up to the
+/// full depth (see [`Stream::windows_for`]).
+const FIRST_AHEAD: u64 = 512 << 10;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -115,11 +115,11 @@ impl Stream {
     /// (while the filesystem's windows stay under `max_bytes`) and returns the windows that
     /// together hold the whole request, in order (empty if they do not).
     ///
-    /// A new stream ramps up, as the kernel's read-ahead does: its windows start at
-    /// [`FIRST_WINDOW`] and it decodes about twice what it has read so far ahead of the
-    /// reader. The kernel's read-ahead around a random reader's page-cache miss looks
-    /// sequential for a MiB or so, and decoding the full depth ahead of each such burst
-    /// (48 MiB at the defaults) took the mount's window memory and CPU for bytes nobody read.
+    /// A new stream ramps up, as the kernel's read-ahead does: it decodes about twice what it
+    /// has read so far ahead of the reader (see [`FIRST_AHEAD`]). Two random reads that
+    /// happen to fall close together look like a stream, and decoding the full depth ahead
+    /// of each (48 MiB at the defaults) took the mount's window memory and CPU for bytes
+    /// nobody read; now such a false stream costs one window.
     pub(crate) fn windows_for(
         &self,
         reader: &Arc<ImageReader>,
@@ -129,9 +129,9 @@ impl Stream {
         budget: &Arc<AtomicU64>,
         max_bytes: u64,
     ) -> Vec<Arc<Window>> {
-        let full_window = window_bytes.clamp(1, MAX_WINDOW);
+        let window_bytes = window_bytes.clamp(1, MAX_WINDOW);
         let mut inner = lock(&self.inner);
-        let behind = offset.saturating_sub(full_window);
+        let behind = offset.saturating_sub(window_bytes);
         // Windows the reader has left behind (by a window's length: the kernel's requests
         // can arrive a little out of order) give their buffer back.
         while inner.windows.front().is_some_and(|w| w.span.end <= behind) {
@@ -149,11 +149,15 @@ impl Stream {
             inner.windows.clear();
             inner.next = reader.extent_start(offset);
             inner.base = inner.next;
-            inner.origin = inner.next;
+            // From the request, not its extent's start: that may be the start of a long
+            // zero run far before it, which would count as read.
+            inner.origin = offset;
         }
+        // The ramp: decode about twice what the stream has read ahead of the reader, up to
+        // the full depth (windows keep their size: windows of many sizes fragmented the
+        // heap, measured as a higher peak RSS of a sequential read).
         let proven = (offset + len).saturating_sub(inner.origin);
-        let window_bytes = full_window.min(proven.max(FIRST_WINDOW));
-        let ahead = (full_window * (MAX_WINDOWS as u64 - 1)).min(proven.max(FIRST_WINDOW) * 2);
+        let ahead = (window_bytes * (MAX_WINDOWS as u64 - 1)).min(proven.max(FIRST_AHEAD) * 2);
         let horizon = (offset + len).saturating_add(ahead);
         while inner.next < horizon.min(reader.size()) && inner.windows.len() < MAX_WINDOWS {
             // (A long zero run is skipped: its requests are zeros, nothing to decode.)
@@ -231,4 +235,94 @@ fn next_span(reader: &ImageReader, from: u64, target: u64) -> Option<Range<u64>>
         idx += 1;
     }
     Some(start..end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::Catalog;
+    use crate::progress::NoProgress;
+    use crate::read::ChunkCache;
+    use crate::store::{InitOptions, Store};
+
+    impl Stream {
+        /// Bytes of the windows planned ahead of `offset`, and the largest window.
+        fn planned_after(&self, offset: u64) -> (u64, u64) {
+            let inner = lock(&self.inner);
+            let ahead = inner.next.saturating_sub(offset);
+            let largest = inner
+                .windows
+                .iter()
+                .map(|w| w.span.end - w.span.start)
+                .max()
+                .unwrap_or(0);
+            (ahead, largest)
+        }
+    }
+
+    #[test]
+    fn a_new_stream_ramps_up_its_decode_ahead() {
+        const MIB: u64 = 1 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::init(&dir.path().join("s"), &InitOptions::default()).unwrap();
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let data: Vec<u8> = (0..64 * MIB)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let file = dir.path().join("d.raw");
+        std::fs::write(&file, &data).unwrap();
+        let opts = crate::ingest::IngestOptions::new("d", "admin");
+        crate::ingest::import_path(&store, &file, &opts, &NoProgress).unwrap();
+        let store = Arc::new(store);
+        let image = Catalog::new(&store)
+            .resolve_readable("admin", "d", "read")
+            .unwrap();
+        let cache = Arc::new(ChunkCache::new(0));
+        let reader = Arc::new(ImageReader::open(store, image, cache).unwrap());
+        let (stream, budget) = (Stream::default(), Arc::new(AtomicU64::new(0)));
+        let window = 8 * MIB;
+        let read = |offset: u64| {
+            let held = stream.windows_for(&reader, offset, 128 << 10, window, &budget, 1 << 30);
+            if held.is_empty() {
+                let inner = lock(&stream.inner);
+                let spans: Vec<_> = inner.windows.iter().map(|w| w.span.clone()).collect();
+                panic!(
+                    "request at {offset} not held: base {} next {} origin {} windows {spans:?}",
+                    inner.base, inner.next, inner.origin
+                );
+            }
+            for w in &held {
+                let part = w.clip(offset, offset + (128 << 10));
+                let at = part.start as usize;
+                let same = w.with_bytes(part.start, (part.end - part.start) as usize, |b| {
+                    b == &data[at..at + b.len()]
+                });
+                assert_eq!(same, Some(true), "window bytes at {offset}");
+            }
+        };
+        // The first request of a stream: one window.
+        read(0);
+        let (ahead, _) = stream.planned_after(128 << 10);
+        assert!(
+            ahead <= window + (256 << 10),
+            "decoding {ahead} ahead of a new stream"
+        );
+        // After 24 MiB read in order: full windows, the full depth.
+        let mut offset = 0;
+        while offset < 24 * MIB {
+            read(offset);
+            offset += 128 << 10;
+        }
+        let (ahead, largest) = stream.planned_after(offset);
+        assert!(
+            largest >= window - (256 << 10),
+            "window after 24 MiB: {largest}"
+        );
+        assert!(ahead >= 4 * window, "only {ahead} ahead after 24 MiB");
+    }
 }
