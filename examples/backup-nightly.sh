@@ -116,10 +116,11 @@ else
     prune 1000000000
 fi
 
-# 4. gc frees the chunks only the deleted backups used.
+# 4. gc frees the chunks only the deleted backups used. gc is the store operator's (admin),
+# whichever tenant owns the backups; this script runs as the operator (root's cron).
 GC_REMOVED=0
 if [ "${#DELETED[@]}" -gt 0 ]; then
-    iv_or_die "gc" --wait gc
+    iv_or_die "gc" --tenant admin --wait gc
     GC_REMOVED=$(printf '%s' "$IV_OUT" | json 'd["removed_bytes"]')
     log "gc removed $GC_REMOVED bytes"
 fi

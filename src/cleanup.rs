@@ -8,7 +8,7 @@
 //! chunks for `gc`. A library user that installs no signal thread is unaffected.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 #[derive(Debug)]
@@ -97,11 +97,23 @@ pub fn note_on_signal(note: impl Into<String>) -> Registered {
     GLOBAL.register(Action::Note(note.into()))
 }
 
+/// Set by a frontend whose signal thread calls [`on_signal`] (the CLI).
+static HANDLED: AtomicBool = AtomicBool::new(false);
+
+/// Says that this process's stop signals end in [`on_signal`]; until then notes meant for
+/// the rest of the process ([`note_from_now_on`]) are not kept.
+pub fn signals_handled() {
+    HANDLED.store(true, Ordering::Relaxed);
+}
+
 /// Prints `note` if the process is stopped by a signal from now on: work whose result was
 /// committed (an image created) is not undone by the stop, and the user must not take the
-/// signal's exit status for a failure to do it.
+/// signal's exit status for a failure to do it. Kept only where a signal thread reads the
+/// notes (see [`signals_handled`]): a long-lived library user would only accumulate them.
 pub fn note_from_now_on(note: impl Into<String>) {
-    std::mem::forget(note_on_signal(note));
+    if HANDLED.load(Ordering::Relaxed) {
+        std::mem::forget(note_on_signal(note));
+    }
 }
 
 /// Carries out every registered action; returns one line per action for the user.
@@ -135,5 +147,27 @@ mod tests {
         );
         drop((live, note));
         assert!(registry.run().is_empty());
+    }
+
+    /// The notes registered in the process's registry (read, not run: other tests' files
+    /// are registered there too).
+    fn global_notes() -> Vec<String> {
+        GLOBAL
+            .lock()
+            .iter()
+            .filter_map(|(_, a)| match a {
+                Action::Note(n) => Some(n.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn notes_for_the_rest_of_the_process_need_a_signal_thread() {
+        note_from_now_on("before: dropped");
+        assert!(!global_notes().contains(&"before: dropped".to_string()));
+        signals_handled();
+        note_from_now_on("after: kept");
+        assert!(global_notes().contains(&"after: kept".to_string()));
     }
 }

@@ -50,5 +50,6 @@ pub fn exit_cleanly_on_stop_signal() -> anyhow::Result<()> {
             unsafe { libc::_exit(128 + sig) };
         })
         .map_err(|e| Error::io("start the signal thread", e))?;
+    imgvault::cleanup::signals_handled();
     Ok(())
 }

@@ -99,7 +99,6 @@ thread_local! {
     static READ_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-/// The errno a failed request returns: the one place FUSE maps errors.
 /// How often an idle mount catches up with the store, so that open images move to the
 /// latest snapshot (see [`rebase_open_images`]) without waiting for a request.
 const REBASE_EVERY: Duration = Duration::from_secs(2);
@@ -146,6 +145,7 @@ fn spawn_rebaser(store: Weak<LiveStore>, open: Weak<Mutex<HashMap<u64, OpenImage
     }
 }
 
+/// The errno a failed request returns: the one place FUSE maps errors.
 pub(super) fn errno(op: &str, e: &Error) -> Errno {
     let n = e.errno();
     // EIO is damage or a failing disk: always worth the log (a corrupt chunk's message names
