@@ -518,6 +518,16 @@ fn chain_names(chain: &serde_json::Value) -> Vec<String> {
         .collect()
 }
 
+/// Generations of a `lineage --json` listing, in order.
+fn chain_generations(chain: &serde_json::Value) -> Vec<u64> {
+    chain
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| u(e, "generation"))
+        .collect()
+}
+
 #[test]
 fn deleting_backups_in_the_middle_keeps_one_chain() {
     // Found by the backup audit: deleting a middle backup (retention keeping an older,
@@ -538,13 +548,7 @@ fn deleting_backups_in_the_middle_keeps_one_chain() {
             ["b1", "b4", "b5"],
             "lineage {from}: {chain}"
         );
-        let gens: Vec<u64> = chain
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| u(e, "generation"))
-            .collect();
-        assert_eq!(gens, [0, 1, 2]);
+        assert_eq!(chain_generations(&chain), [0, 1, 2]);
     }
     let chain = s.json(&["lineage", "b5"]);
     assert_eq!(chain[1]["parent_present"], false);
@@ -583,20 +587,8 @@ fn lineage_lists_the_chain_and_parents_must_be_owned() {
     s.json(&["backup", p(&disk), "--name", "b3", "--parent", "b2"]);
     s.json(&["backup", p(&disk), "--name", "other"]);
     let chain = s.json(&["lineage", "b2"]);
-    let names: Vec<&str> = chain
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(names, ["b1", "b2", "b3"]);
-    let gens: Vec<u64> = chain
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| u(e, "generation"))
-        .collect();
-    assert_eq!(gens, [0, 1, 2]);
+    assert_eq!(chain_names(&chain), ["b1", "b2", "b3"]);
+    assert_eq!(chain_generations(&chain), [0, 1, 2]);
     assert_eq!(chain[1]["selected"], true);
     let text = s.ok(&["lineage", "b3"]);
     assert!(text.contains("*2") && text.contains("b1"), "{text}");

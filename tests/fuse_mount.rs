@@ -117,6 +117,15 @@ fn holey_file(s: &TestStore, name: &str, seed: u64) -> PathBuf {
     p
 }
 
+/// Writes `mib` MiB of random bytes (from `seed`) to a scratch file `NAME.raw` and imports it
+/// as `NAME`; returns the file.
+fn random_image(s: &TestStore, name: &str, mib: usize, seed: u64) -> PathBuf {
+    let file = s.scratch(&format!("{name}.raw"));
+    std::fs::write(&file, random_bytes(mib * MIB, seed)).unwrap();
+    s.import(&file, name);
+    file
+}
+
 fn image_id(s: &TestStore, tenant: &str, image: &str) -> String {
     let v: serde_json::Value =
         serde_json::from_str(&s.ok_as(tenant, &["--json", "show", image])).unwrap();
@@ -497,15 +506,9 @@ fn images_imported_while_mounted_appear_within_a_second_and_deleted_ones_vanish(
 fn an_image_held_open_reads_to_the_end_after_delete_and_gc() {
     require_mount!("an_image_held_open_reads_to_the_end_after_delete_and_gc");
     let s = TestStore::new();
-    let keep = s.scratch("keep.raw");
-    std::fs::write(&keep, random_bytes(4 * MIB, 3)).unwrap();
-    let victim = s.scratch("victim.raw");
-    std::fs::write(&victim, random_bytes(24 * MIB, 4)).unwrap();
-    let other = s.scratch("other.raw");
-    std::fs::write(&other, random_bytes(12 * MIB, 5)).unwrap();
-    s.import(&keep, "keep");
-    s.import(&victim, "victim");
-    s.import(&other, "other");
+    let keep = random_image(&s, "keep", 4, 3);
+    let victim = random_image(&s, "victim", 24, 4);
+    random_image(&s, "other", 12, 5);
     let m = mount_as(&s, "admin", "mnt", &[]);
 
     let f = File::open(m.file("private/victim.raw")).unwrap();
@@ -569,12 +572,8 @@ fn gc_frees_disk_space_while_other_images_stay_open() {
     // open (a VM running for weeks): gc said it freed space that stayed in use.
     require_mount!("gc_frees_disk_space_while_other_images_stay_open");
     let s = TestStore::new();
-    let keep = s.scratch("keep.raw");
-    std::fs::write(&keep, random_bytes(4 * MIB, 6)).unwrap();
-    let big = s.scratch("big.raw");
-    std::fs::write(&big, random_bytes(24 * MIB, 7)).unwrap();
-    s.import(&keep, "keep");
-    s.import(&big, "big");
+    let keep = random_image(&s, "keep", 4, 6);
+    let big = random_image(&s, "big", 24, 7);
     let dir = s.scratch("mnt");
     std::fs::create_dir_all(&dir).unwrap();
     let out = s.ok(&["mount", dir.to_str().unwrap()]);
@@ -645,9 +644,7 @@ fn images_open_when_the_store_cannot_take_a_pin() {
     // reading needs no write; export only warns. The open now goes on, with a warning.
     require_mount!("images_open_when_the_store_cannot_take_a_pin");
     let s = TestStore::new();
-    let data = s.scratch("d.raw");
-    std::fs::write(&data, random_bytes(3 * MIB, 9)).unwrap();
-    s.import(&data, "d");
+    let data = random_image(&s, "d", 3, 9);
     let ro = s.scratch("ro-store");
     std::fs::create_dir_all(&ro).unwrap();
     let bind = |args: &[&str]| {
@@ -901,9 +898,7 @@ fn a_mount_whose_daemon_was_killed_gets_advice_that_works() {
     // close the files or let them finish, which they never can.
     require_mount!("a_mount_whose_daemon_was_killed_gets_advice_that_works");
     let s = TestStore::new();
-    let a = s.scratch("a.raw");
-    std::fs::write(&a, random_bytes(MIB, 2)).unwrap();
-    s.import(&a, "img");
+    random_image(&s, "img", 1, 2);
     let dir = s.scratch("dead");
     std::fs::create_dir_all(&dir).unwrap();
     let mut child = foreground_mount(&s, &dir);
