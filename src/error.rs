@@ -301,7 +301,7 @@ impl Error {
             }
             CorruptRecord { .. } | CorruptChunk { .. } | VerifyFailed { .. } => exit::CORRUPT,
             CompactionFailed { corrupt: true, .. } => exit::CORRUPT,
-            CompactionFailed { reason, .. } if reason.contains("No space left") => exit::NO_SPACE,
+            CompactionFailed { reason, .. } if says_no_space(reason) => exit::NO_SPACE,
             CompactionFailed { .. } => exit::FAILURE,
             NoSpace { .. } => exit::NO_SPACE,
             Interrupted => exit::INTERRUPTED,
@@ -341,6 +341,10 @@ fn is_rocksdb_corruption(e: &rocksdb::Error) -> bool {
 }
 
 fn is_rocksdb_nospace(e: &rocksdb::Error) -> bool {
-    let s = e.to_string();
-    s.contains("No space left") || s.contains("NoSpace")
+    says_no_space(e.as_ref())
+}
+
+/// RocksDB reports a full disk only in its message.
+fn says_no_space(message: &str) -> bool {
+    message.contains("No space left") || message.contains("NoSpace")
 }

@@ -211,27 +211,64 @@ struct Member {
     status: MemberStatus,
 }
 
-/// What became of an image's parent, as `tenant` (with `access` to the child) may learn it:
-/// `present` with `OWNER/NAME`, `deleted` (owner and admin only; with its name when its
-/// delete left a lineage link) or `not visible`.
-fn describe_parent(
-    catalog: &Catalog,
-    tenant: &str,
-    access: Access,
-    parent: &ImageId,
-) -> anyhow::Result<(&'static str, Option<String>)> {
-    if let Some(p) = catalog.get(parent)? {
-        if catalog.access(tenant, &p)?.is_some() {
-            return Ok(("present", Some(format!("{}/{}", p.owner, p.name))));
+/// What became of an image's parent, as a tenant may learn it.
+enum Parent {
+    /// It exists and the tenant sees it: `OWNER/NAME`.
+    Present(String),
+    /// Deleted (told to the owner and admin only), with its name when its delete left a
+    /// lineage link.
+    Deleted(Option<String>),
+    /// Not visible to the tenant (a member cannot tell deleted from not shared).
+    NotVisible,
+}
+
+impl Parent {
+    /// What `tenant`, with `access` to the child, may learn of `parent`.
+    fn of(
+        catalog: &Catalog,
+        tenant: &str,
+        access: Access,
+        parent: &ImageId,
+    ) -> anyhow::Result<Self> {
+        if let Some(p) = catalog.get(parent)? {
+            return Ok(match catalog.access(tenant, &p)? {
+                Some(_) => Parent::Present(format!("{}/{}", p.owner, p.name)),
+                None => Parent::NotVisible,
+            });
         }
-        return Ok(("not visible", None));
+        if access != Access::Owner {
+            return Ok(Parent::NotVisible);
+        }
+        let name = catalog.deleted_links()?.remove(parent).map(|l| l.name);
+        Ok(Parent::Deleted(name))
     }
-    if access != Access::Owner {
-        // A member cannot tell a deleted parent from one not shared with it.
-        return Ok(("not visible", None));
+
+    /// `parent_status` in `show --json`.
+    fn status(&self) -> &'static str {
+        match self {
+            Parent::Present(_) => "present",
+            Parent::Deleted(_) => "deleted",
+            Parent::NotVisible => "not visible",
+        }
     }
-    let name = catalog.deleted_links()?.remove(parent).map(|l| l.name);
-    Ok(("deleted", name))
+
+    /// `parent_name` in `show --json`.
+    fn name(&self) -> Option<String> {
+        match self {
+            Parent::Present(n) | Parent::Deleted(Some(n)) => Some(n.clone()),
+            _ => None,
+        }
+    }
+
+    /// The `parent` line of `show`, for parent id `id`.
+    fn line(&self, id: &ImageId) -> String {
+        match self {
+            Parent::Present(name) => format!("{name} ({id})"),
+            Parent::Deleted(Some(name)) => format!("{id} (deleted: {name})"),
+            Parent::Deleted(None) => format!("{id} (deleted)"),
+            Parent::NotVisible => id.to_hex(),
+        }
+    }
 }
 
 pub fn show(ctx: &Context, image: &str) -> anyhow::Result<i32> {
@@ -249,7 +286,7 @@ pub fn show(ctx: &Context, image: &str) -> anyhow::Result<i32> {
         Vec::new()
     };
     let parent = match rec.parent {
-        Some(p) => Some(describe_parent(&catalog, &ctx.tenant, access, &p)?),
+        Some(p) => Some(Parent::of(&catalog, &ctx.tenant, access, &p)?),
         None => None,
     };
     if ctx.json {
@@ -257,8 +294,8 @@ pub fn show(ctx: &Context, image: &str) -> anyhow::Result<i32> {
             image: &rec,
             access: access_name(access),
             members,
-            parent_status: parent.as_ref().map(|p| p.0),
-            parent_name: parent.and_then(|p| p.1),
+            parent_status: parent.as_ref().map(Parent::status),
+            parent_name: parent.as_ref().and_then(Parent::name),
         })
         .map(|_| 0);
     }
@@ -302,14 +339,8 @@ pub fn show(ctx: &Context, image: &str) -> anyhow::Result<i32> {
         ("region", rec.region.clone()),
         ("source", source),
     ];
-    if let (Some(id), Some((status, name))) = (rec.parent, parent) {
-        let shown = match (status, name) {
-            ("present", Some(name)) => format!("{name} ({id})"),
-            ("deleted", Some(name)) => format!("{id} (deleted: {name})"),
-            ("deleted", None) => format!("{id} (deleted)"),
-            _ => id.to_hex(),
-        };
-        lines.push(("parent", shown));
+    if let (Some(id), Some(parent)) = (rec.parent, &parent) {
+        lines.push(("parent", parent.line(&id)));
     }
     let optional = p.text_fields();
     for (k, v) in optional {

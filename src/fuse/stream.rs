@@ -146,6 +146,7 @@ impl Stream {
         }
         if !(inner.base..inner.next).contains(&offset) {
             // A new stream, or the reader jumped: plan from its request.
+            tracing::debug!("stream starts at {offset} ({len} bytes asked)");
             inner.windows.clear();
             inner.next = reader.extent_start(offset);
             inner.base = inner.next;
@@ -177,6 +178,12 @@ impl Stream {
                 budget: budget.clone(),
             });
             inner.next = span.end;
+            // One line per window decoded (`IMGVAULT_LOG=imgvault::fuse::stream=debug`):
+            // docs/PERFORMANCE.md counts the bytes decoded ahead of random readers with it.
+            tracing::debug!(
+                "window of {bytes} bytes at {} for a read at {offset}",
+                span.start
+            );
             inner.windows.push_back(window.clone());
             let mut buf = inner.spare.take().unwrap_or_default();
             let reader = reader.clone();

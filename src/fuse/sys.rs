@@ -113,16 +113,22 @@ fn daemon_gone(path: &Path) -> bool {
     matches!(std::fs::metadata(path), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN))
 }
 
+/// What to do about a mount whose daemon is gone: a lazy unmount works whether files are
+/// still open on it or not.
+fn dead_daemon_hint(path: &Path) -> String {
+    format!(
+        "its daemon is gone (killed?); run `imgvault umount --lazy {}` first",
+        path.display()
+    )
+}
+
 /// Checks that `path` can be mounted on: an existing, empty directory that is not already
 /// a mountpoint. Returns its canonical path.
 pub fn check_mountpoint(path: &Path) -> Result<PathBuf> {
     let abs = absolute(path)?;
     if let Some(m) = mount_at(&abs)? {
         let hint = if m.is_fuse() && daemon_gone(&abs) {
-            format!(
-                "its daemon is gone (killed?); run `imgvault umount --lazy {}` first",
-                path.display()
-            )
+            dead_daemon_hint(path)
         } else if m.is_fuse() {
             format!("run `imgvault umount {}` first", path.display())
         } else {
@@ -147,10 +153,7 @@ pub fn check_mountpoint(path: &Path) -> Result<PathBuf> {
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
             return Err(bad_mountpoint(
                 path,
-                format!(
-                    "is a FUSE mount whose daemon is gone; run `imgvault umount {}`",
-                    path.display()
-                ),
+                format!("is a FUSE mount: {}", dead_daemon_hint(path)),
             ))
         }
         Err(e) => return Err(bad_mountpoint(path, format!("cannot stat: {e}"))),

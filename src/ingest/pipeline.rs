@@ -226,8 +226,6 @@ pub(super) fn run(
     if result.is_err() {
         // Nothing references these chunks: remove them now rather than waiting for gc.
         store.remove_uncommitted_values(&written);
-    }
-    if result.is_err() {
         // And the window sums this import wrote that name a chunk no image references (the
         // zero windows' stay: they are true, and save a retry's hashing).
         let mut batch = WriteBatch::default();
