@@ -5,14 +5,14 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, TryLockError, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{Errno, FileAttr, FileType, INodeNo, OpenAccMode, OpenFlags, ReplyDirectory};
 
 use super::layout::{self, View};
-use super::stream::Stream;
+use super::stream::{Detector, Stream};
 use super::MountOptions;
 use crate::catalog::{Access, Catalog, ImageRecord};
 use crate::error::{Error, Result};
@@ -26,13 +26,6 @@ pub(super) const TTL: Duration = Duration::from_secs(1);
 
 /// The catalog is re-read (RocksDB secondary catch-up) at most this often.
 const REFRESH_EVERY: Duration = Duration::from_millis(300);
-
-/// A read within this distance of the previous one's end counts as sequential (the kernel's
-/// asynchronous read-ahead requests can arrive out of order on several threads).
-const SEQUENTIAL_SLACK: u64 = 2 << 20;
-
-/// Sequential reads in a row before read-ahead decoding starts.
-const SEQUENTIAL_TRIGGER: u32 = 2;
 
 /// Memory for the decoded windows of sequential readers, over all open files; a stream
 /// that finds it taken reads through the chunk cache.
@@ -195,10 +188,8 @@ struct OpenImage {
 struct Handle {
     ino: u64,
     reader: Arc<ImageReader>,
-    /// End of the previous read.
-    last_end: AtomicU64,
-    /// Sequential reads in a row.
-    streak: AtomicU32,
+    /// Sequential or random, from its requests.
+    pattern: Detector,
     /// Decoded windows ahead of a sequential reader.
     stream: Stream,
     /// Opened with O_DIRECT: the page cache is not used, nothing to feed it.
@@ -407,8 +398,7 @@ impl ImgvaultFs {
         let handle = Arc::new(Handle {
             ino,
             reader,
-            last_end: AtomicU64::new(0),
-            streak: AtomicU32::new(0),
+            pattern: Detector::default(),
             stream: Stream::default(),
             direct: flags.0 & libc::O_DIRECT != 0,
         });
@@ -570,7 +560,7 @@ impl ImgvaultFs {
     /// True for a random (not sequential) read of a buffered handle: the page cache then
     /// gets the whole chunks it touches (see [`Self::read_feeding_pages`]).
     fn feeds_pages(&self, h: &Handle) -> bool {
-        !h.direct && h.streak.load(Ordering::Relaxed) == 0
+        !h.direct && h.pattern.is_random()
     }
 
     /// A random buffered read: each chunk it touches is decoded (into a recycled buffer,
@@ -694,18 +684,10 @@ impl ImgvaultFs {
         })
     }
 
-    /// Detects sequential reads on a handle: true from the [`SEQUENTIAL_TRIGGER`]th read
-    /// in a row on (when decode-ahead is on).
+    /// True when the request continues a sequential reader's (see [`Detector`]) and
+    /// decode-ahead is on.
     fn is_sequential(&self, h: &Handle, offset: u64, len: u64) -> bool {
-        if self.prefetch_bytes == 0 {
-            return false;
-        }
-        let prev = h.last_end.swap(offset + len, Ordering::Relaxed);
-        if offset.abs_diff(prev) > SEQUENTIAL_SLACK {
-            h.streak.store(0, Ordering::Relaxed);
-            return false;
-        }
-        h.streak.fetch_add(1, Ordering::Relaxed) + 1 >= SEQUENTIAL_TRIGGER
+        self.prefetch_bytes != 0 && h.pattern.observe(offset, len)
     }
 
     pub(super) fn do_lseek(&self, fh: u64, offset: i64, whence: i32) -> Result<i64> {
