@@ -8,7 +8,8 @@
 #   --keep N keep the newest N backups of SERVER and delete older ones, then gc
 #            (default 7; 0 keeps everything). Protected backups are never deleted. The
 #            new backup is taken first; when the tenant's quota refuses it, the oldest
-#            backups beyond N-1 are deleted first and the backup is tried once more.
+#            backups beyond N-1 are deleted first and the backup is tried once more (never
+#            the newest: with --keep 1 the quota must leave room for 2).
 #   --hw-model MODEL  record the server's hardware model (default: imgvault reads DMI)
 #
 # Each backup is linked to the previous one (--parent), so `imgvault lineage` shows the chain;
@@ -83,21 +84,36 @@ prune() {
 
 # 2. The backup. --wait: queue behind another writer instead of failing. Taken before the
 # retention, so that a failed backup never leaves fewer than KEEP; when the tenant's quota has
-# no room for KEEP + 1 backups, make room down to KEEP - 1 and try once more.
+# no room for KEEP + 1 backups, make room down to KEEP - 1 and try once more. The newest
+# backup (the parent) is never deleted for room: with --keep 1 that would leave no backup at
+# all if the new one then failed.
 backup_once() {
     iv --wait backup "$SOURCE" --name "$NAME" "${PARENT[@]}" "${HW[@]}"
 }
 log "backing up $SOURCE as $NAME"
 RC=0
 backup_once || RC=$?
-if [ "$RC" -eq 4 ] && [ "$KEEP" -gt 0 ] && [[ $IV_ERR == *"quota exceeded"* ]]; then
+QUOTA_FULL=0
+if [ "$RC" -eq 4 ] && [[ $IV_ERR == *"quota exceeded"* ]]; then QUOTA_FULL=1; fi
+if [ "$QUOTA_FULL" -eq 1 ] && [ "$KEEP" -gt 1 ]; then
     log "the quota has no room for a new backup beside $KEEP: deleting down to $((KEEP - 1)) first"
     prune $((KEEP - 1))
     RC=0
     backup_once || RC=$?
+    QUOTA_FULL=0
+    if [ "$RC" -eq 4 ] && [[ $IV_ERR == *"quota exceeded"* ]]; then QUOTA_FULL=1; fi
 fi
 if [ "$RC" -ne 0 ]; then
     if [ -n "$IV_ERR" ]; then printf '%s\n' "$IV_ERR" >&2; fi
+    if [ "$QUOTA_FULL" -eq 1 ]; then
+        case $KEEP in
+            0) why="--keep 0 deletes no backup" ;;
+            1) why="the only backup of $SERVER is not deleted before a new one is stored" ;;
+            *) why="the newest $((KEEP - 1)) backups of $SERVER are kept" ;;
+        esac
+        log "the tenant's quota has no room for a new backup ($why): raise it" \
+            "(imgvault --tenant admin quota TENANT --max-private N) or delete other private images"
+    fi
     die "$RC" "backup of $SOURCE failed (imgvault exit code $RC)"
 fi
 REPORT=$IV_OUT

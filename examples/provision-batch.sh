@@ -70,7 +70,8 @@ for n, target in enumerate(targets, 1):
     if rc == 0:
         r = json.load(open(f"{work}/{n}.json"))
         entry.update({k: r[k] for k in ("bytes_written", "bytes_skipped", "zero_bytes_written",
-                                        "verified", "seconds")})
+                                        "verified")})
+        entry["seconds"] = round(r["seconds"], 3)  # as the other scripts' summaries
     else:
         failed += 1
         entry["error"] = open(f"{work}/{n}.err").read().strip()

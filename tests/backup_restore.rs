@@ -1051,6 +1051,31 @@ fn example_scripts_back_up_nightly_restore_reinstall_and_provision() {
         }
     }
 
+    // --keep 1 with room for one backup only: the second night is refused, and the only
+    // backup stays (deleting it first would leave none if the new one then failed).
+    s.ok(&["quota", "solo", "--max-private", "1"]);
+    let run = |stamp: &str| {
+        script(
+            &s,
+            "backup-nightly.sh",
+            &["--keep", "1", "app", p(&small)],
+            &[("BACKUP_TIME", stamp), ("IMGVAULT_TENANT", "solo")],
+        )
+    };
+    let (code, _, err) = run("20250101T023000Z");
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = run("20250102T023000Z");
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("no room for a new backup"), "{err}");
+    let left = s.json_as("solo", &["list"]);
+    let names: Vec<_> = left
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| &i["name"])
+        .collect();
+    assert_eq!(names, ["app-20250101T023000Z"], "{left}");
+
     // Restore the latest backup onto a new disk: byte-identical, fsck clean.
     let restored = s.scratch("restored.img");
     let (code, j, _) = script(&s, "restore-latest.sh", &["web-01", p(&restored)], &[]);
