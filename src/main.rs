@@ -12,7 +12,7 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    let args = cli::Cli::parse();
+    let args = cli::Cli::try_parse().unwrap_or_else(|e| usage_error(e));
     // The mount daemon keeps glibc's defaults: its random reads lost ~half their IOPS in one arena.
     if !matches!(args.command, cli::Command::Mount(_)) {
         tune_allocator();
@@ -69,6 +69,39 @@ fn tune_allocator() {
             libc::mallopt(libc::M_TRIM_THRESHOLD, 8 << 20);
         }
     }
+}
+
+/// Exits on a command line the parser refused, with one line in the form of every other
+/// error (clap's own is several lines: the error, a tip, the usage); help and version are
+/// printed as clap does.
+fn usage_error(e: clap::Error) -> ! {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        e.exit();
+    }
+    // clap's text: "error: WHAT[:\n  ITEM...]\n\n  tip: ...\n\nUsage: ...".
+    let text = e.render().to_string();
+    let mut paragraphs = text.split("\n\n").map(str::trim);
+    let mut what = paragraphs.next().unwrap_or_default().lines().map(str::trim);
+    let head = what.next().unwrap_or("invalid arguments");
+    let mut line = head.strip_prefix("error: ").unwrap_or(head).to_string();
+    let items: Vec<_> = what.collect();
+    if !items.is_empty() {
+        line = format!("{line} {}", items.join(", "));
+    }
+    if let Some(tip) = paragraphs.find(|p| p.starts_with("tip: ")) {
+        line.push_str(&format!(" ({tip})"));
+    }
+    eprintln!(
+        "imgvault: error: {}; try --help",
+        imgvault::formats::disk::printable(&line)
+    );
+    std::process::exit(imgvault::error::exit::USAGE);
 }
 
 /// The error and its causes on one line, each cause once: library errors already quote

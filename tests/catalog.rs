@@ -1195,16 +1195,58 @@ fn owners_update_properties_and_market_fields_go_on_public_images_only() {
     let f = data_file(&s, "p.bin", 1 << 20, 41);
     let f = f.to_str().unwrap();
     for extra in [["--publisher", "ACME"], ["--category", "db"]] {
-        for cmd in ["import", "backup"] {
-            refused_as(
-                &s,
-                "alice",
-                &[&[cmd, f, "--name", "p"][..], &extra[..]].concat(),
-                2,
-                "market",
-            );
-        }
+        refused_as(
+            &s,
+            "alice",
+            &[&["import", f, "--name", "p"][..], &extra[..]].concat(),
+            2,
+            "market",
+        );
+        // A backup is always private: it does not take the flags at all.
+        refused_as(
+            &s,
+            "alice",
+            &[&["backup", f, "--name", "p"][..], &extra[..]].concat(),
+            2,
+            extra[0],
+        );
     }
+    // Values are shown to other tenants and matched by `check`: nothing invisible in them,
+    // at most 200 characters (not bytes), no plug-in twice, sizes a JSON reader holds.
+    for (flag, value, why) in [
+        ("--hw-model", "dell\u{200b}r640", "zero-width"),
+        ("--os-version", "deb\u{202e}ian", "bidirectional"),
+        ("--arch", &"x".repeat(201), "1-200"),
+        ("--min-disk", "18446744073709551615", "8 PiB"),
+    ] {
+        refused_as(&s, "alice", &["update", "web", flag, value], 2, why);
+    }
+    s.ok_as(
+        "alice",
+        &["update", "web", "--os-version", &"é".repeat(200)],
+    );
+    refused_as(
+        &s,
+        "alice",
+        &[
+            "update", "web", "--plugin", "a", "--plugin", "b", "--plugin", "a",
+        ],
+        2,
+        "twice",
+    );
+    let many: Vec<String> = (0..65).map(|i| format!("p{i}")).collect();
+    let mut args = vec!["update", "web"];
+    for p in &many {
+        args.extend(["--plugin", p.as_str()]);
+    }
+    refused_as(&s, "alice", &args, 2, "at most 64");
+    refused_as(
+        &s,
+        "admin",
+        &["quota", "alice", "--max-private", "18446744073709551615"],
+        2,
+        "at most",
+    );
     refused_as(
         &s,
         "bob",

@@ -536,6 +536,45 @@ fn a_device_mapper_error_target_is_refused() {
     assert_nothing_stored(&s);
 }
 
+#[test]
+fn a_mountpoint_elsewhere_whose_name_is_not_utf8_breaks_nothing() {
+    if !can_mount() {
+        eprintln!("SKIP a_mountpoint_elsewhere_whose_name_is_not_utf8_breaks_nothing: needs root and /dev/fuse (it mounts a tmpfs)");
+        return;
+    }
+    // Any user's mount can have such a name; /proc/self/mountinfo then holds raw bytes, and
+    // reading it as a string failed: backup warned that it could not check mounts, and
+    // `mount` could not find its own mount.
+    let (s, src) = store_with("good", MIB);
+    let odd = s.dir.path().join(OsStr::from_bytes(b"mnt-\xff"));
+    std::fs::create_dir(&odd).unwrap();
+    let out = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "imgvault-test"])
+        .arg(&odd)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "mount tmpfs: {out:?}");
+    struct Umount(PathBuf);
+    impl Drop for Umount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).output();
+        }
+    }
+    let _tmpfs = Umount(odd);
+    let report = s.json(&["backup", src.to_str().unwrap(), "--name", "b1"]);
+    assert_eq!(report["warnings"], serde_json::json!([]), "{report}");
+    let mnt = s.scratch("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let mnt_s = mnt.to_str().unwrap();
+    s.ok(&["mount", mnt_s]);
+    let _m = LazyUnmount(mnt.clone());
+    assert_files_equal(&mnt.join("private/good.raw"), &src);
+    s.ok(&["umount", mnt_s]);
+    let restored = s.scratch("restored.img");
+    s.ok(&["restore", "good", restored.to_str().unwrap()]);
+    assert_files_equal(&restored, &src);
+}
+
 /// Runs `cmd`, returning its output and peak RSS in bytes (from wait4).
 // The child is reaped by wait4 itself (std's wait() cannot return its rusage).
 #[allow(clippy::zombie_processes)]
@@ -677,10 +716,12 @@ fn options_out_of_range_are_refused_before_anything_is_stored() {
         let before = s.snapshot();
         let (code, err) = s.fail(&args);
         assert_eq!(code, 2, "{args:?}: {err}");
+        // One line, as every error: the parser's too.
         assert!(
-            err.starts_with("error: ") && err.contains(needle),
+            err.starts_with("imgvault: error: ") && err.contains(needle),
             "{args:?}: {err}"
         );
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
         assert_eq!(s.snapshot(), before);
     }
     for (args, needle) in [
@@ -695,6 +736,10 @@ fn options_out_of_range_are_refused_before_anything_is_stored() {
         (vec!["init", "--zstd-level", "40"], "zstd level"),
         (vec!["init", "--region", "a/b"], "invalid region"),
         (vec!["init", "--region", ""], "invalid region"),
+        (
+            vec!["init", "--default-quota", "9007199254740992"],
+            "at most 9007199254740991",
+        ),
     ] {
         let t = TestStore::uninit();
         let (code, err) = t.fail(&args);
@@ -703,7 +748,7 @@ fn options_out_of_range_are_refused_before_anything_is_stored() {
         assert!(!t.path().join("db").exists(), "{args:?} created a store");
     }
     // Huge but meaningful values are taken as they are, and work.
-    s.ok(&["quota", "admin", "--max-private", "18446744073709551615"]);
+    s.ok(&["quota", "admin", "--max-private", "9007199254740991"]);
     s.ok(&["import", src, "--name", "one-thread", "--threads", "1"]);
     if can_mount() {
         let mnt = s.scratch("mnt");

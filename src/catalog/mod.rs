@@ -445,6 +445,12 @@ impl<'s> Catalog<'s> {
     /// Sets a tenant's quota.
     pub fn set_quota(&self, tenant: &str, max_private: u64) -> Result<()> {
         validate_tenant(tenant)?;
+        if max_private > MAX_QUOTA {
+            return Err(Error::invalid(
+                "quota",
+                format!("{max_private} private images: at most {MAX_QUOTA}"),
+            ));
+        }
         let mut b = WriteBatch::default();
         b.put_cf(
             self.store.cf(cf::META),
@@ -652,11 +658,20 @@ pub fn require_unprotected(rec: &ImageRecord) -> Result<()> {
 /// Validates property values: printable, at most 200 bytes each.
 pub fn validate_properties(p: &Properties) -> Result<()> {
     let fields = p.text_fields();
+    // Values are matched (`check`, `list --category`) and shown to other tenants, so the
+    // rules of names apply: nothing invisible that would make two values look alike.
     let check = |what: &str, v: &str| -> Result<()> {
-        if v.trim().is_empty() || v.len() > 200 || v.chars().any(|c| c.is_control()) {
+        if v.trim().is_empty()
+            || v.chars().count() > MAX_PROPERTY_CHARS
+            || v.chars().any(|c| c.is_control() || is_invisible(c))
+        {
             return Err(Error::invalid(
                 what,
-                format!("{v:?}: use 1-200 printable characters"),
+                format!(
+                    "{}: use 1-{MAX_PROPERTY_CHARS} printable characters (no control, \
+                     zero-width or bidirectional formatting characters)",
+                    shown(v)
+                ),
             ));
         }
         Ok(())
@@ -666,11 +681,42 @@ pub fn validate_properties(p: &Properties) -> Result<()> {
             check(what, v)?;
         }
     }
-    for plugin in &p.plugins {
+    if p.plugins.len() > MAX_PLUGINS {
+        return Err(Error::invalid(
+            "plug-ins",
+            format!("{} given: at most {MAX_PLUGINS}", p.plugins.len()),
+        ));
+    }
+    for (i, plugin) in p.plugins.iter().enumerate() {
         check("plug-in", plugin)?;
+        if p.plugins[..i].contains(plugin) {
+            return Err(Error::invalid(
+                "plug-in",
+                format!("{} is given twice", shown(plugin)),
+            ));
+        }
+    }
+    if let Some(bytes) = p.min_disk.filter(|&b| b > MAX_MIN_DISK) {
+        return Err(Error::invalid(
+            "minimum disk size",
+            format!("{bytes} bytes: at most {MAX_MIN_DISK} (8 PiB)"),
+        ));
     }
     Ok(())
 }
+
+/// Largest quota: a count no JSON reader rounds (2^53 - 1).
+pub const MAX_QUOTA: u64 = (1 << 53) - 1;
+
+/// Longest property value, in characters.
+const MAX_PROPERTY_CHARS: usize = 200;
+
+/// Most plug-ins an image may require.
+const MAX_PLUGINS: usize = 64;
+
+/// Largest minimum disk size: 2^53 bytes (8 PiB), the largest integer every JSON reader
+/// (jq, JavaScript) holds exactly.
+const MAX_MIN_DISK: u64 = 1 << 53;
 
 fn quota_key(tenant: &str) -> Vec<u8> {
     let mut k = b"quota/".to_vec();

@@ -10,7 +10,7 @@ use imgvault::restore::{self, BackupOptions, RestoreOptions, TargetKind};
 use imgvault::Error;
 
 use super::output::{self, Bar};
-use super::{Context, PropertyArgs};
+use super::{Context, ServerPropertyArgs};
 
 /// `backup` flags.
 #[derive(Debug, Args)]
@@ -28,11 +28,11 @@ pub struct BackupArgs {
     #[arg(long)]
     pub zstd_level: Option<i32>,
     /// Hash/compress threads [default: number of CPUs]
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, hide_default_value = true)]
     pub threads: usize,
     /// Properties of the image; --hw-model defaults to this host's DMI product name
     #[command(flatten)]
-    pub props: PropertyArgs,
+    pub props: ServerPropertyArgs,
 }
 
 /// `restore` flags.

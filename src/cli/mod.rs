@@ -290,7 +290,7 @@ pub struct ImportArgs {
     #[arg(long)]
     pub zstd_level: Option<i32>,
     /// Hash/compress threads [default: number of CPUs]
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, hide_default_value = true)]
     pub threads: usize,
     #[command(flatten)]
     pub chunker: ChunkerArgs,
@@ -298,9 +298,23 @@ pub struct ImportArgs {
     pub props: PropertyArgs,
 }
 
-/// Image properties.
+/// Image properties: those of the server an image comes from, and the market's.
 #[derive(Debug, Args, Default)]
 pub struct PropertyArgs {
+    #[command(flatten)]
+    pub server: ServerPropertyArgs,
+    /// Publisher (market images)
+    #[arg(long)]
+    pub publisher: Option<String>,
+    /// Category (market images)
+    #[arg(long)]
+    pub category: Option<String>,
+}
+
+/// The properties of the server an image comes from (all `backup` takes: a backup is a
+/// private image, never a market one).
+#[derive(Debug, Args, Default)]
+pub struct ServerPropertyArgs {
     /// OS type (linux, windows, ...)
     #[arg(long)]
     pub os_type: Option<String>,
@@ -322,15 +336,9 @@ pub struct PropertyArgs {
     /// Required plug-in (repeatable): cloud-init, network-config, ...
     #[arg(long = "plugin")]
     pub plugins: Vec<String>,
-    /// Publisher (market images)
-    #[arg(long)]
-    pub publisher: Option<String>,
-    /// Category (market images)
-    #[arg(long)]
-    pub category: Option<String>,
 }
 
-impl PropertyArgs {
+impl ServerPropertyArgs {
     fn into_properties(self) -> Properties {
         Properties {
             os_type: self.os_type,
@@ -340,8 +348,18 @@ impl PropertyArgs {
             hw_model: self.hw_model,
             min_disk: self.min_disk,
             plugins: self.plugins,
+            publisher: None,
+            category: None,
+        }
+    }
+}
+
+impl PropertyArgs {
+    fn into_properties(self) -> Properties {
+        Properties {
             publisher: self.publisher,
             category: self.category,
+            ..self.server.into_properties()
         }
     }
 }

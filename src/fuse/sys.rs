@@ -53,7 +53,7 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountInfo> {
 
 /// The current mount table.
 pub fn mounts() -> Result<Vec<MountInfo>> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo")
+    let text = crate::procfs::read_table("/proc/self/mountinfo")
         .map_err(|e| Error::io("read /proc/self/mountinfo", e))?;
     Ok(parse_mountinfo(&text))
 }

@@ -227,6 +227,16 @@ impl Store {
             ));
         }
         validate_region(&opts.region)?;
+        if opts.default_quota > crate::catalog::MAX_QUOTA {
+            return Err(Error::invalid(
+                "default quota",
+                format!(
+                    "{} private images: at most {}",
+                    opts.default_quota,
+                    crate::catalog::MAX_QUOTA
+                ),
+            ));
+        }
         if exists(path) {
             return Err(Error::StoreExists {
                 path: path.to_path_buf(),
