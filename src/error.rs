@@ -133,6 +133,10 @@ pub enum Error {
     #[error("image '{image}' not found (for tenant '{tenant}')")]
     ImageNotFound { image: String, tenant: String },
 
+    /// `unshare` names a tenant the image is not shared with.
+    #[error("tenant '{member}' is not a member of image '{image}' (`imgvault members {image}` lists them)")]
+    NotMember { image: String, member: String },
+
     /// An id prefix matches several images.
     #[error("image reference '{image}' is ambiguous: matches {count} images; use OWNER/NAME, or more characters of the id (a full id is never ambiguous)")]
     AmbiguousImage { image: String, count: usize },
@@ -283,7 +287,8 @@ impl Error {
             | BadSource { .. }
             | BadImage { .. }
             | NoStore { .. }
-            | ImageNotFound { .. } => exit::NOT_FOUND,
+            | ImageNotFound { .. }
+            | NotMember { .. } => exit::NOT_FOUND,
             AmbiguousImage { .. } => exit::USAGE,
             StoreExists { .. }
             | NameTaken { .. }
@@ -321,7 +326,7 @@ impl Error {
         use Error::*;
         match self {
             RestoredInPart { error, .. } => error.errno(),
-            ImageNotFound { .. } => libc::ENOENT,
+            ImageNotFound { .. } | NotMember { .. } => libc::ENOENT,
             PermissionDenied { .. } => libc::EACCES,
             InvalidArgument { .. } | BadMountpoint { .. } => libc::EINVAL,
             MountBusy { .. } => libc::EBUSY,

@@ -698,8 +698,24 @@ fn only_the_owner_changes_a_shared_image_and_delete_removes_it_for_every_member(
         json_as(&s, "alice", &["show", "web"])["visibility"],
         "private"
     );
-    refused_as(&s, "alice", &["unshare", "web", "bob"], 2, "not a member");
+    refused_as(&s, "alice", &["unshare", "web", "bob"], 3, "not a member");
     refused_as(&s, "alice", &["share", "web", "alice"], 2, "owns image");
+    // An image is shared by `share`, never made shared with no members.
+    let f = data_file(&s, "sh.bin", 1 << 20, 62);
+    refused_as(
+        &s,
+        "alice",
+        &[
+            "import",
+            f.to_str().unwrap(),
+            "--name",
+            "sh",
+            "--visibility",
+            "shared",
+        ],
+        2,
+        "share it afterwards",
+    );
 }
 
 // ---- protection, public images, tenants ----------------------------------------------------
@@ -1225,6 +1241,7 @@ fn owners_update_properties_and_market_fields_go_on_public_images_only() {
         "alice",
         &["update", "web", "--os-version", &"é".repeat(200)],
     );
+    refused_as(&s, "alice", &["update", "web"], 2, "nothing to change");
     refused_as(
         &s,
         "alice",

@@ -252,6 +252,40 @@ fn writers_started_together_serialize_and_all_commit() {
     s.ok(&["verify"]);
 }
 
+#[test]
+fn a_refused_writer_names_the_holder_by_pid_every_time() {
+    // The holder used to truncate the lock file and then write its pid; a writer refused in
+    // between read an empty file and said "held by pid unknown" (1 race in 3).
+    let s = TestStore::new();
+    let f = s.scratch("p.img");
+    std::fs::write(&f, random_bytes(MIB, 7)).unwrap();
+    s.ok(&["import", f.to_str().unwrap(), "--name", "p"]);
+    let mut refused = 0;
+    for round in 0..60 {
+        let children = [
+            spawn(&s, &["update", "p", "--arch", "x86_64"]),
+            spawn(&s, &["update", "p", "--arch", "aarch64"]),
+        ];
+        for c in children {
+            let out = finish(c, "update");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            match out.status.code() {
+                Some(0) => {}
+                Some(5) => {
+                    refused += 1;
+                    let pid = stderr.split("held by pid ").nth(1).unwrap_or_default();
+                    assert!(
+                        pid.starts_with(|c: char| c.is_ascii_digit()),
+                        "round {round}: {stderr}"
+                    );
+                }
+                other => panic!("round {round}: exit {other:?}: {stderr}"),
+            }
+        }
+    }
+    eprintln!("{refused} of 60 rounds had a writer refused");
+}
+
 /// Starts `delete IMAGE` then `gc` in another process after `delay`.
 fn delete_and_gc_later(s: &TestStore, image: &str, delay: Duration) -> std::thread::JoinHandle<()> {
     let store = s.path();

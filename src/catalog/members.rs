@@ -139,10 +139,10 @@ impl Catalog<'_> {
         validate_tenant(member)?;
         require_unprotected(rec)?;
         if self.member_status(&rec.id, member)?.is_none() {
-            return Err(Error::invalid(
-                "unshare",
-                format!("tenant '{member}' is not a member of image '{}'", rec.name),
-            ));
+            return Err(Error::NotMember {
+                image: rec.name.clone(),
+                member: member.to_string(),
+            });
         }
         let mut batch = WriteBatch::default();
         batch.delete_cf(self.store.cf(cf::MEMBERS), member_key(&rec.id, member));

@@ -466,6 +466,14 @@ impl<'s> Catalog<'s> {
     pub fn check_create(&self, owner: &str, name: &str, visibility: Visibility) -> Result<()> {
         validate_tenant(owner)?;
         validate_name(name)?;
+        // Shared means "has members": an image made shared would have none, and would drop
+        // out of every listing but its owner's `--visibility shared`.
+        if visibility == Visibility::Shared {
+            return Err(Error::invalid(
+                "visibility",
+                "a new image is private (share it afterwards) or public (admin)",
+            ));
+        }
         if visibility == Visibility::Public && owner != ADMIN {
             return Err(Error::PermissionDenied {
                 tenant: owner.to_string(),

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use imgvault::catalog::{self, Catalog, Visibility};
+use imgvault::catalog::{self, Catalog, Properties, Visibility};
 use imgvault::error::Error;
 use imgvault::replicate::{self, CopyOptions};
 use imgvault::store::{OpenMode, Store};
@@ -125,6 +125,13 @@ pub fn update(
     let catalog = Catalog::new(&store);
     let rec = catalog.resolve_owned(&ctx.tenant, image, "change")?;
     let given = props.into_properties();
+    if given == Properties::default() && unset.is_empty() {
+        return Err(Error::invalid(
+            "update",
+            "nothing to change: give a property (--hw-model M, ...) or --unset PROPERTY",
+        )
+        .into());
+    }
     let mut p = rec.properties.clone();
     for field in unset {
         match field.as_str() {

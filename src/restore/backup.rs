@@ -144,7 +144,8 @@ pub struct LineageEntry {
     pub generation: usize,
     /// False when the image names a parent that is not in this listing: deleted (by
     /// retention), or not visible to the tenant (a member of a shared backup does not see
-    /// the owner's other backups).
+    /// the owner's other backups). True when it names none (`parent` is null): no parent is
+    /// missing.
     pub parent_present: bool,
     /// The parent is known to be deleted: it is missing and the tenant would see it (its
     /// owner or admin; a parent is always its child's owner's own image). False for a member

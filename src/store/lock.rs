@@ -2,8 +2,9 @@
 //! busy) and the readers file that keeps `gc --repack` and readers apart.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
@@ -27,10 +28,11 @@ impl WriterLock {
                 pid: holder_pid(&mut file),
             });
         }
-        let pid = std::process::id().to_string();
-        file.set_len(0)
-            .and_then(|_| file.seek(SeekFrom::Start(0)))
-            .and_then(|_| file.write_all(pid.as_bytes()))
+        // One write over the old pid, no truncation first: a process refused the lock reads
+        // the file to name the holder, and between a truncation and the write it found it
+        // empty ("held by pid unknown", 1 race in 3). Every version writes at most 11 bytes.
+        let pid = format!("{:<10}\n", std::process::id());
+        file.write_all_at(pid.as_bytes(), 0)
             .map_err(|e| Error::io(format!("write lock file {}", lock_path.display()), e))?;
         Ok(WriterLock { _file: file })
     }
