@@ -25,8 +25,11 @@ use crate::store::codec::Extent;
 /// What an export did.
 #[derive(Debug, Clone, Serialize)]
 pub struct ExportReport {
-    /// Image name.
+    /// The image, `OWNER/NAME` (as restore's report names it: a bare name is ambiguous for
+    /// admin).
     pub image: String,
+    /// The image's id.
+    pub image_id: String,
     /// Output path.
     pub path: String,
     /// Size of the file.
@@ -143,7 +146,8 @@ pub(crate) fn write_export(
         source: e,
     })?;
     Ok(ExportReport {
-        image: reader.image().name.clone(),
+        image: format!("{}/{}", reader.image().owner, reader.image().name),
+        image_id: reader.image().id.to_hex(),
         path: out.display().to_string(),
         size: reader.size(),
         bytes_written: written,
