@@ -39,8 +39,15 @@ const LARGE_REQUEST: u64 = 64 << 10;
 /// sequential (a few read-ahead requests arriving out of order).
 const SEQUENTIAL_SLACK: u64 = 2 << 20;
 
-/// Sequential requests in a row before a stream starts.
-const SEQUENTIAL_TRIGGER: u32 = 2;
+/// A stream starts when a handle's sequential requests in a row weigh this much: two large
+/// ones (as before), or sixteen small ones. Random 4 KiB readers make short runs of adjacent
+/// requests too (fio's random map hands out a pass's last free blocks in order), and each
+/// such run started a stream whose first window decoded megabytes for a few pages; a reader
+/// really sequential in small requests (`dd bs=4k iflag=direct`) gets its stream after 64 KiB.
+const SEQUENTIAL_TRIGGER: u32 = 16;
+
+/// The weight of a large sequential request (a small one weighs 1).
+const LARGE_WEIGHT: u32 = SEQUENTIAL_TRIGGER / 2;
 
 /// Tells a file handle's sequential reader from a random one, by its requests alone.
 ///
@@ -54,20 +61,23 @@ const SEQUENTIAL_TRIGGER: u32 = 2;
 pub(crate) struct Detector {
     /// End of the previous request.
     last_end: AtomicU64,
-    /// Sequential requests in a row.
+    /// Weight of the sequential requests in a row (see [`SEQUENTIAL_TRIGGER`]).
     streak: AtomicU32,
 }
 
 impl Detector {
-    /// Records request `offset..offset + len`; true once [`SEQUENTIAL_TRIGGER`] sequential
-    /// requests came in a row.
+    /// Records request `offset..offset + len`; true once the sequential requests in a row
+    /// weigh [`SEQUENTIAL_TRIGGER`].
     pub(crate) fn observe(&self, offset: u64, len: u64) -> bool {
         let prev = self
             .last_end
             .swap(offset.saturating_add(len), Ordering::Relaxed);
         let distance = offset.abs_diff(prev);
-        if distance == 0 || (len >= LARGE_REQUEST && distance <= SEQUENTIAL_SLACK) {
-            return self.streak.fetch_add(1, Ordering::Relaxed) + 1 >= SEQUENTIAL_TRIGGER;
+        let large = len >= LARGE_REQUEST;
+        if distance == 0 || (large && distance <= SEQUENTIAL_SLACK) {
+            let weight = if large { LARGE_WEIGHT } else { 1 };
+            let streak = self.streak.fetch_add(weight, Ordering::Relaxed);
+            return streak.saturating_add(weight) >= SEQUENTIAL_TRIGGER;
         }
         if distance > SEQUENTIAL_SLACK {
             self.streak.store(0, Ordering::Relaxed);
@@ -345,10 +355,18 @@ mod tests {
     #[test]
     fn adjacent_small_reads_and_out_of_order_read_ahead_are_a_stream() {
         const KIB: u64 = 1 << 10;
-        // O_DIRECT `dd bs=4k`: every request where the last one ended.
+        // O_DIRECT `dd bs=4k`: every request where the last one ended; a stream once it
+        // has read 64 KiB so (a few adjacent 4 KiB requests are not enough).
         let d = Detector::default();
-        let hits: Vec<bool> = (0..4).map(|i| d.observe(i * 4 * KIB, 4 * KIB)).collect();
-        assert_eq!(hits, [false, true, true, true]);
+        let hits: Vec<bool> = (0..20).map(|i| d.observe(i * 4 * KIB, 4 * KIB)).collect();
+        assert_eq!(hits.iter().position(|&h| h), Some(15), "{hits:?}");
+        assert!(hits[15..].iter().all(|&h| h));
+        assert!(!d.is_random());
+        // Three adjacent 4 KiB requests after a jump: no stream.
+        let d = Detector::default();
+        assert!(!d.observe(900 << 20, 4 * KIB));
+        assert!(!d.observe((900 << 20) + 4 * KIB, 4 * KIB));
+        assert!(!d.observe((900 << 20) + 8 * KIB, 4 * KIB));
         // The kernel's read-ahead: 1 MiB requests, the second and third swapped.
         let d = Detector::default();
         assert!(!d.observe(64 << 20, 1 << 20));
