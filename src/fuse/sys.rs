@@ -53,7 +53,7 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountInfo> {
 
 /// The current mount table.
 pub fn mounts() -> Result<Vec<MountInfo>> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo")
+    let text = crate::procfs::read_table("/proc/self/mountinfo")
         .map_err(|e| Error::io("read /proc/self/mountinfo", e))?;
     Ok(parse_mountinfo(&text))
 }
@@ -115,7 +115,7 @@ fn daemon_gone(path: &Path) -> bool {
 
 /// What to do about a mount whose daemon is gone: a lazy unmount works whether files are
 /// still open on it or not.
-fn dead_daemon_hint(path: &Path) -> String {
+pub fn dead_daemon_hint(path: &Path) -> String {
     format!(
         "its daemon is gone (killed?); run `imgvault umount --lazy {}` first",
         path.display()

@@ -13,6 +13,7 @@
 //! device with `O_EXCL`, so the kernel's own view (any exclusive claim) has the last word.
 
 use std::fs;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -65,7 +66,7 @@ impl System {
     fn load() -> Self {
         let mut unreadable = Vec::new();
         let mut mounts = Vec::new();
-        match fs::read_to_string("/proc/self/mountinfo") {
+        match crate::procfs::read_table("/proc/self/mountinfo") {
             Ok(text) => mounts = parse_mountinfo(&text),
             Err(e) => unreadable.push(DiskUse {
                 what: format!("cannot check mounts: /proc/self/mountinfo: {e}"),
@@ -73,12 +74,13 @@ impl System {
             }),
         }
         let (mut swap_files, mut swap_devices) = (Vec::new(), Vec::new());
-        if let Ok(text) = fs::read_to_string("/proc/swaps") {
+        if let Ok(text) = crate::procfs::read_table("/proc/swaps") {
             for line in text.lines().skip(1) {
                 let Some(name) = line.split_whitespace().next() else {
                     continue;
                 };
-                if let Ok(md) = fs::metadata(unescape(name)) {
+                let name = crate::procfs::unescape(name);
+                if let Ok(md) = fs::metadata(std::ffi::OsStr::from_bytes(&name)) {
                     if md.file_type().is_block_device() {
                         swap_devices.push(md.rdev());
                     } else {
