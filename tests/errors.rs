@@ -440,3 +440,47 @@ fn restore_does_not_create_files_under_dev() {
     refused(&s, &["restore", "one", &target], 3, "no such device");
     assert!(!std::path::Path::new(&target).exists());
 }
+
+#[test]
+fn json_output_takes_a_non_utf8_store_path() {
+    // Found by the JSON/overlay audit: `--json init` created the store, then panicked
+    // (exit 101) putting its non-UTF-8 path into JSON. Paths are printed lossily, as export
+    // prints its target.
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let s = TestStore::uninit();
+    let store = s.dir.path().join(OsStr::from_bytes(b"store-\xff"));
+    let json = |args: &[&OsStr]| -> serde_json::Value {
+        let out = std::process::Command::new(bin())
+            .arg("--store")
+            .arg(&store)
+            .arg("--json")
+            .args(args)
+            .output()
+            .unwrap();
+        let (code, stdout, stderr) = outcome(out, &[]);
+        assert_eq!(code, 0, "{args:?}: {stderr}");
+        serde_json::from_str(&stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: bad JSON ({e}): {stdout}"))
+    };
+    let v = json(&[OsStr::new("init")]);
+    assert!(
+        v["store"].as_str().unwrap().ends_with("store-\u{fffd}"),
+        "{v}"
+    );
+    let src = s.scratch("one.bin");
+    std::fs::write(&src, random_bytes(1 << 20, 9)).unwrap();
+    json(&[
+        OsStr::new("import"),
+        src.as_os_str(),
+        OsStr::new("--name"),
+        OsStr::new("one"),
+    ]);
+    let out = s.dir.path().join(OsStr::from_bytes(b"one-\xff.raw"));
+    let v = json(&[OsStr::new("export"), OsStr::new("one"), out.as_os_str()]);
+    assert!(
+        v["path"].as_str().unwrap().ends_with("one-\u{fffd}.raw"),
+        "{v}"
+    );
+    assert_files_equal(&src, &out);
+}

@@ -6,8 +6,10 @@
 
 mod common;
 
+use std::ffi::OsStr;
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -59,11 +61,13 @@ fn mount_as(s: &TestStore, tenant: &str, name: &str, extra: &[&str]) -> MountGua
 }
 
 fn is_mountpoint(p: &Path) -> bool {
+    // Bytes, not text: mountpoints may have non-UTF-8 names (the kernel escapes only
+    // space, tab, newline and backslash).
     let p = p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
-    std::fs::read_to_string("/proc/self/mountinfo")
+    std::fs::read("/proc/self/mountinfo")
         .unwrap()
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(p.to_str().unwrap()))
+        .split(|&b| b == b'\n')
+        .any(|l| l.split(|&b| b == b' ').nth(4) == Some(p.as_os_str().as_bytes()))
 }
 
 /// Detaches a loop device when dropped.
@@ -409,6 +413,372 @@ fn qcow2_overlay_on_the_mounted_file_takes_writes_and_leaves_the_base_alone() {
         overlay2.display(),
         base.display()
     ));
+}
+
+/// Runs `imgvault --store STORE ARGS` (arguments as bytes) in `cwd`.
+fn run_in(cwd: &Path, store: &Path, args: &[&OsStr], path: Option<&OsStr>) -> std::process::Output {
+    let mut cmd = Command::new(bin());
+    cmd.current_dir(cwd).arg("--store").arg(store).args(args);
+    if let Some(p) = path {
+        cmd.env("PATH", p);
+    }
+    run(&mut cmd)
+}
+
+/// Asserts a one-line error with `code` that mentions every one of `needles`.
+fn one_line_error(out: &std::process::Output, code: i32, needles: &[&str]) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "{err}");
+    assert_eq!(
+        err.trim().lines().count(),
+        1,
+        "one-line error expected: {err}"
+    );
+    for n in needles {
+        assert!(err.contains(n), "stderr should mention {n:?}: {err}");
+    }
+}
+
+#[test]
+fn clone_overlay_never_writes_the_store_s_own_files_nor_through_a_dangling_link() {
+    // Found by the JSON/overlay audit: `clone-overlay IMG STORE/db/N.blob --force` wrote a
+    // qcow2 over a blob file of the store (every image using it damaged), a new name under
+    // db/ was created without --force, and a dangling link's target was created.
+    require_mount!("clone_overlay_never_writes_the_store_s_own_files_nor_through_a_dangling_link");
+    let s = TestStore::new();
+    random_image(&s, "img", 2, 41);
+    let m = mount_as(&s, "admin", "mnt", &[]);
+    let mnt = m.path.to_str().unwrap();
+    let db = s.path().join("db");
+    let blob = std::fs::read_dir(&db)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "blob"))
+        .expect("a blob file");
+    let blob_bytes = std::fs::read(&blob).unwrap();
+    let new_in_db = db.join("server-1.qcow2");
+    let hard_link = s.scratch("blob-link.qcow2");
+    std::fs::hard_link(&blob, &hard_link).unwrap();
+    for (target, force, needle) in [
+        (&blob, true, "is inside the store"),
+        (&blob, false, "is inside the store"),
+        (&new_in_db, false, "is inside the store"),
+        (&hard_link, true, "hard link to the store's file"),
+    ] {
+        let mut args = vec![
+            "clone-overlay",
+            "img",
+            target.to_str().unwrap(),
+            "--mount",
+            mnt,
+        ];
+        if force {
+            args.push("--force");
+        }
+        let out = s.run(&args);
+        one_line_error(&out, 2, &["invalid overlay target", needle]);
+    }
+    assert!(
+        std::fs::read(&blob).unwrap() == blob_bytes,
+        "a blob file was written"
+    );
+    assert!(!new_in_db.exists(), "{} was created", new_in_db.display());
+    // A dangling symbolic link is refused as restore refuses it, --force or not: qemu-img
+    // would create the file it points to, wherever that is.
+    let elsewhere = s.scratch("elsewhere.qcow2");
+    let dangling = s.scratch("dangling.qcow2");
+    std::os::unix::fs::symlink(&elsewhere, &dangling).unwrap();
+    for force in [false, true] {
+        let mut args = vec![
+            "clone-overlay",
+            "img",
+            dangling.to_str().unwrap(),
+            "--mount",
+            mnt,
+        ];
+        if force {
+            args.push("--force");
+        }
+        let out = s.run(&args);
+        one_line_error(&out, 3, &["is a symbolic link to", "which does not exist"]);
+        assert!(
+            !elsewhere.exists(),
+            "the link's target was created (force: {force})"
+        );
+    }
+    s.ok(&["verify"]);
+    assert_files_equal(&s.scratch("img.raw"), &m.file("private/img.raw"));
+}
+
+#[test]
+fn clone_overlay_right_after_import_or_clone_waits_for_the_mount_to_show_the_image() {
+    // Found by the JSON/overlay audit: the mount re-reads the catalog every few hundred ms,
+    // and clone-overlay gave up at once ("does not show ...") about 6 times in 10.
+    require_mount!(
+        "clone_overlay_right_after_import_or_clone_waits_for_the_mount_to_show_the_image"
+    );
+    let s = TestStore::new();
+    random_image(&s, "first", 1, 50);
+    let m = mount_as(&s, "admin", "mnt", &[]);
+    let mnt = m.path.to_str().unwrap();
+    for i in 0..6 {
+        let name = format!("img{i}");
+        if i % 2 == 0 {
+            random_image(&s, &name, 1, 51 + i as u64);
+        } else {
+            s.ok(&["clone", "first", "--name", &name]);
+        }
+        let overlay = s.scratch(&format!("{name}.qcow2"));
+        s.ok(&[
+            "clone-overlay",
+            &name,
+            overlay.to_str().unwrap(),
+            "--mount",
+            mnt,
+        ]);
+    }
+    // An image the mount's tenant cannot see is still refused, after the wait.
+    let bob = mount_as(&s, "bob", "mnt-bob", &[]);
+    let first = image_id(&s, "admin", "first");
+    let out = s.run(&[
+        "clone-overlay",
+        "first",
+        s.scratch("first.qcow2").to_str().unwrap(),
+        "--mount",
+        bob.path.to_str().unwrap(),
+    ]);
+    one_line_error(&out, 1, &["does not show", &first]);
+    assert!(!s.scratch("first.qcow2").exists());
+}
+
+#[test]
+fn clone_overlay_on_a_mount_whose_daemon_was_killed_says_so() {
+    // Found by the JSON/overlay audit: it said the mount "does not show" the image
+    // ("mounted from another store?").
+    require_mount!("clone_overlay_on_a_mount_whose_daemon_was_killed_says_so");
+    let s = TestStore::new();
+    random_image(&s, "img", 1, 60);
+    let dir = s.scratch("dead");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut child = foreground_mount(&s, &dir);
+    let _guard = MountGuard { path: dir.clone() };
+    // SAFETY: sending a signal to our child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    child.wait().unwrap();
+    let d = dir.to_str().unwrap();
+    let overlay = s.scratch("o.qcow2");
+    let out = s.run(&[
+        "clone-overlay",
+        "img",
+        overlay.to_str().unwrap(),
+        "--mount",
+        d,
+    ]);
+    one_line_error(&out, 2, &["daemon is gone", "umount --lazy", d]);
+    assert!(!overlay.exists());
+    s.ok(&["umount", "--lazy", d]);
+}
+
+#[test]
+fn clone_overlay_paths_are_never_qemu_protocols_and_its_errors_are_one_line() {
+    // Found by the JSON/overlay audit: the overlay path went to qemu-img as given, so
+    // `vm:1.qcow2` failed ("Unknown protocol 'vm'"), `nbd:...` connected to a server and
+    // `file:f.qcow2` created f.qcow2; qemu-img's two-line errors came out with a `\u{a}`.
+    require_mount!("clone_overlay_paths_are_never_qemu_protocols_and_its_errors_are_one_line");
+    let s = TestStore::new();
+    random_image(&s, "img", 1, 70);
+    let m = mount_as(&s, "admin", "mnt", &[]);
+    let cwd = s.scratch("vms");
+    std::fs::create_dir_all(&cwd).unwrap();
+    for name in ["vm:1.qcow2", "nbd:localhost:1", "file:f.qcow2", "json:{}"] {
+        let args = [
+            OsStr::new("clone-overlay"),
+            OsStr::new("img"),
+            OsStr::new(name),
+            OsStr::new("--mount"),
+            m.path.as_os_str(),
+        ];
+        let out = run_in(&cwd, &s.path(), &args, None);
+        assert!(out.status.success(), "{name}: {out:?}");
+        let info = sh(&format!(
+            "cd '{}' && qemu-img info --output=json './{name}'",
+            cwd.display()
+        ));
+        let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+        assert_eq!(info["format"], "qcow2", "{name}: {info}");
+    }
+    assert!(
+        !cwd.join("f.qcow2").exists(),
+        "file:f.qcow2 was read as a protocol"
+    );
+    sh(&format!(
+        "cd '{}' && qemu-img compare -f qcow2 -F raw ./vm:1.qcow2 '{}'",
+        cwd.display(),
+        s.scratch("img.raw").display()
+    ));
+    // qemu-img's lines are joined into one, and the error names the overlay.
+    let fake = s.scratch("fake-bin");
+    std::fs::create_dir_all(&fake).unwrap();
+    let script = fake.join("qemu-img");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\necho \"qemu-img: $9: Could not open '$8': No such file or directory\" >&2\n\
+         echo 'Could not open backing image.' >&2\nexit 1\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let args = [
+        OsStr::new("clone-overlay"),
+        OsStr::new("img"),
+        OsStr::new("vm:2.qcow2"),
+        OsStr::new("--mount"),
+        m.path.as_os_str(),
+    ];
+    let out = run_in(&cwd, &s.path(), &args, Some(fake.as_os_str()));
+    one_line_error(
+        &out,
+        1,
+        &[
+            "vm:2.qcow2",
+            "qemu-img create failed",
+            "Could not open backing image",
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("\\u{a}"), "{err}");
+}
+
+#[test]
+fn json_output_of_mount_umount_and_clone_overlay_takes_non_utf8_paths() {
+    // Found by the JSON/overlay audit: serde_json cannot put a non-UTF-8 path into JSON, and
+    // `--json` panicked (exit 101) after mounting or creating the overlay.
+    require_mount!("json_output_of_mount_umount_and_clone_overlay_takes_non_utf8_paths");
+    let s = TestStore::uninit();
+    let store = s.dir.path().join(OsStr::from_bytes(b"store-\xff"));
+    let mnt = s.dir.path().join(OsStr::from_bytes(b"mnt-\xff"));
+    let overlay = s.dir.path().join(OsStr::from_bytes(b"vm-\xff.qcow2"));
+    std::fs::create_dir_all(&mnt).unwrap();
+    let file = s.scratch("img.raw");
+    std::fs::write(&file, random_bytes(MIB, 80)).unwrap();
+    let cwd = s.dir.path();
+    let json = |args: &[&OsStr]| -> serde_json::Value {
+        let mut a = vec![OsStr::new("--json")];
+        a.extend_from_slice(args);
+        let out = run_in(cwd, &store, &a, None);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{args:?}: bad JSON ({e}): {text}"))
+    };
+    let v = json(&[OsStr::new("init")]);
+    assert!(
+        v["store"].as_str().unwrap().ends_with("store-\u{fffd}"),
+        "{v}"
+    );
+    json(&[
+        OsStr::new("import"),
+        file.as_os_str(),
+        OsStr::new("--name"),
+        OsStr::new("img"),
+    ]);
+    let v = json(&[OsStr::new("mount"), mnt.as_os_str()]);
+    let _guard = MountGuard { path: mnt.clone() };
+    assert!(
+        v["mountpoint"].as_str().unwrap().ends_with("mnt-\u{fffd}"),
+        "{v}"
+    );
+    assert!(
+        v["store"].as_str().unwrap().ends_with("store-\u{fffd}"),
+        "{v}"
+    );
+    let v = json(&[
+        OsStr::new("clone-overlay"),
+        OsStr::new("img"),
+        overlay.as_os_str(),
+        OsStr::new("--mount"),
+        mnt.as_os_str(),
+    ]);
+    assert!(
+        v["overlay"]
+            .as_str()
+            .unwrap()
+            .ends_with("vm-\u{fffd}.qcow2"),
+        "{v}"
+    );
+    assert!(
+        v["backing_file"]
+            .as_str()
+            .unwrap()
+            .contains("mnt-\u{fffd}/by-id/"),
+        "{v}"
+    );
+    assert!(overlay.exists());
+    let v = json(&[OsStr::new("umount"), mnt.as_os_str()]);
+    assert!(
+        v["unmounted"].as_str().unwrap().ends_with("mnt-\u{fffd}"),
+        "{v}"
+    );
+    assert!(!is_mountpoint(&mnt));
+    // The foreground mount prints its readiness as JSON too.
+    let mut child = Command::new(bin())
+        .arg("--store")
+        .arg(&store)
+        .args(["--json", "mount", "--foreground"])
+        .arg(&mnt)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _guard2 = MountGuard { path: mnt.clone() };
+    wait_until(Duration::from_secs(10), || {
+        is_mountpoint(&mnt) || child.try_wait().unwrap().is_some()
+    });
+    // SAFETY: sending a signal to our child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("bad JSON ({e}): {text}"));
+    assert!(
+        v["mountpoint"].as_str().unwrap().ends_with("mnt-\u{fffd}"),
+        "{v}"
+    );
+}
+
+#[test]
+fn a_mountpoint_with_a_non_utf8_name_breaks_no_other_command() {
+    // Found by the JSON/overlay audit: /proc/self/mountinfo was read as UTF-8, so while any
+    // mountpoint on the machine had a non-UTF-8 name every mount, umount and clone-overlay
+    // failed ("stream did not contain valid UTF-8") and restore refused every target
+    // ("cannot check mounts").
+    require_mount!("a_mountpoint_with_a_non_utf8_name_breaks_no_other_command");
+    let s = TestStore::new();
+    let file = random_image(&s, "img", 1, 90);
+    let odd = s.dir.path().join(OsStr::from_bytes(b"mnt-\xff"));
+    std::fs::create_dir_all(&odd).unwrap();
+    let mount_odd = [OsStr::new("mount"), odd.as_os_str()];
+    let out = run_in(s.dir.path(), &s.path(), &mount_odd, None);
+    assert!(out.status.success(), "{out:?}");
+    let _odd_guard = MountGuard { path: odd.clone() };
+    let m = mount_as(&s, "admin", "mnt", &[]);
+    let overlay = s.scratch("o.qcow2");
+    let mnt = m.path.to_str().unwrap();
+    s.ok(&[
+        "clone-overlay",
+        "img",
+        overlay.to_str().unwrap(),
+        "--mount",
+        mnt,
+    ]);
+    let restored = s.scratch("restored.raw");
+    s.ok(&["restore", "img", restored.to_str().unwrap()]);
+    assert_files_equal(&file, &restored);
+    s.ok(&["umount", mnt]);
+    let umount_odd = [OsStr::new("umount"), odd.as_os_str()];
+    let out = run_in(s.dir.path(), &s.path(), &umount_odd, None);
+    assert!(out.status.success(), "{out:?}");
+    assert!(!is_mountpoint(&odd));
 }
 
 #[test]

@@ -130,8 +130,8 @@ fn open_and_mount(ctx: &Context, args: &MountArgs) -> anyhow::Result<Mounted> {
 fn report_ready(ctx: &Context, mounted: &Mounted, pid: u32) -> anyhow::Result<()> {
     let text = if ctx.json {
         serde_json::to_string_pretty(&serde_json::json!({
-            "mountpoint": mounted.mountpoint(),
-            "store": ctx.store_path,
+            "mountpoint": mounted.mountpoint().to_string_lossy(),
+            "store": ctx.store_path.to_string_lossy(),
             "tenant": ctx.tenant,
             "pid": pid,
         }))?
@@ -293,8 +293,8 @@ fn child(ctx: &Context, args: &MountArgs, mut wr: std::fs::File) -> i32 {
         Ok((mounted, signals)) => {
             let ready = if ctx.json {
                 serde_json::json!({
-                    "mountpoint": mounted.mountpoint(),
-                    "store": ctx.store_path,
+                    "mountpoint": mounted.mountpoint().to_string_lossy(),
+                    "store": ctx.store_path.to_string_lossy(),
                     "tenant": ctx.tenant,
                     "pid": std::process::id(),
                 })
@@ -378,7 +378,10 @@ pub struct UmountArgs {
 pub fn umount(ctx: &Context, args: UmountArgs) -> anyhow::Result<i32> {
     fuse::unmount(&args.mountpoint, args.lazy)?;
     if ctx.json {
-        output::json(&serde_json::json!({ "unmounted": args.mountpoint, "lazy": args.lazy }))?;
+        output::json(&serde_json::json!({
+            "unmounted": args.mountpoint.to_string_lossy(),
+            "lazy": args.lazy,
+        }))?;
     } else {
         println!("unmounted {}", args.mountpoint.display());
     }
@@ -400,18 +403,30 @@ pub struct CloneOverlayArgs {
     pub force: bool,
 }
 
+/// How long `clone-overlay` waits for the mount to show an image: the mount re-reads the
+/// catalog at most every few hundred ms ([`REFRESH_INTERVAL`] here, 300 ms in the
+/// filesystem), so an image imported or cloned just before shows within about 0.6 s.
+const SHOW_WAIT: std::time::Duration = REFRESH_INTERVAL.saturating_mul(10);
+
 /// Creates a qcow2 overlay backed by the mounted raw file (by-id path, so it survives
 /// renames and works in every tenant's view): a clone without a copy.
 pub fn clone_overlay(ctx: &Context, args: CloneOverlayArgs) -> anyhow::Result<i32> {
     let store = Store::open(&ctx.store_path, OpenMode::Reader)?;
     let rec = Catalog::new(&store).resolve_readable(&ctx.tenant, &args.image, "clone")?;
-    let mnt = args
-        .mount
-        .canonicalize()
-        .map_err(|e| Error::BadMountpoint {
-            mountpoint: args.mount.clone(),
-            reason: format!("cannot resolve: {e}"),
-        })?;
+    check_overlay_target(store.path(), &args.overlay, args.force)?;
+    let mnt = match args.mount.canonicalize() {
+        Ok(p) => p,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            return Err(dead_mount(&args.mount).into())
+        }
+        Err(e) => {
+            return Err(Error::BadMountpoint {
+                mountpoint: args.mount.clone(),
+                reason: format!("cannot resolve: {e}"),
+            }
+            .into())
+        }
+    };
     match fuse::sys::mount_at(&mnt)? {
         Some(m) if m.is_fuse() => {}
         _ => {
@@ -423,27 +438,15 @@ pub fn clone_overlay(ctx: &Context, args: CloneOverlayArgs) -> anyhow::Result<i3
         }
     }
     let backing = mnt.join("by-id").join(format!("{}.raw", rec.id));
-    if !backing.is_file() {
-        return Err(Error::Mount {
-            mountpoint: args.mount.clone(),
-            reason: format!(
-                "does not show {} (mounted from another store, or as a tenant that cannot see it?)",
-                backing.display()
-            ),
-        }
-        .into());
-    }
-    if args.overlay.exists() && !args.force {
-        return Err(Error::UnsafeTarget {
-            target: args.overlay.clone(),
-            reason: "the file exists".into(),
-        }
-        .into());
-    }
+    wait_until_shown(&args.mount, &backing)?;
+    // qemu-img reads `vm:1.qcow2` as protocol `vm`, and `nbd:`, `file:` or `json:` names as
+    // what they say; an absolute path (made without resolving links) is always a file.
+    let overlay = std::path::absolute(&args.overlay)
+        .map_err(|e| Error::io(format!("make {} absolute", args.overlay.display()), e))?;
     let out = std::process::Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
         .arg(&backing)
-        .arg(&args.overlay)
+        .arg(&overlay)
         .output()
         .map_err(|e| Error::io("run qemu-img (package qemu-utils)", e))?;
     if !out.status.success() {
@@ -451,24 +454,116 @@ pub fn clone_overlay(ctx: &Context, args: CloneOverlayArgs) -> anyhow::Result<i3
             path: args.overlay.clone(),
             source: std::io::Error::other(format!(
                 "qemu-img create failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
+                qemu_img_message(&String::from_utf8_lossy(&out.stderr), &overlay)
             )),
         }
         .into());
     }
     if ctx.json {
         output::json(&serde_json::json!({
-            "overlay": args.overlay,
-            "backing_file": backing,
+            "overlay": overlay.to_string_lossy(),
+            "backing_file": backing.to_string_lossy(),
             "image": rec.id,
             "virtual_size": rec.virtual_size,
         }))?;
     } else {
         println!(
             "created {} (qcow2, backing file {})",
-            args.overlay.display(),
+            overlay.display(),
             backing.display()
         );
     }
     Ok(0)
+}
+
+/// Refuses an overlay path that qemu-img must not write: one inside the store or sharing
+/// an inode with a store file (as export and restore refuse theirs, --force or not), a
+/// dangling symbolic link (qemu-img would create the file it points to, wherever that is;
+/// restore refuses it alike), and an existing file unless `force`.
+fn check_overlay_target(store: &Path, overlay: &Path, force: bool) -> Result<(), Error> {
+    if let Some(reason) = imgvault::restore::safety::inside_store(store, overlay) {
+        return Err(Error::invalid("overlay target", reason));
+    }
+    let Ok(md) = std::fs::symlink_metadata(overlay) else {
+        return Ok(());
+    };
+    if md.file_type().is_symlink() && std::fs::metadata(overlay).is_err() {
+        let link = std::fs::read_link(overlay).unwrap_or_default();
+        return Err(Error::BadSource {
+            path: overlay.to_path_buf(),
+            reason: format!(
+                "is a symbolic link to {}, which does not exist",
+                link.display()
+            ),
+        });
+    }
+    if !force {
+        return Err(Error::UnsafeTarget {
+            target: overlay.to_path_buf(),
+            reason: "the file exists".into(),
+        });
+    }
+    Ok(())
+}
+
+/// A mount whose daemon is gone (the kernel answers ENOTCONN).
+fn dead_mount(mount: &Path) -> Error {
+    Error::BadMountpoint {
+        mountpoint: mount.to_path_buf(),
+        reason: format!(
+            "{}, then mount it again",
+            fuse::sys::dead_daemon_hint(mount)
+        ),
+    }
+}
+
+/// Waits up to [`SHOW_WAIT`] for the mount to show `backing`: an image imported or cloned
+/// just before appears at the mount's next catalog refresh.
+fn wait_until_shown(mount: &Path, backing: &Path) -> Result<(), Error> {
+    let deadline = std::time::Instant::now() + SHOW_WAIT;
+    loop {
+        let seen = match std::fs::metadata(backing) {
+            Ok(md) if md.is_file() => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => return Err(dead_mount(mount)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Ok(_) => Some("is not a file".to_string()),
+            Err(e) => Some(format!("cannot stat: {e}")),
+        };
+        if std::time::Instant::now() >= deadline {
+            let reason = match seen {
+                None => format!(
+                    "does not show {} after {:.1} s (mounted from another store, or as a \
+                     tenant that cannot see it?)",
+                    backing.display(),
+                    SHOW_WAIT.as_secs_f64()
+                ),
+                Some(what) => format!("{}: {what}", backing.display()),
+            };
+            return Err(Error::Mount {
+                mountpoint: mount.to_path_buf(),
+                reason,
+            });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// qemu-img's error lines as one: without its `qemu-img: ` and `PATH: ` prefixes (the
+/// error names the overlay already), joined with "; ".
+fn qemu_img_message(stderr: &str, overlay: &Path) -> String {
+    let path_prefix = format!("{}: ", overlay.display());
+    let lines: Vec<&str> = stderr
+        .lines()
+        .map(|l| {
+            let l = l.trim();
+            let l = l.strip_prefix("qemu-img: ").unwrap_or(l);
+            l.strip_prefix(path_prefix.as_str()).unwrap_or(l)
+        })
+        .filter(|l| !l.is_empty())
+        .collect();
+    if lines.is_empty() {
+        "no message".to_string()
+    } else {
+        lines.join("; ")
+    }
 }

@@ -25,7 +25,7 @@ pub fn init(ctx: &Context, args: InitArgs) -> anyhow::Result<i32> {
     let store = Store::init(&ctx.store_path, &opts)?;
     if ctx.json {
         output::json(&serde_json::json!({
-            "store": ctx.store_path,
+            "store": ctx.store_path.to_string_lossy(),
             "config": store.config(),
         }))?;
     } else {

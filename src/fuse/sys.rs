@@ -115,7 +115,7 @@ fn daemon_gone(path: &Path) -> bool {
 
 /// What to do about a mount whose daemon is gone: a lazy unmount works whether files are
 /// still open on it or not.
-fn dead_daemon_hint(path: &Path) -> String {
+pub fn dead_daemon_hint(path: &Path) -> String {
     format!(
         "its daemon is gone (killed?); run `imgvault umount --lazy {}` first",
         path.display()

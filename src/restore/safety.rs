@@ -79,8 +79,8 @@ impl System {
                 let Some(name) = line.split_whitespace().next() else {
                     continue;
                 };
-                let path = crate::procfs::unescape(name);
-                if let Ok(md) = fs::metadata(std::ffi::OsStr::from_bytes(&path)) {
+                let name = crate::procfs::unescape(name);
+                if let Ok(md) = fs::metadata(std::ffi::OsStr::from_bytes(&name)) {
                     if md.file_type().is_block_device() {
                         swap_devices.push(md.rdev());
                     } else {
