@@ -7,8 +7,10 @@
 
 mod common;
 
+use std::ffi::OsStr;
 use std::fs::File;
 use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -837,6 +839,30 @@ fn refusals_of_devices_too_small_mounted_or_in_use() {
         "is mounted",
     );
     drop(m);
+    // The same with a file whose name is not UTF-8: sysfs shows the loop device's backing
+    // file as raw bytes, and reading it as text missed the loop device (and the mount).
+    let odd = s.dir.path().join(OsStr::from_bytes(b"fs-\xff.img"));
+    std::fs::rename(&fs_file, &odd).unwrap(); // the loop device follows the rename
+    sh(&format!("mount '{}' '{}'", fs_dev.dev, mnt.display()));
+    let m = Mounted(mnt.clone());
+    let before = b3(&odd);
+    let out = Command::new(bin())
+        .arg("--store")
+        .arg(s.path())
+        .args(["restore", "srv"])
+        .arg(&odd)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(err.contains("is mounted"), "{err}");
+    assert_eq!(
+        b3(&odd),
+        before,
+        "the refused restore wrote the mounted file"
+    );
+    drop(m);
+    std::fs::rename(&odd, &fs_file).unwrap();
 
     // A whole-disk loop device whose partition is mounted through a second loop device at
     // the partition's offset (how partitions are reached without udev).

@@ -268,12 +268,17 @@ fn loop_devices(sys: &System) -> Vec<LoopDev> {
             continue;
         }
         let dir = e.path();
-        let Some(backing_path) = read_trim(&dir.join("loop/backing_file")) else {
+        // Bytes: a backing file whose name is not UTF-8 must still be seen.
+        let Ok(mut backing) = fs::read(dir.join("loop/backing_file")) else {
             continue;
         };
-        let Ok(md) = fs::metadata(&backing_path) else {
+        if backing.last() == Some(&b'\n') {
+            backing.pop();
+        }
+        let Ok(md) = fs::metadata(std::ffi::OsStr::from_bytes(&backing)) else {
             continue;
         };
+        let backing_path = String::from_utf8_lossy(&backing).into_owned();
         let Some(dev) = read_trim(&dir.join("dev")).and_then(|d| parse_dev(&d)) else {
             continue;
         };
