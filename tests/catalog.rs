@@ -943,6 +943,10 @@ fn quota_fills_to_n_and_refuses_n_plus_one_with_nothing_stored() {
 #[test]
 fn concurrent_creations_cannot_both_pass_the_quota() {
     let s = TestStore::new();
+    // An empty store has no ratios (null, not 0).
+    let empty = json_as(&s, "admin", &["stats"]);
+    assert_eq!(empty["dedup_ratio"], Value::Null, "{empty}");
+    assert_eq!(empty["compression_ratio"], Value::Null, "{empty}");
     s.ok(&["quota", "alice", "--max-private", "3"]);
     for i in 0..2 {
         let f = data_file(&s, &format!("seed{i}.bin"), 1 << 20, 40 + i);
@@ -1000,6 +1004,19 @@ fn concurrent_creations_cannot_both_pass_the_quota() {
     let report: Value = serde_json::from_str(&stdout(&outputs[winners[0]])).unwrap();
     let after = json_as(&s, "admin", &["stats"]);
     assert_eq!(after["images"], 3);
+    assert!(
+        after["compression_ratio"].as_f64().unwrap() > 0.0,
+        "{after}"
+    );
+    // A quota set below what the tenant owns is taken, with a warning saying what it means.
+    let out = s.run(&["quota", "alice", "--max-private", "1"]);
+    assert!(out.status.success());
+    assert!(
+        stderr(&out).contains("until it has deleted 3"),
+        "{}",
+        stderr(&out)
+    );
+    s.ok(&["quota", "alice", "--max-private", "3"]);
     assert_eq!(
         after["chunks"].as_u64().unwrap(),
         before["chunks"].as_u64().unwrap() + report["new_chunks"].as_u64().unwrap()

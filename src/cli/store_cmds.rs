@@ -65,6 +65,14 @@ pub fn quota(ctx: &Context, tenant: &str, max_private: Option<u64>) -> anyhow::R
         catalog.set_quota(tenant, max)?;
     }
     let (count, max) = (catalog.private_count(tenant)?, catalog.quota(tenant)?);
+    if max_private.is_some() && count > max {
+        // Allowed (nothing is deleted), but the tenant can create nothing for a while.
+        eprintln!(
+            "imgvault: warning: tenant '{tenant}' owns {count} private images, more than its \
+             new quota of {max}: it can create no private image until it has deleted {}",
+            count - max + 1
+        );
+    }
     if ctx.json {
         output::json(
             &serde_json::json!({"tenant": tenant, "private_images": count, "max_private": max}),
@@ -100,11 +108,14 @@ pub fn gc(ctx: &Context, repack: bool, drop_window_sums: bool) -> anyhow::Result
         report.window_sums += store.drop_window_sums()?;
     }
     let repacked = if repack { Some(store.repack()?) } else { None };
+    // What only a repack frees (text says so below).
+    let garbage = store.blob_garbage_bytes()?;
     if ctx.json {
         let mut value = serde_json::to_value(&report)?;
         if let Some(r) = &repacked {
             value["repack"] = serde_json::to_value(r)?;
         }
+        value["blob_garbage_bytes"] = garbage.into();
         output::json(&value)?;
     } else {
         println!(
@@ -131,7 +142,6 @@ pub fn gc(ctx: &Context, repack: bool, drop_window_sums: bool) -> anyhow::Result
         if report.window_sums > 0 {
             println!("forgot {} window sums", report.window_sums);
         }
-        let garbage = store.blob_garbage_bytes()?;
         if repacked.is_none() && garbage > 0 {
             println!(
                 "{} of blob files hold deleted chunks next to live ones; `imgvault gc --repack` frees it (not while mounted)",
@@ -235,9 +245,10 @@ struct Stats {
     unique_bytes: u64,
     stored_bytes: u64,
     chunks: u64,
-    dedup_ratio: f64,
-    compression_ratio: f64,
-    reduction_ratio: f64,
+    /// Ratios are null where nothing is stored (text shows `-`).
+    dedup_ratio: Option<f64>,
+    compression_ratio: Option<f64>,
+    reduction_ratio: Option<f64>,
     disk_bytes: u64,
     /// Bytes of deleted chunks in blob files that also hold live ones (`gc --repack`).
     blob_garbage_bytes: u64,
@@ -260,7 +271,7 @@ pub fn stats(ctx: &Context) -> anyhow::Result<i32> {
     let catalog = Catalog::new(&store);
     let images = catalog.all()?;
     let totals = store.chunk_totals()?;
-    let div = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+    let div = |a: u64, b: u64| (b != 0).then(|| a as f64 / b as f64);
     let nonzero: u64 = images.iter().map(|i| i.nonzero_bytes).sum();
     let s = Stats {
         region: store.config().region.clone(),
