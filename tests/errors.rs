@@ -322,12 +322,7 @@ fn export_and_restore_never_write_the_store_s_own_files() {
     let s = store_with_one_image();
     let db = s.path().join("db");
     let current = db.join("CURRENT");
-    let blob = std::fs::read_dir(&db)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "blob"))
-        .expect("a blob file");
+    let blob = blob_files(&s.path()).pop().expect("a blob file");
     for target in [&current, &blob] {
         let t = target.to_str().unwrap();
         refused(

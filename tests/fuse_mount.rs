@@ -450,22 +450,12 @@ fn clone_overlay_never_writes_the_store_s_own_files_nor_through_a_dangling_link(
     let m = mount_as(&s, "admin", "mnt", &[]);
     let mnt = m.path.to_str().unwrap();
     let db = s.path().join("db");
-    let blob = std::fs::read_dir(&db)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "blob"))
-        .expect("a blob file");
+    let blob = blob_files(&s.path()).pop().expect("a blob file");
     let blob_bytes = std::fs::read(&blob).unwrap();
     let new_in_db = db.join("server-1.qcow2");
     let hard_link = s.scratch("blob-link.qcow2");
     std::fs::hard_link(&blob, &hard_link).unwrap();
-    for (target, force, needle) in [
-        (&blob, true, "is inside the store"),
-        (&blob, false, "is inside the store"),
-        (&new_in_db, false, "is inside the store"),
-        (&hard_link, true, "hard link to the store's file"),
-    ] {
+    let overlay = |target: &Path, force: bool| {
         let mut args = vec![
             "clone-overlay",
             "img",
@@ -476,7 +466,15 @@ fn clone_overlay_never_writes_the_store_s_own_files_nor_through_a_dangling_link(
         if force {
             args.push("--force");
         }
-        let out = s.run(&args);
+        s.run(&args)
+    };
+    for (target, force, needle) in [
+        (&blob, true, "is inside the store"),
+        (&blob, false, "is inside the store"),
+        (&new_in_db, false, "is inside the store"),
+        (&hard_link, true, "hard link to the store's file"),
+    ] {
+        let out = overlay(target, force);
         one_line_error(&out, 2, &["invalid overlay target", needle]);
     }
     assert!(
@@ -490,17 +488,7 @@ fn clone_overlay_never_writes_the_store_s_own_files_nor_through_a_dangling_link(
     let dangling = s.scratch("dangling.qcow2");
     std::os::unix::fs::symlink(&elsewhere, &dangling).unwrap();
     for force in [false, true] {
-        let mut args = vec![
-            "clone-overlay",
-            "img",
-            dangling.to_str().unwrap(),
-            "--mount",
-            mnt,
-        ];
-        if force {
-            args.push("--force");
-        }
-        let out = s.run(&args);
+        let out = overlay(&dangling, force);
         one_line_error(&out, 3, &["is a symbolic link to", "which does not exist"]);
         assert!(
             !elsewhere.exists(),

@@ -323,6 +323,16 @@ pub fn fsck_partition(img: &Path, scratch: &Path) {
     ));
 }
 
+/// The blob files (chunk values) of the store at `store`.
+pub fn blob_files(store: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(store.join("db"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "blob"))
+        .collect()
+}
+
 /// True when running as root with /dev/fuse (needed for mount tests).
 pub fn can_mount() -> bool {
     is_root() && Path::new("/dev/fuse").exists()
