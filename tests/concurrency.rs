@@ -252,6 +252,53 @@ fn writers_started_together_serialize_and_all_commit() {
     s.ok(&["verify"]);
 }
 
+/// Waits until process `pid` holds RocksDB's `db/LOCK` of the store open.
+fn wait_for_db_open(s: &TestStore, pid: u32, limit: Duration) -> bool {
+    let lock = s.path().join("db/LOCK");
+    let t0 = Instant::now();
+    while t0.elapsed() < limit {
+        let held = std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+            fds.flatten()
+                .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|p| p == lock))
+        });
+        if held {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    false
+}
+
+#[test]
+fn a_writer_whose_lock_file_was_deleted_is_still_refused_or_waited_for() {
+    // Someone deletes imgvault.lock while a writer runs: the next writer locks a new file of
+    // that name, and only RocksDB's own db/LOCK stands between them. That is "busy" (and
+    // --wait waits), not a raw database error.
+    let s = TestStore::new();
+    let big = s.scratch("big-sparse.img");
+    sparse_with_tail(&big, 24 * GIB, &random_bytes(8 * MIB, 21));
+    let small = s.scratch("small.img");
+    std::fs::write(&small, random_bytes(2 * MIB, 22)).unwrap();
+    let mut slow = spawn(&s, &["import", big.to_str().unwrap(), "--name", "big"]);
+    assert!(
+        wait_for_db_open(&s, slow.id(), Duration::from_secs(10)),
+        "the import never opened the database"
+    );
+    std::fs::remove_file(s.path().join("imgvault.lock")).unwrap();
+    assert!(
+        alive(&mut slow),
+        "the import finished too fast to test against"
+    );
+    let small = small.to_str().unwrap();
+    let (code, stderr) = s.fail(&["import", small, "--name", "small"]);
+    assert_eq!(code, 5, "{stderr}");
+    assert!(stderr.contains("db/LOCK"), "{stderr}");
+    let waiting = spawn(&s, &["--wait", "import", small, "--name", "small"]);
+    assert_ok(&finish(slow, "import big"), "import big");
+    assert_ok(&finish(waiting, "import --wait"), "import --wait");
+    s.assert_round_trip("small", Path::new(small));
+}
+
 #[test]
 fn a_refused_writer_names_the_holder_by_pid_every_time() {
     // The holder used to truncate the lock file and then write its pid; a writer refused in

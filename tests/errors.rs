@@ -479,3 +479,105 @@ fn json_output_takes_a_non_utf8_store_path() {
     );
     assert_files_equal(&src, &out);
 }
+
+/// Names, sizes and modification times of the files in `dir`.
+fn files_in(dir: &std::path::Path) -> Vec<(String, u64, std::time::SystemTime)> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            let md = e.metadata().unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                md.len(),
+                md.modified().unwrap(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_store_of_another_format_version_is_refused_and_not_written() {
+    let s = store_with_one_image();
+    let db = s.path().join("db");
+    // What a later imgvault would leave: format version 2 in the config record, still in
+    // the write-ahead log (a read-write open replays it into new table files and rewrites
+    // the MANIFEST before it can read the version).
+    {
+        let opts = rocksdb::Options::default();
+        let descriptors: Vec<_> = rocksdb::DB::list_cf(&opts, &db)
+            .unwrap()
+            .into_iter()
+            .map(|name| {
+                let mut o = rocksdb::Options::default();
+                if name == imgvault::store::cf::REFS {
+                    o.set_merge_operator_associative(
+                        "imgvault-refs",
+                        imgvault::store::codec::merge_refs,
+                    );
+                }
+                rocksdb::ColumnFamilyDescriptor::new(name, o)
+            })
+            .collect();
+        let d = rocksdb::DB::open_cf_descriptors(&opts, &db, descriptors).unwrap();
+        let meta = d.cf_handle(imgvault::store::cf::META).unwrap();
+        let raw = d.get_cf(meta, b"config").unwrap().unwrap();
+        let mut config: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+        config["format_version"] = 2.into();
+        d.put_cf(meta, b"config", serde_json::to_vec(&config).unwrap())
+            .unwrap();
+    }
+    let before = files_in(&db);
+    for args in [&["delete", "one"][..], &["gc"], &["list"], &["verify"]] {
+        let (code, err) = s.fail(args);
+        assert_eq!(code, 4, "{args:?}: {err}");
+        assert!(
+            err.contains("has format version 2, this imgvault reads version 1"),
+            "{args:?}: {err}"
+        );
+    }
+    assert_eq!(files_in(&db), before, "a refused command changed db/");
+}
+
+#[test]
+fn export_never_writes_through_a_link_at_its_temporary_name_and_leaves_nothing_behind() {
+    let s = store_with_one_image();
+    // A link planted at the temporary name (a shared directory): the file it names is left
+    // alone, for raw and qcow2 alike.
+    for format in ["raw", "qcow2"] {
+        let victim = s.scratch(&format!("victim-{format}"));
+        std::fs::write(&victim, b"keep me").unwrap();
+        let out = s.scratch(&format!("out-{format}.img"));
+        let partial = s.scratch(&format!("out-{format}.img.imgvault-partial"));
+        std::os::unix::fs::symlink(&victim, &partial).unwrap();
+        let o = out.to_str().unwrap();
+        s.ok(&["export", "one", o, "--format", format]);
+        assert!(
+            std::fs::read(&victim).unwrap() == b"keep me",
+            "{format}: the file the link names was written"
+        );
+        assert!(!std::fs::symlink_metadata(&out).unwrap().is_symlink());
+        assert!(std::fs::symlink_metadata(&partial).is_err(), "{format}");
+    }
+    s.assert_round_trip("one", &s.scratch("out-raw.img"));
+    // A target naming a directory that does not exist: refused up front, nothing left.
+    let missing = format!("{}/", s.scratch("nodir").display());
+    refused(&s, &["export", "one", &missing], 3, "ends with '/'");
+    let leftovers: Vec<_> = std::fs::read_dir(s.dir.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains("nodir"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    // The qcow2 report gives the size qemu sees (whole 512-byte sectors) and the image as
+    // OWNER/NAME.
+    let odd = s.scratch("odd.img");
+    std::fs::write(&odd, vec![7u8; 1000]).unwrap();
+    s.ok(&["import", odd.to_str().unwrap(), "--name", "odd"]);
+    let q = s.scratch("odd.qcow2");
+    let report = s.json(&["export", "odd", q.to_str().unwrap(), "--format", "qcow2"]);
+    assert_eq!(report["size"], 1024, "{report}");
+    assert_eq!(report["image"], "admin/odd", "{report}");
+}

@@ -116,9 +116,14 @@ pub fn export_qcow2(
     opts: &Qcow2ExportOptions,
     progress: &dyn Progress,
 ) -> Result<ExportReport> {
-    crate::restore::write_export(reader, out, opts.replace, progress, |file, partial| {
-        write_image(reader, file, partial, opts, progress)
-    })
+    let mut report =
+        crate::restore::write_export(reader, out, opts.replace, progress, |file, partial| {
+            write_image(reader, file, partial, opts, progress)
+        })?;
+    // The file's size as qemu sees it: whole 512-byte sectors (see `write_image`).
+    report.size = reader.size().next_multiple_of(512);
+    report.bytes_sparse = report.size.saturating_sub(report.bytes_written);
+    Ok(report)
 }
 
 thread_local! {

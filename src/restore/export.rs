@@ -7,7 +7,8 @@
 //! fills it with the image.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -51,7 +52,7 @@ pub fn export_raw(
     progress: &dyn Progress,
 ) -> Result<ExportReport> {
     write_export(reader, out, replace, progress, |file, partial| {
-        let output = match DirectFile::open(partial, file) {
+        let output = match DirectFile::open(file) {
             Some(direct) => Output::Direct(Box::new(direct)),
             None => Output::Buffered(file),
         };
@@ -85,6 +86,12 @@ pub(crate) fn write_export(
         if let Some(reason) = super::safety::inside_store(reader.store().path(), path) {
             return Err(Error::invalid("export target", reason));
         }
+    }
+    if out.as_os_str().as_bytes().ends_with(b"/") {
+        return Err(Error::BadSource {
+            path: out.to_path_buf(),
+            reason: "names a directory (it ends with '/'); give a file name to export to".into(),
+        });
     }
     if let Ok(md) = std::fs::metadata(out) {
         let ft = md.file_type();
@@ -122,15 +129,10 @@ pub(crate) fn write_export(
         other => other,
     };
     let _cleanup = crate::cleanup::remove_on_signal(&partial);
-    let file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&partial)
-        .map_err(|e| Error::Target {
-            path: out.to_path_buf(),
-            source: e,
-        })?;
+    let file = create_partial(&partial).map_err(|e| Error::Target {
+        path: out.to_path_buf(),
+        source: e,
+    })?;
     progress.start(reader.size());
     let result = write(&file, &partial);
     progress.finish();
@@ -141,10 +143,13 @@ pub(crate) fn write_export(
             return Err(named(e));
         }
     };
-    std::fs::rename(&partial, out).map_err(|e| Error::Target {
-        path: out.to_path_buf(),
-        source: e,
-    })?;
+    if let Err(e) = std::fs::rename(&partial, out) {
+        let _ = std::fs::remove_file(&partial);
+        return Err(Error::Target {
+            path: out.to_path_buf(),
+            source: e,
+        });
+    }
     Ok(ExportReport {
         image: format!("{}/{}", reader.image().owner, reader.image().name),
         image_id: reader.image().id.to_hex(),
@@ -154,6 +159,22 @@ pub(crate) fn write_export(
         bytes_sparse: reader.size().saturating_sub(written),
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Creates the temporary file anew. What a killed export left under its name (a file, or a
+/// link) is removed first, and the file is created exclusively and not through a link: an
+/// export run as root into a shared directory must not write through a link someone planted
+/// there (it truncated and filled the file the link named).
+fn create_partial(partial: &Path) -> std::io::Result<File> {
+    match std::fs::symlink_metadata(partial) {
+        Ok(md) if !md.is_dir() => std::fs::remove_file(partial)?,
+        _ => {}
+    }
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(partial)
 }
 
 fn partial_path(out: &Path) -> PathBuf {
@@ -264,12 +285,14 @@ struct DirectFile {
 impl DirectFile {
     /// `None` where the filesystem refuses `O_DIRECT` (tmpfs, some FUSE): the caller writes
     /// through `buffered` then.
-    fn open(path: &Path, buffered: &File) -> Option<Self> {
-        use std::os::unix::fs::OpenOptionsExt;
+    fn open(buffered: &File) -> Option<Self> {
+        use std::os::fd::AsRawFd;
+        // The same file again, not its name: the name could be made a link to another file
+        // in between (the directory may be shared).
         let file = OpenOptions::new()
             .write(true)
             .custom_flags(libc::O_DIRECT)
-            .open(path)
+            .open(format!("/proc/self/fd/{}", buffered.as_raw_fd()))
             .ok()?;
         // Room to start the window on an aligned address.
         let buf = vec![0u8; DIRECT_WINDOW + DIRECT_ALIGN];
@@ -369,7 +392,7 @@ mod tests {
         let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).expect("temp dir");
         let path = dir.path().join("out.raw");
         let buffered = std::fs::File::create(&path).expect("create");
-        let Some(mut direct) = DirectFile::open(&path, &buffered) else {
+        let Some(mut direct) = DirectFile::open(&buffered) else {
             eprintln!(
                 "SKIPPED: the filesystem under {} refuses O_DIRECT",
                 dir.path().display()

@@ -304,11 +304,12 @@ impl Store {
             OpenMode::Writer { wait } => {
                 let lock = WriterLock::acquire(path, &lock::lock_path(path), wait)?;
                 lock::ensure_readers_file(path)?;
-                (
-                    open_db(path, DbMode::Writer { create: false })?,
-                    Some(lock),
-                    None,
-                )
+                // The version is checked through a read-only open first: a read-write open
+                // replays the WAL into new table files and rewrites the MANIFEST and OPTIONS
+                // (and runs this version's merge operator), so opening a store of another
+                // format version read-write would change it before refusing it.
+                read_config(path, &open_db(path, DbMode::ReadOnly)?)?;
+                (open_writer_db(path, wait)?, Some(lock), None)
             }
             OpenMode::Reader => {
                 // Before the snapshot: a repack cannot start under it, nor it under a repack.
@@ -316,47 +317,7 @@ impl Store {
                 (open_db(path, DbMode::ReadOnly)?, None, readers)
             }
         };
-        let raw = db
-            .get_cf(cf_handle(&db, cf::META)?, CONFIG_KEY)
-            .map_err(|e| db_err(path, e))?
-            .ok_or_else(|| Error::CorruptRecord {
-                what: "store config",
-                key: "meta/config".into(),
-                reason: "missing".into(),
-            })?;
-        let config: StoreConfig =
-            serde_json::from_slice(&raw).map_err(|e| Error::CorruptRecord {
-                what: "store config",
-                key: "meta/config".into(),
-                reason: e.to_string(),
-            })?;
-        if config.format_version != FORMAT_VERSION {
-            return Err(Error::FormatVersion {
-                path: path.to_path_buf(),
-                found: config.format_version,
-                expected: FORMAT_VERSION,
-            });
-        }
-        // What `init` refuses must not come in through a damaged record either: a chunker of
-        // min/avg/max 0/3/1 would cut every byte into its own chunk.
-        let levels = zstd::compression_level_range();
-        let invalid = match config.chunker.params.validate() {
-            Err(e) => Some(e.to_string()),
-            Ok(()) if !levels.contains(&config.zstd_level) => Some(format!(
-                "zstd level {} is outside {}..={}",
-                config.zstd_level,
-                levels.start(),
-                levels.end()
-            )),
-            Ok(()) => None,
-        };
-        if let Some(reason) = invalid {
-            return Err(Error::CorruptRecord {
-                what: "store config",
-                key: "meta/config".into(),
-                reason,
-            });
-        }
+        let config = read_config(path, &db)?;
         Ok(Store {
             path: path.to_path_buf(),
             db,
@@ -772,6 +733,52 @@ pub(crate) fn db_err(path: &Path, e: rocksdb::Error) -> Error {
     }
 }
 
+/// The store's config record, checked: this version's format, and settings `init` would
+/// take (a damaged record must not bring in what `init` refuses).
+fn read_config(path: &Path, db: &DB) -> Result<StoreConfig> {
+    let raw = db
+        .get_cf(cf_handle(db, cf::META)?, CONFIG_KEY)
+        .map_err(|e| db_err(path, e))?
+        .ok_or_else(|| Error::CorruptRecord {
+            what: "store config",
+            key: "meta/config".into(),
+            reason: "missing".into(),
+        })?;
+    let config: StoreConfig = serde_json::from_slice(&raw).map_err(|e| Error::CorruptRecord {
+        what: "store config",
+        key: "meta/config".into(),
+        reason: e.to_string(),
+    })?;
+    if config.format_version != FORMAT_VERSION {
+        return Err(Error::FormatVersion {
+            path: path.to_path_buf(),
+            found: config.format_version,
+            expected: FORMAT_VERSION,
+        });
+    }
+    // What `init` refuses must not come in through a damaged record either: a chunker of
+    // min/avg/max 0/3/1 would cut every byte into its own chunk.
+    let levels = zstd::compression_level_range();
+    let invalid = match config.chunker.params.validate() {
+        Err(e) => Some(e.to_string()),
+        Ok(()) if !levels.contains(&config.zstd_level) => Some(format!(
+            "zstd level {} is outside {}..={}",
+            config.zstd_level,
+            levels.start(),
+            levels.end()
+        )),
+        Ok(()) => None,
+    };
+    if let Some(reason) = invalid {
+        return Err(Error::CorruptRecord {
+            what: "store config",
+            key: "meta/config".into(),
+            reason,
+        });
+    }
+    Ok(config)
+}
+
 fn cf_handle<'a>(db: &'a DB, name: &str) -> Result<&'a ColumnFamily> {
     db.cf_handle(name).ok_or_else(|| Error::CorruptRecord {
         what: "column family",
@@ -851,6 +858,35 @@ fn cf_options(name: &str) -> Options {
 enum DbMode {
     Writer { create: bool },
     ReadOnly,
+}
+
+/// The read-write open, behind the writer lock. RocksDB's own `db/LOCK` still refuses a
+/// second writer when the writer lock was bypassed (its file deleted while a writer ran, so
+/// two processes each locked a file of that name): that is the store being busy, waited for
+/// with `wait`, not a database error.
+fn open_writer_db(path: &Path, wait: bool) -> Result<DB> {
+    loop {
+        match open_db(path, DbMode::Writer { create: false }) {
+            Err(Error::Db { source, .. }) if is_db_lock_busy(&source) => {
+                if !wait {
+                    return Err(Error::StoreBusy {
+                        path: path.to_path_buf(),
+                        pid: "unknown (another writer holds db/LOCK; was imgvault.lock \
+                              deleted?)"
+                            .into(),
+                    });
+                }
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// RocksDB's "IO error: While lock file: DIR/LOCK: Resource temporarily unavailable".
+fn is_db_lock_busy(e: &rocksdb::Error) -> bool {
+    let s = e.to_string();
+    s.contains("While lock file") && s.contains("Resource temporarily unavailable")
 }
 
 fn open_db(path: &Path, mode: DbMode) -> Result<DB> {
