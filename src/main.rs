@@ -13,6 +13,7 @@ fn main() {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let args = cli::Cli::try_parse().unwrap_or_else(|e| usage_error(e));
+    raise_open_file_limit();
     // The mount daemon keeps glibc's defaults: its random reads lost ~half their IOPS in one arena.
     if !matches!(args.command, cli::Command::Mount(_)) {
         tune_allocator();
@@ -67,6 +68,23 @@ fn tune_allocator() {
             libc::mallopt(libc::M_ARENA_MAX, 1);
             libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
             libc::mallopt(libc::M_TRIM_THRESHOLD, 8 << 20);
+        }
+    }
+}
+
+/// Raises the soft limit on open files to the hard one: RocksDB keeps every table file of
+/// the store open (a mount for as long as it runs), and the soft limit (1,024 on Debian) is
+/// what a store with many images' records reached first. As Go's runtime and systemd do.
+fn raise_open_file_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
     }
 }

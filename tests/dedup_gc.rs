@@ -401,3 +401,33 @@ fn gc_frees_the_blob_files_of_writers_killed_mid_flush() {
     s.assert_round_trip("keep", &keep);
     s.ok(&["verify"]);
 }
+
+#[test]
+fn short_lived_writers_leave_a_bounded_number_of_table_files() {
+    // Found by the soak audit: each writer process flushed small table files of records and
+    // names and exited before RocksDB merged them; a store that only imported and deleted
+    // grew past 380 table files, every reader (a mount too) held them all open, and commands
+    // failed with "Too many open files" under a 1,024 limit.
+    let s = TestStore::new();
+    let f = s.scratch("tiny.img");
+    let sst_files = || {
+        std::fs::read_dir(s.path().join("db"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "sst"))
+            .count()
+    };
+    for round in 0..40u64 {
+        std::fs::write(&f, random_bytes(64 << 10, 1000 + round)).unwrap();
+        let name = format!("t{round}");
+        s.ok(&["import", f.to_str().unwrap(), "--name", &name]);
+        s.ok(&["share", &name, "bob"]);
+        s.ok(&["delete", &name]);
+    }
+    let before_gc = sst_files();
+    eprintln!("{before_gc} table files after 40 rounds");
+    assert!(before_gc <= 70, "{before_gc} table files after 40 rounds");
+    s.ok(&["gc"]);
+    let after_gc = sst_files();
+    assert!(after_gc <= 10, "{after_gc} table files after gc");
+}

@@ -965,6 +965,21 @@ fn gc_frees_disk_space_while_other_images_stay_open() {
         all == std::fs::read(&keep).unwrap(),
         "keep.raw read wrong bytes"
     );
+    // And when nothing is open any more and nobody touches the mount (found by the soak
+    // audit: the idle mount kept its last snapshot, and the files gc deleted, until the next
+    // request).
+    drop(held);
+    s.ok(&["delete", "keep"]);
+    let gc = s.json(&["gc"]);
+    assert!(gc["unreferenced_chunks"].as_u64().unwrap() > 0, "{gc}");
+    let freed = wait_until(Duration::from_secs(10), || {
+        deleted_files_held(&pid, &s.path()).is_empty()
+    });
+    assert!(
+        freed.is_some(),
+        "an idle mount still holds deleted store files: {:?}",
+        deleted_files_held(&pid, &s.path())
+    );
 }
 
 #[test]

@@ -153,12 +153,15 @@ pub(super) fn run(store: &Store, pinned: &HashSet<ChunkId>) -> Result<GcReport> 
     // 4. Compact: drops the deleted keys, and blob files whose blobs are all garbage. Also
     // when this gc removed nothing: a failed import deletes its own chunk values, and only a
     // compaction turns those deletions into freed blob files. It rewrites the tables of
-    // keys and blob references, not the chunk data, so it is cheap.
-    for name in [cf::CHUNKS, cf::REFS, cf::EXTENTS] {
-        compact(store, name, "gc")?;
-    }
+    // keys and blob references, not the chunk data, so it is cheap. Every column family,
+    // after a flush: each writer process leaves small table files of records and names that
+    // nothing else merges, and every reader (a mount too) holds all table files open (the
+    // soak audit: 32 -> 246 files in 45 rounds of import, clone, delete and gc).
     for name in cf::ALL {
         db.flush_cf(store.cf(name)).map_err(|e| store.db_err(e))?;
+    }
+    for name in cf::ALL {
+        compact(store, name, "gc")?;
     }
     match remove_orphan_blob_files(store, started) {
         Ok((files, bytes)) => {

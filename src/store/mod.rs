@@ -318,14 +318,45 @@ impl Store {
             }
         };
         let config = read_config(path, &db)?;
-        Ok(Store {
+        let store = Store {
             path: path.to_path_buf(),
             db,
             config,
             mode,
             _lock: lock,
             _readers: readers,
-        })
+        };
+        if store.is_writer() {
+            store.merge_small_tables();
+        }
+        Ok(store)
+    }
+
+    /// Merges the table files of a column family of records (not chunks) once they are
+    /// many: each writer process flushes a few small ones (a new image's record, name and
+    /// extents), RocksDB's levels leave files that small alone, and every reader holds all
+    /// table files open, so a store that only ever imported and deleted grew to hundreds
+    /// (and past a 1,024-descriptor limit). They are small, so merging them is quick; gc
+    /// merges every family anyway.
+    fn merge_small_tables(&self) {
+        const MAX_FILES: u64 = 8;
+        for name in cf::ALL.into_iter().filter(|n| *n != cf::CHUNKS) {
+            let cf = self.cf(name);
+            let files: u64 = (0..7)
+                .filter_map(|level| {
+                    self.db
+                        .property_int_value_cf(
+                            cf,
+                            format!("rocksdb.num-files-at-level{level}").as_str(),
+                        )
+                        .ok()
+                        .flatten()
+                })
+                .sum();
+            if files > MAX_FILES {
+                self.db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
+            }
+        }
     }
 
     /// The store directory.
