@@ -920,17 +920,21 @@ fn gc_frees_disk_space_while_other_images_stay_open() {
     held.read_exact_at(&mut head, 0).unwrap();
     // The mount opens big's blob files to serve it.
     assert!(std::fs::read(m.file("private/big.raw")).unwrap() == std::fs::read(&big).unwrap());
-    s.ok(&["delete", "big"]);
-    let gc = s.json(&["gc"]);
-    assert!(gc["unreferenced_chunks"].as_u64().unwrap() > 0, "{gc}");
-    let freed = wait_until(Duration::from_secs(10), || {
-        deleted_files_held(&pid, &s.path()).is_empty()
-    });
-    assert!(
-        freed.is_some(),
-        "the mount still holds deleted store files while keep.raw is open: {:?}",
-        deleted_files_held(&pid, &s.path())
-    );
+    // Deletes and collects `image`; the mount lets go of the files gc deleted.
+    let delete_and_collect = |image: &str, when: &str| {
+        s.ok(&["delete", image]);
+        let gc = s.json(&["gc"]);
+        assert!(gc["unreferenced_chunks"].as_u64().unwrap() > 0, "{gc}");
+        let freed = wait_until(Duration::from_secs(10), || {
+            deleted_files_held(&pid, &s.path()).is_empty()
+        });
+        assert!(
+            freed.is_some(),
+            "the mount still holds deleted store files {when}: {:?}",
+            deleted_files_held(&pid, &s.path())
+        );
+    };
+    delete_and_collect("big", "while keep.raw is open");
     let mut all = vec![0u8; 4 * MIB];
     held.read_exact_at(&mut all, 0).unwrap();
     assert!(
@@ -941,17 +945,7 @@ fn gc_frees_disk_space_while_other_images_stay_open() {
     // audit: the idle mount kept its last snapshot, and the files gc deleted, until the next
     // request).
     drop(held);
-    s.ok(&["delete", "keep"]);
-    let gc = s.json(&["gc"]);
-    assert!(gc["unreferenced_chunks"].as_u64().unwrap() > 0, "{gc}");
-    let freed = wait_until(Duration::from_secs(10), || {
-        deleted_files_held(&pid, &s.path()).is_empty()
-    });
-    assert!(
-        freed.is_some(),
-        "an idle mount still holds deleted store files: {:?}",
-        deleted_files_held(&pid, &s.path())
-    );
+    delete_and_collect("keep", "with nothing open");
 }
 
 #[test]
