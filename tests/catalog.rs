@@ -702,20 +702,10 @@ fn only_the_owner_changes_a_shared_image_and_delete_removes_it_for_every_member(
     refused_as(&s, "alice", &["share", "web", "alice"], 2, "owns image");
     // An image is shared by `share`, never made shared with no members.
     let f = data_file(&s, "sh.bin", 1 << 20, 62);
-    refused_as(
-        &s,
-        "alice",
-        &[
-            "import",
-            f.to_str().unwrap(),
-            "--name",
-            "sh",
-            "--visibility",
-            "shared",
-        ],
-        2,
-        "share it afterwards",
-    );
+    for made in [["import", f.to_str().unwrap()], ["clone", "web"]] {
+        let args = [&made[..], &["--name", "sh", "--visibility", "shared"]].concat();
+        refused_as(&s, "alice", &args, 2, "share it afterwards");
+    }
 }
 
 // ---- protection, public images, tenants ----------------------------------------------------

@@ -467,7 +467,8 @@ impl<'s> Catalog<'s> {
         validate_tenant(owner)?;
         validate_name(name)?;
         // Shared means "has members": an image made shared would have none, and would drop
-        // out of every listing but its owner's `--visibility shared`.
+        // out of every listing but its owner's `--visibility shared` (import, backup, clone
+        // and copy alike).
         if visibility == Visibility::Shared {
             return Err(Error::invalid(
                 "visibility",
@@ -618,12 +619,6 @@ impl<'s> Catalog<'s> {
         name: &str,
         visibility: Visibility,
     ) -> Result<ImageRecord> {
-        if visibility == Visibility::Shared {
-            return Err(Error::invalid(
-                "visibility",
-                "a clone is private (share it afterwards) or public (admin)",
-            ));
-        }
         self.check_create(owner, name, visibility)?;
         let extents = self.extents(src)?;
         let rec = ImageRecord {
@@ -663,7 +658,8 @@ pub fn require_unprotected(rec: &ImageRecord) -> Result<()> {
     Ok(())
 }
 
-/// Validates property values: printable, at most 200 bytes each.
+/// Validates property values: printable, visible, at most [`MAX_PROPERTY_CHARS`] characters
+/// each; plug-ins at most [`MAX_PLUGINS`], none twice; a minimum disk JSON holds exactly.
 pub fn validate_properties(p: &Properties) -> Result<()> {
     let fields = p.text_fields();
     // Values are matched (`check`, `list --category`) and shown to other tenants, so the

@@ -75,9 +75,12 @@ impl Detector {
         let distance = offset.abs_diff(prev);
         let large = len >= LARGE_REQUEST;
         if distance == 0 || (large && distance <= SEQUENTIAL_SLACK) {
+            // Capped at the trigger: only reaching it matters (and a VM's handle reading
+            // for weeks never wraps the count).
             let weight = if large { LARGE_WEIGHT } else { 1 };
-            let streak = self.streak.fetch_add(weight, Ordering::Relaxed);
-            return streak.saturating_add(weight) >= SEQUENTIAL_TRIGGER;
+            let streak = (self.streak.load(Ordering::Relaxed) + weight).min(SEQUENTIAL_TRIGGER);
+            self.streak.store(streak, Ordering::Relaxed);
+            return streak >= SEQUENTIAL_TRIGGER;
         }
         if distance > SEQUENTIAL_SLACK {
             self.streak.store(0, Ordering::Relaxed);

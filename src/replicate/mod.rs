@@ -148,12 +148,6 @@ pub fn copy_image(
         None if opts.owner == ADMIN && image.visibility == Visibility::Public => Visibility::Public,
         None => Visibility::Private,
     };
-    if visibility == Visibility::Shared {
-        return Err(Error::invalid(
-            "visibility",
-            "a copy is private (share it in its region afterwards) or public (admin)",
-        ));
-    }
     let catalog = Catalog::new(target);
     catalog.check_create(&opts.owner, &name, visibility)?;
 
