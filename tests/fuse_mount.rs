@@ -1403,3 +1403,55 @@ fn mounts_started_together_on_one_directory_do_not_stack() {
         s.ok(&["umount", dir.to_str().unwrap()]);
     }
 }
+
+#[test]
+fn an_idle_mount_gives_its_free_heap_back() {
+    require_mount!("an_idle_mount_gives_its_free_heap_back");
+    let s = TestStore::new();
+    let img = s.scratch("random.img");
+    std::fs::write(&img, random_bytes(96 * MIB, 7)).unwrap();
+    s.import(&img, "busy");
+    let log = s.scratch("mount.log");
+    let dir = s.scratch("mnt");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = Command::new(bin())
+        .env("IMGVAULT_LOG", "imgvault::fuse=debug")
+        .arg("--store")
+        .arg(s.path())
+        .arg("mount")
+        .arg(&dir)
+        .arg("--log-file")
+        .arg(&log)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let m = MountGuard { path: dir };
+    // Two sequential readers at once: their decode windows (8 MiB each) are freed when
+    // the files close, and glibc keeps that memory in its heaps.
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let path = m.file("private/busy.raw");
+            std::thread::spawn(move || {
+                let mut f = File::open(path).unwrap();
+                std::io::copy(&mut f, &mut std::io::sink()).unwrap()
+            })
+        })
+        .collect();
+    for r in readers {
+        assert_eq!(r.join().unwrap(), 96 * MIB as u64);
+    }
+    let said = |log: &Path| {
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .contains("idle: gave back free heap")
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !said(&log) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        said(&log),
+        "no heap given back 15 s after the reads; log: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+}

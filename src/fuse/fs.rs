@@ -5,7 +5,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, TryLockError, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -119,7 +119,15 @@ fn rebase_open_images(open: &Mutex<HashMap<u64, OpenImage>>, snapshot: &Arc<Stor
 /// It catches up with nothing open too: the mount's own snapshot holds the table and blob
 /// files it last read, and gc's space would stay in use until the next request. (Cheap when
 /// nothing changed: `refresh` compares the store's stamp first.)
-fn spawn_rebaser(store: Weak<LiveStore>, open: Weak<Mutex<HashMap<u64, OpenImage>>>) {
+///
+/// When no request came in for a whole period it also gives the heap's free memory back
+/// once (see [`release_free_heap`]); requests set `served`, and this thread clears it.
+fn spawn_rebaser(
+    store: Weak<LiveStore>,
+    open: Weak<Mutex<HashMap<u64, OpenImage>>>,
+    served: Arc<AtomicBool>,
+) {
+    let mut released = false;
     let run = move || loop {
         std::thread::sleep(REBASE_EVERY);
         let (Some(store), Some(open)) = (store.upgrade(), open.upgrade()) else {
@@ -129,12 +137,43 @@ fn spawn_rebaser(store: Weak<LiveStore>, open: Weak<Mutex<HashMap<u64, OpenImage
             Ok(_) => rebase_open_images(&open, &store.get()),
             Err(e) => tracing::warn!("catching up with the store's writer: {e}"),
         }
+        if served.swap(false, Ordering::Relaxed) {
+            released = false;
+        } else if !released {
+            release_free_heap();
+            released = true;
+        }
     };
     if let Err(e) = std::thread::Builder::new()
         .name("imgvault-rebase".into())
         .spawn(run)
     {
         tracing::warn!("cannot start the snapshot thread (gc's space returns on close): {e}");
+    }
+}
+
+/// Free heap worth handing back to the kernel when the mount goes idle.
+const RELEASE_AT_LEAST: usize = 16 << 20;
+
+/// Hands the free memory in glibc's heaps back to the kernel (`malloc_trim`). Under many
+/// clients the mount's heaps hold 200-400 MiB freed by decode windows and chunk buffers,
+/// which glibc keeps (docs/PERFORMANCE.md, "Mount memory under many clients"); trimming
+/// walks every heap under its lock, so it is done once a mount goes idle, never while it
+/// serves.
+fn release_free_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallinfo2 and malloc_trim only read and adjust the allocator's own state.
+        let free = unsafe { libc::mallinfo2() }.fordblks;
+        if free >= RELEASE_AT_LEAST {
+            unsafe { libc::malloc_trim(0) };
+            let left = unsafe { libc::mallinfo2() }.fordblks;
+            tracing::debug!(
+                "idle: gave back free heap ({} MiB free before, {} MiB after)",
+                free >> 20,
+                left >> 20
+            );
+        }
     }
 }
 
@@ -218,6 +257,8 @@ pub struct ImgvaultFs {
     next_fh: AtomicU64,
     /// Bytes of sequential readers' windows alive.
     window_bytes: Arc<AtomicU64>,
+    /// Set by every read, cleared by the rebasing thread: tells it an idle mount.
+    served: Arc<AtomicBool>,
     pages: Option<crossbeam_channel::Sender<PageFeed>>,
     /// Decode buffers of random reads, recycled through the feeder.
     buffers: Arc<BufferPool>,
@@ -243,7 +284,12 @@ impl ImgvaultFs {
         let view = View::build(&Catalog::new(&snapshot), &opts.tenant)?;
         let store = Arc::new(store);
         let open = Arc::new(Mutex::new(HashMap::new()));
-        spawn_rebaser(Arc::downgrade(&store), Arc::downgrade(&open));
+        let served = Arc::new(AtomicBool::new(false));
+        spawn_rebaser(
+            Arc::downgrade(&store),
+            Arc::downgrade(&open),
+            served.clone(),
+        );
         Ok(ImgvaultFs {
             cache: Arc::new(ChunkCache::new(opts.cache_bytes)),
             store,
@@ -256,6 +302,7 @@ impl ImgvaultFs {
             listings: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             window_bytes: Arc::new(AtomicU64::new(0)),
+            served,
             pages,
             buffers: BufferPool::new(SPARE_BUFFERS),
             // SAFETY: getuid/getgid have no preconditions.
@@ -528,6 +575,11 @@ impl ImgvaultFs {
         size: u32,
         reply: impl FnOnce(&[u8]),
     ) -> Result<()> {
+        // Read before written: while set, the flag's cache line stays shared between the
+        // request threads instead of bouncing at every read.
+        if !self.served.load(Ordering::Relaxed) {
+            self.served.store(true, Ordering::Relaxed);
+        }
         let h = self.handle(fh)?;
         let len = u64::from(size).min(h.reader.size().saturating_sub(offset)) as usize;
         if len == 0 {
