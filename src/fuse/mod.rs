@@ -220,14 +220,16 @@ impl Mounted {
         let mountpoint = self.mountpoint.clone();
         // Unmounted by someone else (`imgvault umount --lazy`, `umount -l`): notice it while
         // the path is empty, and disarm the session's unmount before a new mount can come.
+        // Woken by the kernel when the mount table changes, not by polling it.
         let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         if let Some(dev) = self.dev.clone() {
             let mut unmounter = self.session.unmount_callable();
             let (path, done) = (mountpoint.clone(), done.clone());
             let watch = move || {
                 use std::sync::atomic::Ordering;
+                let mut changes = sys::MountTableChanges::open();
                 while !done.load(Ordering::Relaxed) {
-                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    changes.wait(std::time::Duration::from_secs(1));
                     match sys::mount_at(&path) {
                         Ok(Some(m)) if m.dev == dev => continue,
                         Ok(None) => disarm(&mut unmounter),

@@ -122,6 +122,42 @@ pub fn dead_daemon_hint(path: &Path) -> String {
     )
 }
 
+/// Waits for changes of this process's mount table: `/proc/self/mountinfo` polls with
+/// POLLPRI when a filesystem is mounted or unmounted (proc(5)). Falls back to sleeping when
+/// it cannot be opened.
+pub struct MountTableChanges {
+    file: Option<std::fs::File>,
+}
+
+impl MountTableChanges {
+    /// Starts watching: changes from now on wake [`MountTableChanges::wait`].
+    pub fn open() -> Self {
+        MountTableChanges {
+            file: std::fs::File::open("/proc/self/mountinfo").ok(),
+        }
+    }
+
+    /// Returns when the mount table changed since the last call (or since `open`), or after
+    /// `timeout` (or at once, spuriously; callers read the table again either way).
+    pub fn wait(&mut self, timeout: std::time::Duration) {
+        let Some(file) = &self.file else {
+            std::thread::sleep(timeout.min(std::time::Duration::from_millis(100)));
+            return;
+        };
+        let mut pfd = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(file),
+            events: libc::POLLPRI,
+            revents: 0,
+        };
+        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: one valid pollfd for the duration of the call.
+        if unsafe { libc::poll(&mut pfd, 1, ms) } < 0 {
+            // EINTR or worse: do not spin.
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+}
+
 /// Checks that `path` can be mounted on: an existing, empty directory that is not already
 /// a mountpoint. Returns its canonical path.
 pub fn check_mountpoint(path: &Path) -> Result<PathBuf> {
