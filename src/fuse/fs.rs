@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use fuser::{Errno, FileAttr, FileType, INodeNo, OpenAccMode, OpenFlags, ReplyDirectory};
 
 use super::layout::{self, View};
-use super::stream::{Detector, Stream};
+use super::stream::{Detector, Stream, WindowBudget};
 use super::MountOptions;
 use crate::catalog::{Access, Catalog, ImageRecord};
 use crate::error::{Error, Result};
@@ -120,12 +120,14 @@ fn rebase_open_images(open: &Mutex<HashMap<u64, OpenImage>>, snapshot: &Arc<Stor
 /// files it last read, and gc's space would stay in use until the next request. (Cheap when
 /// nothing changed: `refresh` compares the store's stamp first.)
 ///
-/// When no request came in for a whole period it also gives the heap's free memory back
-/// once (see [`release_free_heap`]); requests set `served`, and this thread clears it.
+/// When no request came in for a whole period it also gives memory back once: the spare
+/// window buffers, then the heap's free memory (see [`release_free_heap`]). Requests set
+/// `served`, and this thread clears it.
 fn spawn_rebaser(
     store: Weak<LiveStore>,
     open: Weak<Mutex<HashMap<u64, OpenImage>>>,
     served: Arc<AtomicBool>,
+    windows: Weak<WindowBudget>,
 ) {
     let mut released = false;
     let run = move || loop {
@@ -140,6 +142,9 @@ fn spawn_rebaser(
         if served.swap(false, Ordering::Relaxed) {
             released = false;
         } else if !released {
+            if let Some(w) = windows.upgrade() {
+                w.free_spares();
+            }
             release_free_heap();
             released = true;
         }
@@ -255,8 +260,8 @@ pub struct ImgvaultFs {
     handles: RwLock<HashMap<u64, Arc<Handle>>>,
     listings: Mutex<HashMap<u64, Arc<Listing>>>,
     next_fh: AtomicU64,
-    /// Bytes of sequential readers' windows alive.
-    window_bytes: Arc<AtomicU64>,
+    /// Sequential readers' windows: their bytes alive, and spare buffers.
+    windows: Arc<WindowBudget>,
     /// Set by every read, cleared by the rebasing thread: tells it an idle mount.
     served: Arc<AtomicBool>,
     pages: Option<crossbeam_channel::Sender<PageFeed>>,
@@ -285,10 +290,12 @@ impl ImgvaultFs {
         let store = Arc::new(store);
         let open = Arc::new(Mutex::new(HashMap::new()));
         let served = Arc::new(AtomicBool::new(false));
+        let windows = WindowBudget::new(MAX_WINDOW_BYTES, opts.prefetch_bytes);
         spawn_rebaser(
             Arc::downgrade(&store),
             Arc::downgrade(&open),
             served.clone(),
+            Arc::downgrade(&windows),
         );
         Ok(ImgvaultFs {
             cache: Arc::new(ChunkCache::new(opts.cache_bytes)),
@@ -301,7 +308,7 @@ impl ImgvaultFs {
             handles: RwLock::new(HashMap::new()),
             listings: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
-            window_bytes: Arc::new(AtomicU64::new(0)),
+            windows,
             served,
             pages,
             buffers: BufferPool::new(SPARE_BUFFERS),
@@ -699,8 +706,7 @@ impl ImgvaultFs {
             offset,
             len as u64,
             self.prefetch_bytes,
-            &self.window_bytes,
-            MAX_WINDOW_BYTES,
+            &self.windows,
         );
         if let [window] = windows.as_slice() {
             // The whole request in one window: answered from it, no copy.

@@ -15,7 +15,7 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 
-use crate::read::ImageReader;
+use crate::read::{BufferPool, ImageReader, Recycled};
 
 /// Windows a stream keeps: the one being read and those decoding ahead of it.
 pub(crate) const MAX_WINDOWS: usize = 6;
@@ -104,13 +104,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub(crate) struct Window {
     span: Range<u64>,
     /// The bytes, once decoded: read without a lock (replies are long kernel copies, and the
-    /// request threads answer from the same window at once).
-    data: OnceLock<Vec<u8>>,
+    /// request threads answer from the same window at once). A buffer of the filesystem's
+    /// window pool, back there when the window is dropped.
+    data: OnceLock<Recycled>,
     /// Set when the decode ended, well or not.
     done: Mutex<bool>,
     ready: Condvar,
-    /// Bytes of windows alive in the filesystem (this one counts until dropped).
-    budget: Arc<AtomicU64>,
+    /// The filesystem's windows (this one counts until dropped).
+    budget: Arc<WindowBudget>,
 }
 
 impl Window {
@@ -139,7 +140,7 @@ impl Window {
     }
 
     /// Ends the decode: `data` the bytes, `None` when it failed.
-    fn finish(&self, data: Option<Vec<u8>>) {
+    fn finish(&self, data: Option<Recycled>) {
         if let Some(data) = data {
             let _ = self.data.set(data);
         }
@@ -151,7 +152,42 @@ impl Window {
 impl Drop for Window {
     fn drop(&mut self) {
         let len = self.span.end - self.span.start;
-        self.budget.fetch_sub(len, Ordering::Relaxed);
+        self.budget.alive.fetch_sub(len, Ordering::Relaxed);
+    }
+}
+
+/// What the streams of one filesystem share: the bytes of their windows alive, the limit on
+/// those, and the buffers of windows no longer needed. Buffers go from stream to stream
+/// instead of back to the allocator: under many clients, freed 8 MiB windows were most of the
+/// 200-400 MiB of free memory glibc's arenas kept (docs/PERFORMANCE.md, "Mount memory under
+/// many clients").
+pub(crate) struct WindowBudget {
+    alive: AtomicU64,
+    max_bytes: u64,
+    buffers: Arc<BufferPool>,
+}
+
+impl WindowBudget {
+    /// Windows of about `window_bytes`, at most `max_bytes` of them alive; spare buffers are
+    /// kept for as many windows as that allows.
+    pub(crate) fn new(max_bytes: u64, window_bytes: u64) -> Arc<Self> {
+        let per_window = window_bytes.clamp(1, MAX_WINDOW);
+        let spares = (max_bytes / per_window).clamp(1, 64) as usize;
+        Arc::new(WindowBudget {
+            alive: AtomicU64::new(0),
+            max_bytes,
+            buffers: BufferPool::new(spares),
+        })
+    }
+
+    /// Frees the spare buffers (an idle mount hands their memory back).
+    pub(crate) fn free_spares(&self) {
+        self.buffers.drain();
+    }
+
+    #[cfg(test)]
+    fn spares(&self) -> usize {
+        self.buffers.spares()
     }
 }
 
@@ -165,8 +201,6 @@ struct Inner {
     next: u64,
     /// Where the stream started (its reader's bytes from here on were sequential).
     origin: u64,
-    /// A buffer of a window no longer needed.
-    spare: Option<Vec<u8>>,
 }
 
 /// The windows of one file handle.
@@ -178,7 +212,7 @@ pub(crate) struct Stream {
 impl Stream {
     /// For a sequential request `offset..offset + len`: keeps windows of about `window_bytes`
     /// (at most [`MAX_WINDOW`]) decoding up to `window_bytes * (MAX_WINDOWS - 1)` ahead
-    /// (while the filesystem's windows stay under `max_bytes`) and returns the windows that
+    /// (while the filesystem's windows stay within `budget`) and returns the windows that
     /// together hold the whole request, in order (empty if they do not).
     ///
     /// A new stream ramps up, as the kernel's read-ahead does: it decodes about twice what it
@@ -192,8 +226,7 @@ impl Stream {
         offset: u64,
         len: u64,
         window_bytes: u64,
-        budget: &Arc<AtomicU64>,
-        max_bytes: u64,
+        budget: &Arc<WindowBudget>,
     ) -> Vec<Arc<Window>> {
         let window_bytes = window_bytes.clamp(1, MAX_WINDOW);
         let mut inner = lock(&self.inner);
@@ -202,12 +235,9 @@ impl Stream {
         // can arrive a little out of order) give their buffer back.
         while inner.windows.front().is_some_and(|w| w.span.end <= behind) {
             if let Some(w) = inner.windows.pop_front() {
-                // A jump back before it starts the stream over.
+                // A jump back before it starts the stream over. (Its buffer goes back to the
+                // pool once nobody reads the window any more.)
                 inner.base = inner.base.max(w.span.end);
-                // The buffer is reused once nobody reads the window any more.
-                if let Some(buf) = Arc::into_inner(w).and_then(|mut w| w.data.take()) {
-                    inner.spare = Some(buf);
-                }
             }
         }
         if !(inner.base..inner.next).contains(&offset) {
@@ -232,8 +262,8 @@ impl Stream {
                 break;
             };
             let bytes = span.end - span.start;
-            if budget.fetch_add(bytes, Ordering::Relaxed) + bytes > max_bytes {
-                budget.fetch_sub(bytes, Ordering::Relaxed);
+            if budget.alive.fetch_add(bytes, Ordering::Relaxed) + bytes > budget.max_bytes {
+                budget.alive.fetch_sub(bytes, Ordering::Relaxed);
                 break; // other streams hold the memory: the chunk path serves this one
             }
             let window = Arc::new(Window {
@@ -251,7 +281,12 @@ impl Stream {
                 span.start
             );
             inner.windows.push_back(window.clone());
-            let mut buf = inner.spare.take().unwrap_or_default();
+            let mut buf = budget.buffers.take();
+            if buf.capacity() < bytes as usize {
+                // Room for slightly larger spans later, so a reused buffer never grows
+                // (growing copies it).
+                *buf = Vec::with_capacity(bytes as usize + (bytes as usize >> 4));
+            }
             let reader = reader.clone();
             let job = window.clone();
             // A thread of its own waits for the window's stored values (on a cold store, the
@@ -408,10 +443,10 @@ mod tests {
             .unwrap();
         let cache = Arc::new(ChunkCache::new(0));
         let reader = Arc::new(ImageReader::open(store, image, cache).unwrap());
-        let (stream, budget) = (Stream::default(), Arc::new(AtomicU64::new(0)));
         let window = 8 * MIB;
+        let (stream, budget) = (Stream::default(), WindowBudget::new(1 << 30, window));
         let read = |offset: u64| {
-            let held = stream.windows_for(&reader, offset, 128 << 10, window, &budget, 1 << 30);
+            let held = stream.windows_for(&reader, offset, 128 << 10, window, &budget);
             if held.is_empty() {
                 let inner = lock(&stream.inner);
                 let spans: Vec<_> = inner.windows.iter().map(|w| w.span.clone()).collect();
@@ -448,5 +483,37 @@ mod tests {
             "window after 24 MiB: {largest}"
         );
         assert!(ahead >= 4 * window, "only {ahead} ahead after 24 MiB");
+
+        // A stream's buffers go to the next stream, not back to the allocator; an idle
+        // mount frees them.
+        drop(stream);
+        // Once every window is dropped (their decodes finished) the count stops changing.
+        let settled = || {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            loop {
+                let before = budget.spares();
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                let idle = budget.alive.load(Ordering::Relaxed) == 0;
+                if (idle && budget.spares() == before) || std::time::Instant::now() > deadline {
+                    return budget.spares();
+                }
+            }
+        };
+        let spares = settled();
+        assert!(
+            spares >= 5,
+            "a closed stream's windows left {spares} spare buffers"
+        );
+        let next = Stream::default();
+        let held = next.windows_for(&reader, 0, 128 << 10, window, &budget);
+        assert_eq!(held.len(), 1);
+        assert!(
+            budget.spares() < spares,
+            "the next stream's window took no spare buffer"
+        );
+        drop((held, next));
+        settled();
+        budget.free_spares();
+        assert_eq!(budget.spares(), 0);
     }
 }

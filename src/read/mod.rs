@@ -67,6 +67,16 @@ impl BufferPool {
         Arc::new(BufferPool { free_tx, free_rx })
     }
 
+    /// Frees every spare buffer (an idle mount hands their memory back).
+    pub fn drain(&self) {
+        while self.free_rx.try_recv().is_ok() {}
+    }
+
+    /// Spare buffers held now.
+    pub fn spares(&self) -> usize {
+        self.free_rx.len()
+    }
+
     /// A spare buffer (empty if none is spare), returned to the pool when dropped.
     pub fn take(self: &Arc<Self>) -> Recycled {
         Recycled {
