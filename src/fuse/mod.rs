@@ -229,7 +229,9 @@ impl Mounted {
                 use std::sync::atomic::Ordering;
                 let mut changes = sys::MountTableChanges::open();
                 while !done.load(Ordering::Relaxed) {
-                    changes.wait(std::time::Duration::from_secs(1));
+                    if !changes.wait(std::time::Duration::from_secs(1)) {
+                        continue; // nothing changed: only `done` to look at
+                    }
                     match sys::mount_at(&path) {
                         Ok(Some(m)) if m.dev == dev => continue,
                         Ok(None) => disarm(&mut unmounter),

@@ -137,12 +137,12 @@ impl MountTableChanges {
         }
     }
 
-    /// Returns when the mount table changed since the last call (or since `open`), or after
-    /// `timeout` (or at once, spuriously; callers read the table again either way).
-    pub fn wait(&mut self, timeout: std::time::Duration) {
+    /// Waits until the mount table changes (since the last call, or since `open`) or
+    /// `timeout` passes. True when it may have changed: the caller reads it again.
+    pub fn wait(&mut self, timeout: std::time::Duration) -> bool {
         let Some(file) = &self.file else {
             std::thread::sleep(timeout.min(std::time::Duration::from_millis(100)));
-            return;
+            return true;
         };
         let mut pfd = libc::pollfd {
             fd: std::os::fd::AsRawFd::as_raw_fd(file),
@@ -151,9 +151,14 @@ impl MountTableChanges {
         };
         let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
         // SAFETY: one valid pollfd for the duration of the call.
-        if unsafe { libc::poll(&mut pfd, 1, ms) } < 0 {
-            // EINTR or worse: do not spin.
-            std::thread::sleep(std::time::Duration::from_millis(100));
+        match unsafe { libc::poll(&mut pfd, 1, ms) } {
+            0 => false,
+            n if n > 0 => true,
+            _ => {
+                // EINTR or worse: do not spin.
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                true
+            }
         }
     }
 }
