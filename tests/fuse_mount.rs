@@ -1426,8 +1426,9 @@ fn an_idle_mount_gives_its_free_heap_back() {
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     let m = MountGuard { path: dir };
-    // Two sequential readers at once: their decode windows (8 MiB each) are freed when
-    // the files close, and glibc keeps that memory in its heaps.
+    // Two sequential readers at once: their decode windows (8 MiB each) go to the window
+    // pool when the files close; an idle mount frees the pool, and then glibc's heaps hold
+    // that memory free until trimmed.
     let readers: Vec<_> = (0..2)
         .map(|_| {
             let path = m.file("private/busy.raw");

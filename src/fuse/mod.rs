@@ -227,7 +227,7 @@ impl Mounted {
             let (path, done) = (mountpoint.clone(), done.clone());
             let watch = move || {
                 use std::sync::atomic::Ordering;
-                let mut changes = sys::MountTableChanges::open();
+                let changes = sys::MountTableChanges::open();
                 while !done.load(Ordering::Relaxed) {
                     if !changes.wait(std::time::Duration::from_secs(1)) {
                         continue; // nothing changed: only `done` to look at

@@ -139,7 +139,7 @@ impl MountTableChanges {
 
     /// Waits until the mount table changes (since the last call, or since `open`) or
     /// `timeout` passes. True when it may have changed: the caller reads it again.
-    pub fn wait(&mut self, timeout: std::time::Duration) -> bool {
+    pub fn wait(&self, timeout: std::time::Duration) -> bool {
         let Some(file) = &self.file else {
             std::thread::sleep(timeout.min(std::time::Duration::from_millis(100)));
             return true;
