@@ -225,6 +225,7 @@ fn write_image(
     let mut done = 0u64;
     crate::read::prepare_while_writing(
         windows,
+        0,
         |(w0, w1), _| Ok((w1, prepare_window(reader, w0, w1, opts.compress)?)),
         |(w1, clusters)| {
             for (gc, bytes, compressed) in clusters {

@@ -356,6 +356,75 @@ impl ImageReader {
             })
     }
 
+    /// Decodes `extents` (sorted, each touching the image range `start..start + out.len()`)
+    /// from their fetched `values` (one per data extent, in order) straight into their places
+    /// in `out`, which holds that range: data chunks in parallel on rayon's threads, each
+    /// checked against its id; zero extents become zeros; bytes no extent covers are left as
+    /// they are. An extent reaching past either end of the range (a chunk across the edge of
+    /// a writer's aligned window) is decoded whole aside and only its part inside is copied.
+    /// Export decodes into its `O_DIRECT` window this way, with no copy of the bytes after.
+    pub fn decode_fetched_at(
+        &self,
+        extents: &[Extent],
+        values: Vec<Fetched<'_>>,
+        start: u64,
+        out: &mut [u8],
+    ) -> Result<()> {
+        let end = start + out.len() as u64;
+        let mut values = values.into_iter();
+        let mut parts = Vec::with_capacity(extents.len());
+        let (mut rest, mut rest_at) = (out, start);
+        for e in extents {
+            let (from, to) = (e.offset.max(start), e.end().min(end));
+            if from >= to || from < rest_at {
+                return Err(Error::invalid(
+                    "extents",
+                    format!(
+                        "{}..{} of image {} is outside {start}..{end} or out of order",
+                        e.offset,
+                        e.end(),
+                        self.image.name
+                    ),
+                ));
+            }
+            let (_, tail) = std::mem::take(&mut rest).split_at_mut((from - rest_at) as usize);
+            let (part, tail) = tail.split_at_mut((to - from) as usize);
+            let value = e
+                .chunk
+                .map(|_| values.next().unwrap_or_else(|| Err("not fetched".into())));
+            parts.push((e, from - e.offset, part, value));
+            (rest, rest_at) = (tail, to);
+        }
+        parts
+            .into_par_iter()
+            .try_for_each(|(e, skip, part, value)| match (e.chunk, value) {
+                (Some(id), Some(value)) => {
+                    let whole = skip == 0 && part.len() as u64 == e.len;
+                    let decoded = value.and_then(|v| {
+                        if whole {
+                            return Store::decode_checked_into(&id, v.as_ref(), part);
+                        }
+                        let raw = Store::decode_checked(&id, v.as_ref())?;
+                        if raw.len() as u64 != e.len {
+                            let n = raw.len();
+                            return Err(format!(
+                                "chunk holds {n} bytes, the extent needs {}",
+                                e.len
+                            ));
+                        }
+                        // `part` lies inside the extent: skip + part.len() <= e.len.
+                        part.copy_from_slice(&raw[skip as usize..skip as usize + part.len()]);
+                        Ok(())
+                    });
+                    decoded.map_err(|reason| self.corrupt(e, reason))
+                }
+                _ => {
+                    part.fill(0);
+                    Ok(())
+                }
+            })
+    }
+
     /// The start of the first data at or after `offset` (SEEK_DATA), `None` if only zeros follow.
     pub fn next_data(&self, offset: u64) -> Option<u64> {
         let idx = self.extent_index(offset);

@@ -15,21 +15,21 @@ use crate::error::Result;
 /// A thread that writes the items handed to it, in order, one at a time. `write` may hand
 /// an item's buffers back (`Some`) for [`WriteBehind::spare`] to give out again.
 pub struct WriteBehind<'scope, T> {
-    /// A hand-over, no queue: one item is written while the next is prepared, so two
-    /// buffers go round (a queue of one took a third window's memory for no gain).
+    /// Up to `ahead` items wait here while one is written and the next prepared.
     items: Sender<T>,
     spares: Receiver<T>,
     writer: ScopedJoinHandle<'scope, Result<()>>,
 }
 
 impl<'scope, T: Send + 'scope> WriteBehind<'scope, T> {
-    /// Starts the writing thread in `scope`.
+    /// Starts the writing thread in `scope`; `ahead` items may wait for it (0: a hand-over).
     pub fn spawn<'env>(
         scope: &'scope Scope<'scope, 'env>,
+        ahead: usize,
         mut write: impl FnMut(T) -> Result<Option<T>> + Send + 'scope,
     ) -> Self {
-        let (items, queue) = bounded::<T>(0);
-        let (spare_tx, spares) = bounded::<T>(2);
+        let (items, queue) = bounded::<T>(ahead);
+        let (spare_tx, spares) = bounded::<T>(ahead + 2);
         let writer = scope.spawn(move || -> Result<()> {
             for item in queue {
                 if let Some(spare) = write(item)? {
@@ -69,17 +69,19 @@ impl<'scope, T: Send + 'scope> WriteBehind<'scope, T> {
 
 /// Runs `prepare` on each of `inputs` in order on the calling thread (it may use rayon's
 /// pool), and `write` on each prepared item in the same order on a [`WriteBehind`] thread,
-/// one item behind. `write` may hand back the item's buffers (`Some`) for the next
-/// `prepare` to reuse (it gets `Some` when one is free), so a pass allocates two (rarely
-/// three). The first error stops both sides and is returned (a write error first: it
-/// concerns an earlier window).
+/// one item behind, or up to `ahead` more when the writing falls behind (a writer that waits
+/// for a disk whose pace varies). `write` may hand back the item's buffers (`Some`) for the
+/// next `prepare` to reuse (it gets `Some` when one is free), so a pass allocates `ahead + 2`
+/// (rarely one more). The first error stops both sides and is returned (a write error
+/// first: it concerns an earlier window).
 pub fn prepare_while_writing<In, T: Send>(
     inputs: impl IntoIterator<Item = In>,
+    ahead: usize,
     mut prepare: impl FnMut(In, Option<T>) -> Result<T>,
     write: impl FnMut(T) -> Result<Option<T>> + Send,
 ) -> Result<()> {
     std::thread::scope(|s| {
-        let behind = WriteBehind::spawn(s, write);
+        let behind = WriteBehind::spawn(s, ahead, write);
         let mut prepared = Ok(());
         for input in inputs {
             match prepare(input, behind.spare()) {
@@ -106,27 +108,33 @@ mod tests {
 
     #[test]
     fn writes_every_item_in_order_and_reuses_buffers() {
-        let written = Mutex::new(Vec::new());
-        let mut fresh = 0;
-        prepare_while_writing(
-            0..100u32,
-            |i, spare: Option<Vec<u32>>| {
-                let mut buf = spare.unwrap_or_else(|| {
-                    fresh += 1;
-                    Vec::new()
-                });
-                buf.clear();
-                buf.push(i);
-                Ok(buf)
-            },
-            |buf| {
-                written.lock().unwrap().extend_from_slice(&buf);
-                Ok(Some(buf))
-            },
-        )
-        .unwrap();
-        assert_eq!(*written.lock().unwrap(), (0..100).collect::<Vec<_>>());
-        assert!(fresh <= 3, "{fresh} buffers allocated");
+        for ahead in [0, 2] {
+            let written = Mutex::new(Vec::new());
+            let mut fresh = 0;
+            prepare_while_writing(
+                0..100u32,
+                ahead,
+                |i, spare: Option<Vec<u32>>| {
+                    let mut buf = spare.unwrap_or_else(|| {
+                        fresh += 1;
+                        Vec::new()
+                    });
+                    buf.clear();
+                    buf.push(i);
+                    Ok(buf)
+                },
+                |buf| {
+                    written.lock().unwrap().extend_from_slice(&buf);
+                    Ok(Some(buf))
+                },
+            )
+            .unwrap();
+            assert_eq!(*written.lock().unwrap(), (0..100).collect::<Vec<_>>());
+            assert!(
+                fresh <= ahead + 3,
+                "{fresh} buffers allocated, {ahead} ahead"
+            );
+        }
     }
 
     #[test]
@@ -134,6 +142,7 @@ mod tests {
         let mut prepared = 0;
         let err = prepare_while_writing(
             0..1000u32,
+            2,
             |i, _| {
                 prepared += 1;
                 Ok(i)
@@ -156,6 +165,7 @@ mod tests {
         let written = Mutex::new(Vec::new());
         let err = prepare_while_writing(
             0..10u32,
+            2,
             |i, _| {
                 if i == 3 {
                     Err(Error::invalid("decode", "chunk at window 3 is damaged"))

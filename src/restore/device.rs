@@ -786,7 +786,7 @@ fn run(
     // Window N+1 is compared (on all cores) while window N's differences are written on a
     // thread of its own: a write blocked on the disk must not hold one of rayon's workers.
     let result = std::thread::scope(|s| {
-        let behind = WriteBehind::spawn(s, |p: Plan| {
+        let behind = WriteBehind::spawn(s, 0, |p: Plan| {
             let n = p.window.end - p.window.start;
             apply(t, p, discard, &mut c)?;
             progress.advance(n);

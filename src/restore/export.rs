@@ -3,7 +3,7 @@
 //! The file is written under a temporary name beside the target and renamed into place
 //! only when every chunk was read and checked, so a damaged image never leaves a file
 //! with wrong bytes behind. Data is written with `O_DIRECT` where the filesystem allows it
-//! (see [`DirectFile`]), so an export neither copies every byte into the page cache nor
+//! (see [`Sink`]), so an export neither copies every byte into the page cache nor
 //! fills it with the image.
 
 use std::fs::{File, OpenOptions};
@@ -17,10 +17,7 @@ use serde::Serialize;
 use crate::chunk::ChunkId;
 use crate::error::{Error, Result};
 use crate::progress::Progress;
-use crate::read::{
-    chunk_ids, prepare_while_writing, split_by_bytes, with_fetch_ahead, ImageReader, FETCH_AHEAD,
-    WINDOW,
-};
+use crate::read::{chunk_ids, prepare_while_writing, with_fetch_ahead, ImageReader, FETCH_AHEAD};
 use crate::store::codec::Extent;
 
 /// What an export did.
@@ -52,11 +49,7 @@ pub fn export_raw(
     progress: &dyn Progress,
 ) -> Result<ExportReport> {
     write_export(reader, out, replace, progress, |file, partial| {
-        let output = match DirectFile::open(file) {
-            Some(direct) => Output::Direct(Box::new(direct)),
-            None => Output::Buffered(file),
-        };
-        let written = write_all(reader, output, progress)?;
+        let written = write_all(reader, Sink::open(file), progress)?;
         file.set_len(reader.size()).map_err(|e| Error::Target {
             path: partial.to_path_buf(),
             source: e,
@@ -186,66 +179,127 @@ fn partial_path(out: &Path) -> PathBuf {
     out.with_file_name(name)
 }
 
-/// Decodes window N+1 on all cores while window N is written on a thread of its own
-/// ([`prepare_while_writing`]), its stored values fetched ahead. Buffers are reused: no
-/// allocation, and no fresh pages to fault in, per chunk. Writes go through `direct`
-/// (`O_DIRECT`) where the filesystem allows it; otherwise each extent is its own buffered
-/// `pwrite` (writing each run of adjacent extents at once, up to 16 MiB, took 40% more
-/// system time in the kernel's copy into the page cache: docs/PERFORMANCE.md, "Export from
-/// one buffer").
-fn write_all(reader: &ImageReader, mut output: Output, progress: &dyn Progress) -> Result<u64> {
+/// Alignment of direct I/O: buffer addresses, file offsets and lengths (4 KiB suits every
+/// logical block size in use).
+const DIRECT_ALIGN: usize = 4096;
+/// An export decodes and writes the output in aligned regions of this many bytes.
+const REGION: u64 = 8 << 20;
+/// Regions decoded ahead of the one being written: a direct write waits for the disk, whose
+/// pace varies, so the decoding keeps going while it waits (docs/PERFORMANCE.md, "Export:
+/// decoding in place").
+const REGIONS_AHEAD: usize = 2;
+
+/// Decodes region N+1 on all cores while region N is written on a thread of its own
+/// ([`prepare_while_writing`]), its stored values fetched ahead. Each chunk is decoded
+/// straight into its place in an aligned buffer that holds the region of the file, which is
+/// then written as it is: no copy between decoding and writing. Buffers are reused: no
+/// allocation, and no fresh pages to fault in, per region.
+fn write_all(reader: &ImageReader, mut sink: Sink, progress: &dyn Progress) -> Result<u64> {
     let data: Vec<Extent> = reader
         .extents()
         .iter()
-        .filter(|e| e.chunk.is_some())
+        .filter(|e| e.chunk.is_some() && e.len > 0)
         .copied()
         .collect();
-    let windows = split_by_bytes(&data, |e| e.len, WINDOW);
-    let ids: Vec<Vec<ChunkId>> = windows.iter().map(|w| chunk_ids(w)).collect();
+    let regions = regions(&data);
+    let ids: Vec<Vec<ChunkId>> = regions.iter().map(|r| chunk_ids(r.extents)).collect();
     let mut written = 0;
     with_fetch_ahead(&reader.store(), &ids, FETCH_AHEAD, |fetch| {
         prepare_while_writing(
-            windows.iter().copied(),
-            |w, spare| {
-                let mut decoded = spare.map(|(_, buf)| buf).unwrap_or_default();
-                reader.decode_fetched_into(w, fetch.next_batch(), &mut decoded)?;
-                Ok((w, decoded))
+            regions.iter(),
+            REGIONS_AHEAD,
+            |region, spare: Option<(&Region, RegionBuf)>| {
+                let mut buf = spare.map_or_else(RegionBuf::new, |(_, buf)| buf);
+                let window = buf.prepare(region);
+                reader.decode_fetched_at(
+                    region.extents,
+                    fetch.next_batch(),
+                    region.start,
+                    window,
+                )?;
+                Ok((region, buf))
             },
-            |(w, decoded)| {
-                written += output.write(w, &decoded, progress)?;
-                Ok(Some((w, decoded)))
+            |(region, buf)| {
+                let n = sink.write(region, buf.bytes())?;
+                progress.advance(n);
+                written += n;
+                Ok(Some((region, buf)))
             },
         )
     })?;
-    if let Output::Direct(direct) = &mut output {
-        direct.flush()?;
-    }
     Ok(written)
 }
 
-/// Where an export's bytes go: the file through the page cache, or [`DirectFile`].
-enum Output<'a> {
-    Buffered(&'a File),
-    Direct(Box<DirectFile>),
+/// `REGION` bytes of the output file from `start`, and the data extents touching them (an
+/// extent across a region's edge belongs to both regions).
+#[derive(Debug)]
+struct Region<'a> {
+    start: u64,
+    extents: &'a [Extent],
 }
 
-impl Output<'_> {
-    /// Writes `bytes`, the decoded `extents` back to back, each at its offset; returns the
-    /// bytes written.
-    fn write(&mut self, extents: &[Extent], bytes: &[u8], progress: &dyn Progress) -> Result<u64> {
-        let mut at = 0usize;
-        for e in extents {
-            let piece = &bytes[at..at + e.len as usize];
-            match self {
-                Output::Buffered(file) => file
-                    .write_all_at(piece, e.offset)
-                    .map_err(|err| write_error(e.offset, err))?,
-                Output::Direct(direct) => direct.put(e.offset, piece)?,
+impl Region<'_> {
+    /// The parts of the region's extents inside it, as byte ranges of the region.
+    fn spans(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        let end = self.start + REGION;
+        self.extents.iter().map(move |e| {
+            let from = e.offset.max(self.start) - self.start;
+            let to = e.end().min(end) - self.start;
+            (from as usize, to as usize)
+        })
+    }
+}
+
+/// The regions holding data, in order, for the data extents `data` (sorted, disjoint).
+fn regions(data: &[Extent]) -> Vec<Region<'_>> {
+    let mut bounds: Vec<(u64, usize, usize)> = Vec::new();
+    for (i, e) in data.iter().enumerate() {
+        for r in e.offset / REGION..=(e.end() - 1) / REGION {
+            match bounds.last_mut() {
+                Some(last) if last.0 == r * REGION => last.2 = i + 1,
+                _ => bounds.push((r * REGION, i, i + 1)),
             }
-            at += piece.len();
         }
-        progress.advance(at as u64);
-        Ok(at as u64)
+    }
+    bounds
+        .into_iter()
+        .map(|(start, lo, hi)| Region {
+            start,
+            extents: &data[lo..hi],
+        })
+        .collect()
+}
+
+/// A `REGION`-sized buffer at an address aligned for direct I/O.
+struct RegionBuf {
+    buf: Vec<u8>,
+    at: usize,
+}
+
+impl RegionBuf {
+    fn new() -> Self {
+        // Room to start the region on an aligned address.
+        let buf = vec![0u8; REGION as usize + DIRECT_ALIGN];
+        let at = buf.as_ptr().align_offset(DIRECT_ALIGN);
+        RegionBuf { buf, at }
+    }
+
+    /// The buffer made ready for `region`'s data: each block its data covers only in part
+    /// holds the previous region's bytes, so it is zeroed (blocks covered whole are
+    /// overwritten by the data).
+    fn prepare(&mut self, region: &Region) -> &mut [u8] {
+        let window = &mut self.buf[self.at..self.at + REGION as usize];
+        for (from, to) in region.spans() {
+            for edge in [from, to - 1] {
+                let block = edge - edge % DIRECT_ALIGN;
+                window[block..block + DIRECT_ALIGN].fill(0);
+            }
+        }
+        window
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.buf[self.at..self.at + REGION as usize]
     }
 }
 
@@ -256,131 +310,113 @@ fn write_error(offset: u64, err: std::io::Error) -> Error {
     }
 }
 
-/// Alignment of direct I/O: buffer addresses, file offsets and lengths (4 KiB suits every
-/// logical block size in use).
-const DIRECT_ALIGN: usize = 4096;
-/// Size of the aligned window of the output that is assembled before it is written.
-const DIRECT_WINDOW: usize = 8 << 20;
-
-/// The export file opened a second time with `O_DIRECT`: data goes from the decoded bytes to
-/// the disk without the kernel's copy into the page cache (up to half of an export's CPU),
-/// and without fresh page-cache pages for every byte written. Decoded extents are copied
-/// into an aligned window of the file at their offsets; only 4 KiB blocks holding data are
-/// written, so holes stay holes.
-struct DirectFile {
-    /// Opened with `O_DIRECT`, until a direct write is refused; then the same file without it.
-    file: File,
-    /// The file without `O_DIRECT`, taken when a direct write is refused (EINVAL: an
-    /// alignment the filesystem does not accept): the rest goes through the page cache.
-    fallback: Option<File>,
-    /// `DIRECT_WINDOW` bytes from `at`, aligned to `DIRECT_ALIGN`, are the window.
-    buf: Vec<u8>,
-    at: usize,
-    /// File offset of the window.
-    start: u64,
-    /// Which 4 KiB blocks of the window hold data.
-    dirty: Vec<bool>,
+/// Where an export's bytes go: the file opened a second time with `O_DIRECT` where the
+/// filesystem allows it, so data goes from the decoded region to the disk without the
+/// kernel's copy into the page cache (up to half of an export's CPU) and without filling
+/// the page cache with the image; only 4 KiB blocks holding data are written, so holes stay
+/// holes. Otherwise (tmpfs, some FUSE, or a direct write refused) through the page cache,
+/// each extent its own `pwrite` (writing each run of adjacent extents at once, up to 16 MiB,
+/// took 40% more system time in the kernel's copy: docs/PERFORMANCE.md, "Export from one
+/// buffer").
+struct Sink<'f> {
+    buffered: &'f File,
+    /// Opened with `O_DIRECT`; dropped when a direct write is refused (EINVAL: an alignment
+    /// the filesystem does not accept), and the rest goes through the page cache.
+    direct: Option<File>,
 }
 
-impl DirectFile {
-    /// `None` where the filesystem refuses `O_DIRECT` (tmpfs, some FUSE): the caller writes
-    /// through `buffered` then.
-    fn open(buffered: &File) -> Option<Self> {
+impl<'f> Sink<'f> {
+    fn open(buffered: &'f File) -> Self {
         use std::os::fd::AsRawFd;
         // The same file again, not its name: the name could be made a link to another file
         // in between (the directory may be shared).
-        let file = OpenOptions::new()
+        let direct = OpenOptions::new()
             .write(true)
             .custom_flags(libc::O_DIRECT)
             .open(format!("/proc/self/fd/{}", buffered.as_raw_fd()))
-            .ok()?;
-        // Room to start the window on an aligned address.
-        let buf = vec![0u8; DIRECT_WINDOW + DIRECT_ALIGN];
-        let at = buf.as_ptr().align_offset(DIRECT_ALIGN);
-        Some(DirectFile {
-            file,
-            fallback: Some(buffered.try_clone().ok()?),
-            buf,
-            at,
-            start: 0,
-            dirty: vec![false; DIRECT_WINDOW / DIRECT_ALIGN],
+            .ok();
+        Sink { buffered, direct }
+    }
+
+    /// Writes the data of `region`, whose bytes are `bytes` (its blocks that data covers in
+    /// part hold zeros around the data); returns the data bytes written.
+    fn write(&mut self, region: &Region, bytes: &[u8]) -> Result<u64> {
+        let data: u64 = region.spans().map(|(from, to)| (to - from) as u64).sum();
+        if self.direct.is_some() {
+            let runs = block_runs(region.spans());
+            match self.write_direct(region.start, bytes, &runs) {
+                Err((_, e)) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    // Blocks already written hold the same bytes: write the region again.
+                    self.direct = None;
+                    tracing::debug!(
+                        "export: O_DIRECT refused ({e}); writing through the page cache"
+                    );
+                }
+                other => {
+                    other.map_err(|(offset, e)| write_error(offset, e))?;
+                    return Ok(data);
+                }
+            }
+        }
+        for (from, to) in region.spans() {
+            let offset = region.start + from as u64;
+            self.buffered
+                .write_all_at(&bytes[from..to], offset)
+                .map_err(|e| write_error(offset, e))?;
+        }
+        Ok(data)
+    }
+
+    /// Writes `runs` (block-aligned byte ranges of the region) with `O_DIRECT`; the first
+    /// error with the file offset it happened at.
+    fn write_direct(
+        &self,
+        start: u64,
+        bytes: &[u8],
+        runs: &[(usize, usize)],
+    ) -> std::result::Result<(), (u64, std::io::Error)> {
+        let Some(file) = &self.direct else {
+            return Ok(());
+        };
+        runs.iter().try_for_each(|&(from, to)| {
+            let offset = start + from as u64;
+            file.write_all_at(&bytes[from..to], offset)
+                .map_err(|e| (offset, e))
         })
     }
+}
 
-    /// The window's bytes.
-    fn window(&mut self) -> &mut [u8] {
-        &mut self.buf[self.at..self.at + DIRECT_WINDOW]
-    }
-
-    /// Places `src`, the bytes at file offset `off`, in the window (writing the window
-    /// first when `off` lies past it). Offsets only grow.
-    fn put(&mut self, mut off: u64, mut src: &[u8]) -> Result<()> {
-        while !src.is_empty() {
-            if off < self.start || off >= self.start + DIRECT_WINDOW as u64 {
-                self.flush()?;
-                self.start = off - off % DIRECT_WINDOW as u64;
-            }
-            let inner = (off - self.start) as usize;
-            let n = src.len().min(DIRECT_WINDOW - inner);
-            // A block this copy covers only in part, and met first in this window, holds
-            // the previous window's bytes: zero it (data and holes meet on 4 KiB
-            // boundaries, so this is rare, and whole blocks need no clearing).
-            for edge in [inner, inner + n - 1] {
-                let block = edge / DIRECT_ALIGN;
-                if !self.dirty[block] {
-                    self.window()[block * DIRECT_ALIGN..(block + 1) * DIRECT_ALIGN].fill(0);
-                }
-            }
-            self.window()[inner..inner + n].copy_from_slice(&src[..n]);
-            self.dirty[inner / DIRECT_ALIGN..(inner + n).div_ceil(DIRECT_ALIGN)].fill(true);
-            off += n as u64;
-            src = &src[n..];
+/// The 4 KiB blocks that `spans` (sorted byte ranges of a region) touch, as block-aligned
+/// byte ranges, adjacent blocks joined.
+fn block_runs(spans: impl Iterator<Item = (usize, usize)>) -> Vec<(usize, usize)> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (from, to) in spans {
+        let (a, b) = (
+            from - from % DIRECT_ALIGN,
+            to.next_multiple_of(DIRECT_ALIGN),
+        );
+        match runs.last_mut() {
+            Some(last) if a <= last.1 => last.1 = last.1.max(b),
+            _ => runs.push((a, b)),
         }
-        Ok(())
     }
-
-    /// Writes the window's runs of data blocks and clears them for the next window.
-    fn flush(&mut self) -> Result<()> {
-        let mut i = 0;
-        while i < self.dirty.len() {
-            if !self.dirty[i] {
-                i += 1;
-                continue;
-            }
-            let run = self.dirty[i..].iter().take_while(|d| **d).count();
-            let (from, to) = (i * DIRECT_ALIGN, (i + run) * DIRECT_ALIGN);
-            let offset = self.start + from as u64;
-            let (file, bytes) = (&self.file, &self.buf[self.at + from..self.at + to]);
-            let mut wrote = file.write_all_at(bytes, offset);
-            if matches!(&wrote, Err(e) if e.raw_os_error() == Some(libc::EINVAL)) {
-                if let Some(buffered) = self.fallback.take() {
-                    wrote = buffered.write_all_at(bytes, offset);
-                    self.file = buffered;
-                }
-            }
-            wrote.map_err(|err| write_error(offset, err))?;
-            self.dirty[i..i + run].fill(false);
-            i += run;
-        }
-        Ok(())
-    }
+    runs
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{DirectFile, Extent, Output, DIRECT_WINDOW};
+    use super::{block_runs, regions, Extent, RegionBuf, Sink, DIRECT_ALIGN, REGION};
     use crate::chunk::ChunkId;
-    use crate::progress::NoProgress;
 
-    /// Data extents at unaligned offsets and lengths, across window edges, with holes
+    /// Data extents at unaligned offsets and lengths, across region edges, with holes
     /// between and a size that is not a multiple of 4 KiB: the file must hold exactly the
-    /// data, zeros elsewhere, whatever the previous window left in the buffer.
+    /// data, zeros elsewhere, whatever the previous region left in the reused buffer.
     #[test]
     fn direct_writes_give_the_exact_bytes_with_holes_between() {
         write_spans_and_compare(false);
     }
 
-    /// A direct write the filesystem refuses (here: a window at an unaligned address, EINVAL)
+    /// A direct write the filesystem refuses (here: a buffer at an unaligned address, EINVAL)
     /// falls back to the page cache and gives the same bytes.
     #[test]
     fn a_refused_direct_write_falls_back_to_the_page_cache() {
@@ -391,67 +427,79 @@ mod tests {
         // Under the build directory: /tmp may be tmpfs, which refuses O_DIRECT.
         let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).expect("temp dir");
         let path = dir.path().join("out.raw");
-        let buffered = std::fs::File::create(&path).expect("create");
-        let Some(mut direct) = DirectFile::open(&buffered) else {
+        let file = std::fs::File::create(&path).expect("create");
+        let mut sink = Sink::open(&file);
+        if sink.direct.is_none() {
             eprintln!(
                 "SKIPPED: the filesystem under {} refuses O_DIRECT",
                 dir.path().display()
             );
             return;
-        };
-        if misaligned {
-            direct.at += 1; // the buffer has DIRECT_ALIGN bytes of room
         }
-        let w = DIRECT_WINDOW as u64;
+        let w = REGION;
         let size = 3 * w + 5 * 512;
         let spans = [
-            (100, 5000),                // unaligned start and end, first window
+            (100, 5000),                // unaligned start and end, first region
             (5100, 8192),               // adjacent, ends mid-block
-            (w - 3000, 7000),           // across the first window edge
-            (2 * w + 4096, 4096),       // one whole block after a hole of a window
+            (w - 3000, 7000),           // across the first region's edge
+            (w + 4000, 3 * w / 4),      // long
+            (2 * w + 4096, 4096),       // one whole block after a hole
             (2 * w + 3 * 4096 + 1, 10), // a few bytes in a block of their own
             (3 * w + 512, 4 * 512),     // the last, partial block of the file
         ];
         let mut expected = vec![0u8; size as usize];
         let mut extents = Vec::new();
-        let mut bytes = Vec::new();
         for (i, &(offset, len)) in spans.iter().enumerate() {
-            let data: Vec<u8> = (0..len)
-                .map(|j| (i as u64 * 31 + j * 7 % 251) as u8 | 1)
-                .collect();
-            expected[offset as usize..(offset + len) as usize].copy_from_slice(&data);
+            for j in offset..offset + len {
+                expected[j as usize] = (i as u64 * 31 + j * 7 % 251) as u8 | 1;
+            }
             extents.push(Extent {
                 offset,
                 len,
                 chunk: Some(ChunkId([i as u8; 32])),
             });
-            bytes.extend_from_slice(&data);
         }
-        // Two calls, as two decoded windows would be; the first leaves the buffer dirty.
-        let mut output = Output::Direct(Box::new(direct));
-        let first = 5000 + 8192 + 7000;
-        for (e, b) in [
-            (&extents[..3], &bytes[..first]),
-            (&extents[3..], &bytes[first..]),
-        ] {
-            output.write(e, b, &NoProgress).expect("write");
+        // One buffer for every region, as an export reuses it, filled with junk first.
+        let mut buf = RegionBuf::new();
+        if misaligned {
+            buf.at += 1; // the buffer has DIRECT_ALIGN bytes of room
         }
-        let Output::Direct(mut direct) = output else {
-            unreachable!()
-        };
-        direct.flush().expect("flush");
+        buf.buf.fill(0xee);
+        let regions = regions(&extents);
         assert_eq!(
-            direct.fallback.is_none(),
+            regions.iter().map(|r| r.start).collect::<Vec<_>>(),
+            [0, w, 2 * w, 3 * w]
+        );
+        let mut written = 0;
+        for region in &regions {
+            let window = buf.prepare(region);
+            for (from, to) in region.spans() {
+                let at = region.start as usize;
+                window[from..to].copy_from_slice(&expected[at + from..at + to]);
+            }
+            written += sink.write(region, buf.bytes()).expect("write");
+        }
+        assert_eq!(written, spans.iter().map(|s| s.1).sum::<u64>());
+        assert_eq!(
+            sink.direct.is_none(),
             misaligned,
             "fell back to the page cache"
         );
-        buffered.set_len(size).expect("set_len");
+        file.set_len(size).expect("set_len");
         let got = std::fs::read(&path).expect("read back");
         assert_eq!(got.len(), expected.len());
         assert!(got == expected, "the file differs from the extents written");
-        // The hole of a whole window between the spans was not written.
+        // The hole of a whole region between the spans was not written.
         let allocated =
             std::fs::metadata(&path).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512);
         assert!(allocated.expect("stat") < size / 2, "holes were written");
+    }
+
+    #[test]
+    fn block_runs_cover_whole_blocks_and_join_adjacent_ones() {
+        let a = DIRECT_ALIGN;
+        let spans = [(100, 200), (300, a + 1), (2 * a, 2 * a + 5), (5 * a, 7 * a)];
+        let runs = block_runs(spans.into_iter());
+        assert_eq!(runs, [(0, 3 * a), (5 * a, 7 * a)]);
     }
 }
