@@ -29,11 +29,12 @@
 # with its export like for like). Extras: each image ingested cold into a store of its own
 # series, against a cold `cat` of it; a 16 GiB sparse image. Then the bound of an ideal
 # fixed-block store (64 KiB blocks, dedup across the images, zero blocks free, zstd -3), the table.
+# Floors in the same run: `zstd -3 -T2` alone on a and d (all their data is new).
 # Needs: casync, borg (borgbackup + python3-pyfuse3 or llfuse), restic, fio, zstd, python3,
 # /usr/bin/time (scripts/install-deps.sh --peers).
 set -euo pipefail
 
-usage() { sed -n '2,28s/^# \{0,1\}//p' "$0"; }
+usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; }
 case ${1:-} in
     -h|--help) usage; exit 0 ;;
     "") ;;
@@ -218,9 +219,17 @@ ingest_one() {   # TOOL IMAGE-LETTER
             put "store.restic.$i" "$(du -sb "$RESTIC_REPO" | cut -f1)" ;;
     esac
 }
+# The codec's own time on an image whose data is all new (a: the first; d: unrelated), in the
+# same turn and conditions: an importer that compresses that data with zstd -3 on these cores
+# cannot be faster (the table's notes set it against the ingest target).
+zstd_floor() {   # IMAGE-LETTER
+    warm "$IMGS/$1.img"; sync
+    timed "floor.zstd.$1" sh -c 'exec zstd -3 -T2 -q -c -- "$1" >/dev/null' sh "$IMGS/$1.img" || true
+}
 for i in "${SERIES[@]}"; do
     log "ingest $i.img: ${TOOLS[*]}"
     for tool in "${TOOLS[@]}"; do ingest_one "$tool" "$i"; done
+    case $i in a|d) zstd_floor "$i" ;; esac
 done
 restic_id() {   # short snapshot id of the image tagged $1
     restic -r "$RESTIC_REPO" snapshots --json --tag "$1" 2>>"$LOG" |
@@ -537,6 +546,15 @@ print()
 for i in "abcd":
     print(f"- {i}.img: {num(f'img.{i}.size') / 2**20:,.0f} MiB virtual, {num(f'img.{i}.alloc') / MB:,.0f} MB allocated"
           + (f", {num(f'nonzero.{i}') / MB:,.0f} MB non-zero (imgvault)" if num(f'nonzero.{i}') else ""))
+for i in "ad":
+    fz = num(f"floor.zstd.{i}.s")
+    pv = [v for v in (num(f"ingest.{p}.{i}.s") for p in PEERS) if v is not None]
+    if fz is not None and pv:
+        line = 0.25 * min(pv)
+        print(f"- floor for new data: `zstd -3 -T2` of {i}.img alone took {fz:.2f} s, "
+              f"{fz / min(pv):.2f}x the best peer's ingest; the target's line is {line:.2f} s "
+              + ("(below the codec's own time: not reachable at zstd -3 on these cores)" if fz > line
+                 else "(above the codec's own time)"))
 print(f"- ideal bound after d: {num('ideal.d.unique') / MB:,.0f} MB unique 64 KiB blocks -> "
       f"{num('ideal.d.zstd') / MB:,.0f} MB with zstd -3" if num("ideal.d.zstd") else "- ideal bound: failed")
 print(f"- extract: best of {R.get('cond.extract_runs', '?')} runs per tool (caches dropped, the tool's store re-read; "
