@@ -1411,6 +1411,9 @@ fn an_idle_mount_gives_its_free_heap_back() {
     let img = s.scratch("random.img");
     std::fs::write(&img, random_bytes(96 * MIB, 7)).unwrap();
     s.import(&img, "busy");
+    let other = s.scratch("scattered.img");
+    std::fs::write(&other, random_bytes(32 * MIB, 8)).unwrap();
+    s.import(&other, "scattered");
     let log = s.scratch("mount.log");
     let dir = s.scratch("mnt");
     std::fs::create_dir_all(&dir).unwrap();
@@ -1441,6 +1444,16 @@ fn an_idle_mount_gives_its_free_heap_back() {
     for r in readers {
         assert_eq!(r.join().unwrap(), 96 * MIB as u64);
     }
+    // Scattered small reads of an image not read before: each decodes its chunk into a
+    // buffer of the random reads' pool, which comes back to the pool once its pages are
+    // stored in the page cache.
+    let f = File::open(m.file("private/scattered.raw")).unwrap();
+    let mut page = [0u8; 4096];
+    for i in 0..48u64 {
+        f.read_exact_at(&mut page, i * 2 * MIB as u64 / 3 / 4096 * 4096)
+            .unwrap();
+    }
+    drop(f);
     let said = |log: &Path| {
         std::fs::read_to_string(log)
             .unwrap_or_default()
@@ -1450,9 +1463,24 @@ fn an_idle_mount_gives_its_free_heap_back() {
     while !said(&log) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(200));
     }
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
         said(&log),
-        "no heap given back 15 s after the reads; log: {}",
-        std::fs::read_to_string(&log).unwrap_or_default()
+        "no heap given back 15 s after the reads; log: {text}"
     );
+    // Both pools were emptied: the sequential readers' windows and the random reads'
+    // decode buffers.
+    let freed = |what: &str| {
+        text.lines()
+            .filter_map(|l| l.split("idle: freed ").nth(1))
+            .filter_map(|rest| {
+                let words: Vec<&str> = rest.split(' ').collect();
+                let at = words.iter().position(|w| *w == what)?;
+                words.get(at.checked_sub(1)?)?.parse::<usize>().ok()
+            })
+            .max()
+            .unwrap_or(0)
+    };
+    assert!(freed("window") > 0, "no window buffer freed; log: {text}");
+    assert!(freed("decode") > 0, "no decode buffer freed; log: {text}");
 }

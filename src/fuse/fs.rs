@@ -121,13 +121,14 @@ fn rebase_open_images(open: &Mutex<HashMap<u64, OpenImage>>, snapshot: &Arc<Stor
 /// nothing changed: `refresh` compares the store's stamp first.)
 ///
 /// When no request came in for a whole period it also gives memory back once: the spare
-/// window buffers, then the heap's free memory (see [`release_free_heap`]). Requests set
-/// `served`, and this thread clears it.
+/// window buffers and random reads' decode buffers, then the heap's free memory (see
+/// [`release_free_heap`]). Requests set `served`, and this thread clears it.
 fn spawn_rebaser(
     store: Weak<LiveStore>,
     open: Weak<Mutex<HashMap<u64, OpenImage>>>,
     served: Arc<AtomicBool>,
     windows: Weak<WindowBudget>,
+    buffers: Weak<BufferPool>,
 ) {
     let mut released = false;
     let run = move || loop {
@@ -142,9 +143,11 @@ fn spawn_rebaser(
         if served.swap(false, Ordering::Relaxed) {
             released = false;
         } else if !released {
-            if let Some(w) = windows.upgrade() {
-                w.free_spares();
-            }
+            let freed_windows = windows.upgrade().map_or(0, |w| w.free_spares());
+            let freed_buffers = buffers.upgrade().map_or(0, |b| b.drain());
+            tracing::debug!(
+                "idle: freed {freed_windows} window buffers and {freed_buffers} decode buffers"
+            );
             release_free_heap();
             released = true;
         }
@@ -291,11 +294,13 @@ impl ImgvaultFs {
         let open = Arc::new(Mutex::new(HashMap::new()));
         let served = Arc::new(AtomicBool::new(false));
         let windows = WindowBudget::new(MAX_WINDOW_BYTES, opts.prefetch_bytes);
+        let buffers = BufferPool::new(SPARE_BUFFERS);
         spawn_rebaser(
             Arc::downgrade(&store),
             Arc::downgrade(&open),
             served.clone(),
             Arc::downgrade(&windows),
+            Arc::downgrade(&buffers),
         );
         Ok(ImgvaultFs {
             cache: Arc::new(ChunkCache::new(opts.cache_bytes)),
@@ -311,7 +316,7 @@ impl ImgvaultFs {
             windows,
             served,
             pages,
-            buffers: BufferPool::new(SPARE_BUFFERS),
+            buffers,
             // SAFETY: getuid/getgid have no preconditions.
             uid: unsafe { libc::getuid() },
             gid: unsafe { libc::getgid() },

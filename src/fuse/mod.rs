@@ -117,6 +117,56 @@ fn disarm(unmounter: &mut fuser::SessionUnmounter) {
     let _ = unmounter.unmount();
 }
 
+/// How the watch of a mountpoint ended.
+#[derive(Debug, PartialEq, Eq)]
+enum WatchEnd {
+    /// The session ended (`done`).
+    Done,
+    /// Nothing is mounted at the path any more.
+    Gone,
+    /// Another mount (this device) is there now.
+    Replaced(String),
+}
+
+/// Watches the mount table until the mount of device `dev` leaves its path or `done` is set;
+/// `here` reads which device is mounted at the path now. The table is read once before the
+/// first wait (`changes` reports only what changed after it was opened, and the mount may
+/// have left in between), again after each change, and again soon after a failed read (the
+/// change that woke the watch is used up). A path found empty is read a second time before
+/// it counts: one read of a long table is not atomic, and can miss a line while other mounts
+/// come and go.
+fn watch_mountpoint(
+    changes: &sys::MountTableChanges,
+    done: &std::sync::atomic::AtomicBool,
+    dev: &str,
+    mut here: impl FnMut() -> Result<Option<String>>,
+) -> WatchEnd {
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+    let mut look = true;
+    while !done.load(Ordering::Relaxed) {
+        if !look && !changes.wait(Duration::from_secs(1)) {
+            continue; // nothing changed: only `done` to look at
+        }
+        look = false;
+        let now = match here() {
+            Ok(None) => here(),
+            other => other,
+        };
+        match now {
+            Ok(Some(d)) if d == dev => {}
+            Ok(None) => return WatchEnd::Gone,
+            Ok(Some(other)) => return WatchEnd::Replaced(other),
+            Err(e) => {
+                tracing::debug!("reading the mount table: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+                look = true;
+            }
+        }
+    }
+    WatchEnd::Done
+}
+
 impl std::fmt::Debug for Mounted {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Mounted")
@@ -226,24 +276,16 @@ impl Mounted {
             let mut unmounter = self.session.unmount_callable();
             let (path, done) = (mountpoint.clone(), done.clone());
             let watch = move || {
-                use std::sync::atomic::Ordering;
                 let changes = sys::MountTableChanges::open();
-                while !done.load(Ordering::Relaxed) {
-                    if !changes.wait(std::time::Duration::from_secs(1)) {
-                        continue; // nothing changed: only `done` to look at
-                    }
-                    match sys::mount_at(&path) {
-                        Ok(Some(m)) if m.dev == dev => continue,
-                        Ok(None) => disarm(&mut unmounter),
-                        Ok(Some(other)) => tracing::warn!(
-                            "{}: a new mount ({}) is there already; this mount, detached, \
-                             may unmount it when its last file closes",
-                            path.display(),
-                            other.dev
-                        ),
-                        Err(_) => continue,
-                    }
-                    return;
+                let here = || sys::mount_at(&path).map(|m| m.map(|m| m.dev));
+                match watch_mountpoint(&changes, &done, &dev, here) {
+                    WatchEnd::Gone => disarm(&mut unmounter),
+                    WatchEnd::Replaced(other) => tracing::warn!(
+                        "{}: a new mount ({other}) is there already; this mount, detached, \
+                         may unmount it when its last file closes",
+                        path.display()
+                    ),
+                    WatchEnd::Done => {}
                 }
             };
             if let Err(e) = std::thread::Builder::new()
@@ -259,5 +301,75 @@ impl Mounted {
         });
         done.store(true, std::sync::atomic::Ordering::Relaxed);
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{sys, watch_mountpoint, WatchEnd};
+    use crate::error::{Error, Result};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+
+    /// Runs the watch over `reads` (then "still mounted", forever), with `done` set after
+    /// 3 s; returns how it ended, how long it took and how many reads it made.
+    fn watch(reads: Vec<Result<Option<String>>>) -> (WatchEnd, Duration, usize) {
+        let done = AtomicBool::new(false);
+        let changes = sys::MountTableChanges::open();
+        let mut reads = reads.into_iter();
+        let mut count = 0;
+        let started = Instant::now();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                while started.elapsed() < Duration::from_secs(3) && !done.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                done.store(true, Ordering::Relaxed);
+            });
+            let end = watch_mountpoint(&changes, &done, "0:42", || {
+                count += 1;
+                reads.next().unwrap_or_else(|| Ok(Some("0:42".into())))
+            });
+            let took = started.elapsed();
+            done.store(true, Ordering::Relaxed);
+            (end, took, count)
+        })
+    }
+
+    fn failed() -> Result<Option<String>> {
+        Err(Error::invalid("mountinfo", "a read that failed"))
+    }
+
+    /// The mount may leave before the watch opens the table, which then reports nothing:
+    /// the first read, before any wait, must see it.
+    #[test]
+    fn a_mount_gone_before_the_watch_starts_is_seen_at_once() {
+        let (end, took, _) = watch(vec![Ok(None), Ok(None)]);
+        assert_eq!(end, WatchEnd::Gone);
+        assert!(took < Duration::from_millis(900), "took {took:?}");
+    }
+
+    /// A failed read used up the change that woke the watch: it must read again soon, not
+    /// wait for the next change.
+    #[test]
+    fn a_failed_read_is_tried_again_without_a_new_change() {
+        let (end, took, _) = watch(vec![failed(), Ok(None), Ok(None)]);
+        assert_eq!(end, WatchEnd::Gone);
+        assert!(took < Duration::from_millis(900), "took {took:?}");
+    }
+
+    /// One read that misses the mount (a torn read of a changing table) is not enough to
+    /// disarm: a second read finds it, and the watch goes on.
+    #[test]
+    fn one_read_without_the_mount_is_not_enough() {
+        let (end, _, reads) = watch(vec![Ok(None)]);
+        assert_eq!(end, WatchEnd::Done);
+        assert!(reads >= 2, "{reads} reads");
+    }
+
+    #[test]
+    fn another_device_at_the_path_is_a_replacement() {
+        let (end, _, _) = watch(vec![Ok(Some("0:43".into()))]);
+        assert_eq!(end, WatchEnd::Replaced("0:43".into()));
     }
 }

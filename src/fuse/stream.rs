@@ -180,9 +180,9 @@ impl WindowBudget {
         })
     }
 
-    /// Frees the spare buffers (an idle mount hands their memory back).
-    pub(crate) fn free_spares(&self) {
-        self.buffers.drain();
+    /// Frees the spare buffers (an idle mount hands their memory back); how many.
+    pub(crate) fn free_spares(&self) -> usize {
+        self.buffers.drain()
     }
 
     #[cfg(test)]

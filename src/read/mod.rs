@@ -67,9 +67,9 @@ impl BufferPool {
         Arc::new(BufferPool { free_tx, free_rx })
     }
 
-    /// Frees every spare buffer (an idle mount hands their memory back).
-    pub fn drain(&self) {
-        while self.free_rx.try_recv().is_ok() {}
+    /// Frees every spare buffer (an idle mount hands their memory back); how many.
+    pub fn drain(&self) -> usize {
+        std::iter::from_fn(|| self.free_rx.try_recv().ok()).count()
     }
 
     /// Spare buffers held now.
