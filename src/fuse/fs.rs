@@ -120,15 +120,13 @@ fn rebase_open_images(open: &Mutex<HashMap<u64, OpenImage>>, snapshot: &Arc<Stor
 /// files it last read, and gc's space would stay in use until the next request. (Cheap when
 /// nothing changed: `refresh` compares the store's stamp first.)
 ///
-/// When no request came in for a whole period it also gives memory back once: the spare
-/// window buffers and random reads' decode buffers, then the heap's free memory (see
-/// [`release_free_heap`]). Requests set `served`, and this thread clears it.
+/// When no request came in for a whole period it also gives memory back once (see
+/// [`Idle::release`]). Requests set `served`, and this thread clears it.
 fn spawn_rebaser(
     store: Weak<LiveStore>,
     open: Weak<Mutex<HashMap<u64, OpenImage>>>,
     served: Arc<AtomicBool>,
-    windows: Weak<WindowBudget>,
-    buffers: Weak<BufferPool>,
+    idle: Idle,
 ) {
     let mut released = false;
     let run = move || loop {
@@ -143,12 +141,7 @@ fn spawn_rebaser(
         if served.swap(false, Ordering::Relaxed) {
             released = false;
         } else if !released {
-            let freed_windows = windows.upgrade().map_or(0, |w| w.free_spares());
-            let freed_buffers = buffers.upgrade().map_or(0, |b| b.drain());
-            tracing::debug!(
-                "idle: freed {freed_windows} window buffers and {freed_buffers} decode buffers"
-            );
-            release_free_heap();
+            idle.release();
             released = true;
         }
     };
@@ -157,6 +150,36 @@ fn spawn_rebaser(
         .spawn(run)
     {
         tracing::warn!("cannot start the snapshot thread (gc's space returns on close): {e}");
+    }
+}
+
+/// What an idle mount gives back.
+struct Idle {
+    handles: Weak<RwLock<HashMap<u64, Arc<Handle>>>>,
+    windows: Weak<WindowBudget>,
+    buffers: Weak<BufferPool>,
+}
+
+impl Idle {
+    /// The decoded windows of every open file (a file left open by a server that booted
+    /// from it holds up to the whole window budget otherwise), the spare window and decode
+    /// buffers, then the heap's free memory (see [`release_free_heap`]).
+    fn release(&self) {
+        let dropped = self.handles.upgrade().map_or(0, |handles| {
+            let handles: Vec<Arc<Handle>> = (handles.read())
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .cloned()
+                .collect();
+            handles.iter().map(|h| h.stream.drop_windows()).sum()
+        });
+        let windows = self.windows.upgrade().map_or(0, |w| w.free_spares());
+        let buffers = self.buffers.upgrade().map_or(0, |b| b.drain());
+        tracing::debug!(
+            "idle: dropped {dropped} windows of open files; freed {windows} window buffers \
+             and {buffers} decode buffers"
+        );
+        release_free_heap();
     }
 }
 
@@ -260,7 +283,7 @@ pub struct ImgvaultFs {
     refreshed: Mutex<(Instant, Weak<Store>)>,
     /// Open images (shared with the rebasing thread, see [`spawn_rebaser`]).
     open: Arc<Mutex<HashMap<u64, OpenImage>>>,
-    handles: RwLock<HashMap<u64, Arc<Handle>>>,
+    handles: Arc<RwLock<HashMap<u64, Arc<Handle>>>>,
     listings: Mutex<HashMap<u64, Arc<Listing>>>,
     next_fh: AtomicU64,
     /// Sequential readers' windows: their bytes alive, and spare buffers.
@@ -295,12 +318,16 @@ impl ImgvaultFs {
         let served = Arc::new(AtomicBool::new(false));
         let windows = WindowBudget::new(MAX_WINDOW_BYTES, opts.prefetch_bytes);
         let buffers = BufferPool::new(SPARE_BUFFERS);
+        let handles = Arc::new(RwLock::new(HashMap::new()));
         spawn_rebaser(
             Arc::downgrade(&store),
             Arc::downgrade(&open),
             served.clone(),
-            Arc::downgrade(&windows),
-            Arc::downgrade(&buffers),
+            Idle {
+                handles: Arc::downgrade(&handles),
+                windows: Arc::downgrade(&windows),
+                buffers: Arc::downgrade(&buffers),
+            },
         );
         Ok(ImgvaultFs {
             cache: Arc::new(ChunkCache::new(opts.cache_bytes)),
@@ -310,7 +337,7 @@ impl ImgvaultFs {
             view: RwLock::new(Arc::new(view)),
             refreshed: Mutex::new((Instant::now(), Arc::downgrade(&snapshot))),
             open,
-            handles: RwLock::new(HashMap::new()),
+            handles,
             listings: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             windows,

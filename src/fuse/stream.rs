@@ -322,6 +322,19 @@ impl Stream {
     }
 }
 
+impl Stream {
+    /// Drops the windows (an idle mount gives their memory back; the reader of a file left
+    /// open, a server that booted from the image, may not read on for days). The next
+    /// request starts the stream over. Returns how many windows were dropped.
+    pub(crate) fn drop_windows(&self) -> usize {
+        let mut inner = lock(&self.inner);
+        let dropped = inner.windows.len();
+        inner.windows.clear();
+        (inner.base, inner.next) = (0, 0);
+        dropped
+    }
+}
+
 /// The next window's span from extent boundary `from`: whole extents, about `target` bytes,
 /// skipping a long zero run at its start and ending before one.
 fn next_span(reader: &ImageReader, from: u64, target: u64) -> Option<Range<u64>> {
