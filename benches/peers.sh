@@ -29,7 +29,8 @@
 # with its export like for like). Extras: each image ingested cold into a store of its own
 # series, against a cold `cat` of it; a 16 GiB sparse image. Then the bound of an ideal
 # fixed-block store (64 KiB blocks, dedup across the images, zero blocks free, zstd -3), the table.
-# Floors in the same run: `zstd -3 -T2` alone on a and d (all their data is new).
+# Floors in the same run: `zstd -3 -T2` alone on a and d (all their data is new); c's bytes
+# written alone (cp --sparse=always; fio, O_DIRECT).
 # Needs: casync, borg (borgbackup + python3-pyfuse3 or llfuse), restic, fio, zstd, python3,
 # /usr/bin/time (scripts/install-deps.sh --peers).
 set -euo pipefail
@@ -286,6 +287,23 @@ extract casync "$CA_DIR" "$OUT/$E.img" casync extract --store="$CA_DIR/store.cas
 extract borg "$BORG_REPO_DIR" "$OUT/$E.img" env -C "$OUT" borg extract --sparse "$BORG_REPO_DIR::$E" "$E.img" || true
 RID_E=$(restic_id "$E")
 extract restic "$RESTIC_REPO" "$OUT/$E.img" restic -r "$RESTIC_REPO" restore "$RID_E" --target "$OUT" -q || true
+# The write side alone, nothing decoded, same conditions (caches dropped): c's bytes written
+# through the page cache as the peers write them (`cp --sparse=always` of c.img, read back into
+# memory first), and as many bytes as c holds written with O_DIRECT in 8 MiB writes, one at a
+# time, as imgvault's export writes them (fio). The table's notes set them against the line.
+C_DATA=$(awk '$1 == "nonzero.c" { print int($2 / 8388608) * 8388608 }' "$RES")
+for run in $(seq "$EXTRACT_RUNS"); do
+    rm -rf -- "$OUT"; mkdir -p "$OUT"; drop; warm "$ORIG"
+    timed "floor.writecache.$run" cp --sparse=always -- "$ORIG" "$OUT/floor.raw" || true
+    rm -rf -- "$OUT"; mkdir -p "$OUT"; drop
+    if [ "${C_DATA:-0}" -gt 0 ]; then
+        timed "floor.writedirect.$run" fio --name=floor --filename="$OUT/floor.raw" --rw=write \
+            --bs=8M --direct=1 --ioengine=psync --fallocate=none --size="$C_DATA" || true
+    fi
+    rm -rf -- "$OUT"
+done
+put_best floor.writecache
+put_best floor.writedirect
 
 # ---- 4. mounts: one fresh mount per measurement ------------------------------------------------
 mkdir -p "$MNT"
@@ -555,6 +573,12 @@ for i in "ad":
               f"{fz / min(pv):.2f}x the best peer's ingest; the target's line is {line:.2f} s "
               + ("(below the codec's own time: not reachable at zstd -3 on these cores)" if fz > line
                  else "(above the codec's own time)"))
+fc, fd = num("floor.writecache.s"), num("floor.writedirect.s")
+xp = [v for v in (num(f"extract.{p}.s") for p in PEERS) if v is not None]
+if fc is not None and fd is not None and xp:
+    print(f"- floor for extract (c's bytes written, nothing decoded): {fc:.2f} s through the page cache "
+          f"(`cp --sparse=always`), {fd:.2f} s with O_DIRECT (fio, 8 MiB writes one at a time, as the export writes); "
+          f"the target's line is {0.25 * min(xp):.2f} s")
 print(f"- ideal bound after d: {num('ideal.d.unique') / MB:,.0f} MB unique 64 KiB blocks -> "
       f"{num('ideal.d.zstd') / MB:,.0f} MB with zstd -3" if num("ideal.d.zstd") else "- ideal bound: failed")
 print(f"- extract: best of {R.get('cond.extract_runs', '?')} runs per tool (caches dropped, the tool's store re-read; "
