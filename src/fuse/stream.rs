@@ -320,9 +320,7 @@ impl Stream {
         }
         Vec::new()
     }
-}
 
-impl Stream {
     /// Drops the windows (an idle mount gives their memory back; the reader of a file left
     /// open, a server that booted from the image, may not read on for days). The next
     /// request starts the stream over. Returns how many windows were dropped.
