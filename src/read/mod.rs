@@ -316,44 +316,8 @@ impl ImageReader {
         }
         let store = self.store();
         let values = store.fetch_chunks(&chunk_ids(extents));
-        self.decode_fetched_into(extents, values, out)
-    }
-
-    /// Decodes `extents` (consecutive or not) from their fetched `values` (one per data
-    /// extent, in order, as [`Store::fetch_chunks`] or [`FetchAhead::next_batch`] gives them)
-    /// into `out`, one after the other, data chunks in parallel on rayon's threads, each
-    /// checked against its id; zero extents become zeros. `out` is resized to the extents'
-    /// total length and its old contents overwritten, so a caller that keeps `out` decodes
-    /// window after window with no allocation.
-    pub fn decode_fetched_into(
-        &self,
-        extents: &[Extent],
-        values: Vec<Fetched<'_>>,
-        out: &mut Vec<u8>,
-    ) -> Result<()> {
-        out.resize(extents.iter().map(|e| e.len as usize).sum(), 0);
-        let mut values = values.into_iter();
-        let mut parts = Vec::with_capacity(extents.len());
-        let mut rest = out.as_mut_slice();
-        for e in extents {
-            let (part, tail) = rest.split_at_mut(e.len as usize);
-            let value = e
-                .chunk
-                .map(|_| values.next().unwrap_or_else(|| Err("not fetched".into())));
-            parts.push((e, part, value));
-            rest = tail;
-        }
-        parts
-            .into_par_iter()
-            .try_for_each(|(e, part, value)| match (e.chunk, value) {
-                (Some(id), Some(value)) => value
-                    .and_then(|v| Store::decode_checked_into(&id, v.as_ref(), part))
-                    .map_err(|reason| self.corrupt(e, reason)),
-                _ => {
-                    part.fill(0);
-                    Ok(())
-                }
-            })
+        out.resize((span.end - span.start) as usize, 0);
+        self.decode_fetched_at(extents, values, span.start, out)
     }
 
     /// Decodes `extents` (sorted, each touching the image range `start..start + out.len()`)

@@ -342,9 +342,9 @@ impl<'f> Sink<'f> {
     /// part hold zeros around the data); returns the data bytes written.
     fn write(&mut self, region: &Region, bytes: &[u8]) -> Result<u64> {
         let data: u64 = region.spans().map(|(from, to)| (to - from) as u64).sum();
-        if self.direct.is_some() {
+        if let Some(direct) = &self.direct {
             let runs = block_runs(region.spans());
-            match self.write_direct(region.start, bytes, &runs) {
+            match write_runs(direct, region.start, bytes, &runs) {
                 Err((_, e)) if e.raw_os_error() == Some(libc::EINVAL) => {
                     // Blocks already written hold the same bytes: write the region again.
                     self.direct = None;
@@ -366,24 +366,21 @@ impl<'f> Sink<'f> {
         }
         Ok(data)
     }
+}
 
-    /// Writes `runs` (block-aligned byte ranges of the region) with `O_DIRECT`; the first
-    /// error with the file offset it happened at.
-    fn write_direct(
-        &self,
-        start: u64,
-        bytes: &[u8],
-        runs: &[(usize, usize)],
-    ) -> std::result::Result<(), (u64, std::io::Error)> {
-        let Some(file) = &self.direct else {
-            return Ok(());
-        };
-        runs.iter().try_for_each(|&(from, to)| {
-            let offset = start + from as u64;
-            file.write_all_at(&bytes[from..to], offset)
-                .map_err(|e| (offset, e))
-        })
-    }
+/// Writes `runs` (block-aligned byte ranges of a region starting at file offset `start`,
+/// whose bytes are `bytes`) to `file`; the first error with the file offset it happened at.
+fn write_runs(
+    file: &File,
+    start: u64,
+    bytes: &[u8],
+    runs: &[(usize, usize)],
+) -> std::result::Result<(), (u64, std::io::Error)> {
+    runs.iter().try_for_each(|&(from, to)| {
+        let offset = start + from as u64;
+        file.write_all_at(&bytes[from..to], offset)
+            .map_err(|e| (offset, e))
+    })
 }
 
 /// The 4 KiB blocks that `spans` (sorted byte ranges of a region) touch, as block-aligned
